@@ -1,0 +1,139 @@
+"""Monte-Carlo estimation of l_t and s_t from the teacher alone (paper Appendix B.1).
+
+For every grid time t and every sample x_t = x_0 + t * eps ~ q(x_t):
+
+* l_t = 1 - E[tr(dD/dx)] / d                                             (Eqn. 15)
+  with Hutchinson's estimator tr(J) ~ v^T J v, v Rademacher, J v by one forward-mode JVP.
+* s_t = E[g^T dg/dlambda] / E[||g||^2],  g = D - (1 - l_t) x              (Eqn. 17, Eqn. 11)
+  dg/dlambda = dD/dlambda + (dl/dlambda) x - (1 - l_t)(D - x)            (Eqn. 27)
+  where dD/dlambda is the derivative along the PF-ODE, i.e. the JVP of D(x, t) in the
+  direction (dx/dlambda, dt/dlambda) = (D - x, -t), and dl/dlambda comes from the l-grid.
+
+Cost per (time step x sample): two JVPs, the first also returning D (no extra forward).
+The same x_0, eps and v are used at every time step (common random numbers), which makes l_t
+smooth in t so that dl/dlambda can be taken by finite differences. Random draws are keyed by
+batch index, so splitting batches across processes gives identical numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.func import jvp
+from tqdm.auto import tqdm
+
+from core.coefficients.numerics import derivative
+from core.coefficients.table import CoefficientTable
+
+#: statistics kept per (time step, sample); all dot products are over the data dimensions
+STATS = ("tr", "DD", "Dx", "xx", "DDdot", "xDdot")
+
+#: relative size of E||g||^2 below which s_t is treated as undefined (g ~ 0)
+GUARD_REL = 1e-12
+
+
+def batch_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator for batch `index`: independent of process count and batch order."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2 ** 63 - 1))
+
+
+
+
+def per_sample_stats(denoise: Callable, x0: torch.Tensor, eps: torch.Tensor, v: torch.Tensor,
+                     t: float, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B, len(STATS)] statistics at one time t for one batch (float64)."""
+    x = x0 + t * eps
+    tt = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+    D, Jv = jvp(lambda x_: denoise(x_, tt, labels), (x,), (v,))          # J v, Hutchinson probe
+    _, Ddot = jvp(lambda x_, t_: denoise(x_, t_, labels), (x, tt), (D - x, -tt))  # dD/dlambda
+    f = lambda a, b: (a * b).flatten(1).sum(1)
+    return torch.stack([f(v, Jv), f(D, D), f(D, x), f(x, x), f(D, Ddot), f(x, Ddot)], dim=1)
+
+
+def collect(denoise: Callable, sample_x0: Callable, ts: np.ndarray, n_samples: int, batch: int,
+            seed: int, device: str = "cpu", batches: Optional[list[int]] = None,
+            progress: bool = True) -> np.ndarray:
+    """Per-sample statistics, shape [n_t, n_samples, len(STATS)] (rows of other ranks' batches
+    stay zero when `batches` restricts the work to a shard)."""
+    n_batches = -(-n_samples // batch)
+    batches = list(range(n_batches)) if batches is None else batches
+    out = np.zeros((len(ts), n_samples, len(STATS)))
+    bar = tqdm(total=len(batches) * len(ts), desc="coefficients", unit="t-batch",
+               disable=not progress, leave=False)
+    for b in batches:
+        lo, hi = b * batch, min(n_samples, (b + 1) * batch)
+        gen = batch_generator(seed, b)
+        x0, labels = sample_x0(hi - lo, gen)
+        x0 = x0.to(device=device, dtype=torch.float64)
+        eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64).to(device)
+        v = (torch.randint(0, 2, x0.shape, generator=gen) * 2 - 1).to(device, torch.float64)
+        if labels is not None:
+            labels = labels.to(device)
+        for i, t in enumerate(ts):
+            out[i, lo:hi] = per_sample_stats(denoise, x0, eps, v, float(t), labels).cpu().numpy()
+            bar.update(1)
+    bar.close()
+    return out
+
+
+@dataclass
+class Estimate:
+    l: np.ndarray
+    s: np.ndarray
+    l_stderr: np.ndarray
+    s_stderr: np.ndarray
+    s_guarded: np.ndarray
+
+
+def finalize(ts: np.ndarray, stats: np.ndarray, dim: int) -> Estimate:
+    """l_t, s_t and their standard errors from the per-sample statistics."""
+    n = stats.shape[1]
+    tr, DD, Dx, xx, DDdot, xDdot = (stats[..., k] for k in range(len(STATS)))
+    l = 1.0 - tr.mean(1) / dim                                            # Eqn. (15)
+    l_stderr = tr.std(1, ddof=1) / dim / np.sqrt(n)
+    lam = -np.log(ts)
+    dl = derivative(lam, l)                                               # dl/dlambda
+    c, dl = (1.0 - l)[:, None], dl[:, None]
+    # g . dg/dlambda and ||g||^2 per sample, expanded from Eqn. (27) with g = D - c x:
+    num = DDdot + dl * Dx - c * DD + c * Dx - c * xDdot - c * dl * xx + c * c * Dx - c * c * xx
+    den = DD - 2 * c * Dx + c * c * xx
+    num_m, den_m = num.mean(1), den.mean(1)
+    guarded = den_m <= GUARD_REL * (DD.mean(1) + xx.mean(1))
+    safe = np.where(guarded, 1.0, den_m)
+    s = num_m / safe                                                      # Eqn. (17)
+    # delta-method standard error of a ratio of means
+    var = (num.var(1, ddof=1) - 2 * s * _cov(num, den) + s * s * den.var(1, ddof=1)) / safe ** 2
+    s_stderr = np.sqrt(np.maximum(var, 0.0) / n)
+    if guarded.any():
+        s, s_stderr = _fill_guarded(lam, s, s_stderr, guarded)
+    return Estimate(l, s, l_stderr, s_stderr, guarded)
+
+
+def _cov(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    am, bm = a.mean(1, keepdims=True), b.mean(1, keepdims=True)
+    return ((a - am) * (b - bm)).sum(1) / (a.shape[1] - 1)
+
+
+def _fill_guarded(lam, s, s_stderr, guarded):
+    """Where g ~ 0 any s_t gives the same jump; take s from the nearest defined neighbours
+    (linear in lambda), or CTM's s = -1 when no time step defines it."""
+    s, s_stderr = s.copy(), s_stderr.copy()
+    ok = ~guarded
+    if ok.any():
+        s[guarded] = np.interp(lam[guarded], lam[ok], s[ok])
+    else:
+        s[:] = -1.0
+    s_stderr[guarded] = np.nan
+    return s, s_stderr
+
+
+def estimate_table(denoise: Callable, sample_x0: Callable, dim: int, ts: np.ndarray,
+                   n_samples: int, batch: int, seed: int, attrs: dict, device: str = "cpu",
+                   progress: bool = True) -> CoefficientTable:
+    stats = collect(denoise, sample_x0, ts, n_samples, batch, seed, device, progress=progress)
+    est = finalize(ts, stats, dim)
+    return CoefficientTable(t=ts, l=est.l, s=est.s, l_stderr=est.l_stderr,
+                            s_stderr=est.s_stderr, attrs=attrs, s_guarded=est.s_guarded)

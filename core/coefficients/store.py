@@ -1,0 +1,121 @@
+"""The HDF5 coefficient store (DESIGN.md, "Coefficient store").
+
+Root attrs: format = "ctmkit.coefficients", version = 1, t_min, t_max, n_samples, grid,
+teacher_fingerprint, created (+ `settings`, a JSON string of everything that determines the
+numbers, used to decide reuse). Float64 datasets of equal length, ascending lambda:
+t, lambda, l, s, L, S, eta, l_stderr, s_stderr (+ s_guarded, uint8).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from core import __version__
+from core.coefficients.table import CoefficientTable
+from core.errors import UserError
+from core.io import atomic_path
+
+FORMAT, VERSION = "ctmkit.coefficients", 1
+DATASETS = ("t", "lambda", "l", "s", "L", "S", "eta", "l_stderr", "s_stderr")
+
+
+def write(path: str | Path, table: CoefficientTable, *, grid: str, n_samples: int,
+          teacher_fingerprint: str, settings: dict) -> None:
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as h:
+            h.attrs.update({
+                "format": FORMAT, "version": VERSION,
+                "t_min": table.t_min, "t_max": table.t_max, "n_samples": int(n_samples),
+                "grid": grid, "teacher_fingerprint": teacher_fingerprint,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "settings": json.dumps(settings, sort_keys=True),
+                "ctmkit_version": __version__,
+            })
+            arrays = {"t": table.t, "lambda": table.lam, "l": table.l, "s": table.s,
+                      "L": table.L, "S": table.S, "eta": table.eta,
+                      "l_stderr": table.l_stderr, "s_stderr": table.s_stderr}
+            for name in DATASETS:
+                h.create_dataset(name, data=np.asarray(arrays[name], dtype=np.float64))
+            guarded = table.s_guarded if table.s_guarded is not None else np.zeros(len(table.t))
+            h.create_dataset("s_guarded", data=np.asarray(guarded, dtype=np.uint8))
+
+
+def _attr(h, name, path):
+    if name not in h.attrs:
+        raise UserError(f"{path}: not a ctmkit coefficient file (attribute {name!r} missing)")
+    v = h.attrs[name]
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def load(path: str | Path) -> CoefficientTable:
+    """Read and validate a store; any problem is a one-line `UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: coefficient file not found (run the 'coefficients' stage)")
+    try:
+        with h5py.File(path, "r") as h:
+            if _attr(h, "format", path) != FORMAT:
+                raise UserError(f"{path}: not a ctmkit coefficient file "
+                                f"(format {_attr(h, 'format', path)!r})")
+            version = int(_attr(h, "version", path))
+            if version != VERSION:
+                raise UserError(f"{path}: coefficient file version {version} is not supported "
+                                f"(this ctmkit reads version {VERSION})")
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in h.attrs.items()}
+            data = {}
+            for name in DATASETS:
+                if name not in h:
+                    raise UserError(f"{path}: dataset {name!r} missing")
+                data[name] = np.asarray(h[name][()], dtype=np.float64)
+            guarded = np.asarray(h["s_guarded"][()], bool) if "s_guarded" in h else None
+    except UserError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{path}: unreadable coefficient file ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+    n = len(data["t"])
+    for name, arr in data.items():
+        if arr.ndim != 1 or len(arr) != n:
+            raise UserError(f"{path}: dataset {name!r} has shape {arr.shape}, expected ({n},)")
+    for name in ("t", "lambda", "l", "s", "L", "S", "eta"):
+        if not np.all(np.isfinite(data[name])):
+            raise UserError(f"{path}: dataset {name!r} holds NaN or Inf")
+    t = data["t"]
+    if n < 3 or np.any(t <= 0) or np.any(np.diff(t) >= 0):
+        raise UserError(f"{path}: 't' must hold >= 3 positive, strictly decreasing times")
+    if not np.allclose(data["lambda"], -np.log(t), rtol=1e-12, atol=1e-12):
+        raise UserError(f"{path}: 'lambda' is not -log(t)")
+    table = CoefficientTable(t=t, l=data["l"], s=data["s"], l_stderr=data["l_stderr"],
+                             s_stderr=data["s_stderr"], attrs=attrs, s_guarded=guarded)
+    for name, mine in (("L", table.L), ("S", table.S), ("eta", table.eta)):
+        if not np.allclose(data[name], mine, rtol=1e-6, atol=1e-12):
+            raise UserError(f"{path}: dataset {name!r} is inconsistent with l and s")
+    return table
+
+
+def reusable(path: str | Path, teacher_fingerprint: str, settings: dict) -> bool:
+    """True when `path` is a valid store computed for this teacher with these settings."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as h:
+            same = (h.attrs.get("format") == FORMAT
+                    and int(h.attrs.get("version", -1)) == VERSION
+                    and h.attrs.get("teacher_fingerprint") == teacher_fingerprint
+                    and json.loads(h.attrs.get("settings", "null")) == json.loads(
+                        json.dumps(settings, sort_keys=True)))
+    except (OSError, ValueError, TypeError):
+        return False
+    if not same:
+        return False
+    try:
+        load(path)
+    except UserError:
+        return False
+    return True

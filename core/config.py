@@ -1,0 +1,326 @@
+"""Reading and validating `config.toml`.
+
+Every key the host understands is declared here, with its type and default, in one place;
+plugin-owned keys (the rest of `[teacher]`, `[precond]`, `[sample]`) are read by the plugin
+through the same typed `Section` accessor, and whatever nobody read is reported as unknown.
+Relative paths resolve against the folder that holds the config file.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_REQUIRED = object()
+
+#: Stage names in their canonical order. `core.stages` implements each one.
+STAGES = ("coefficients", "export", "sample", "evaluate")
+
+#: Top-level tables a config may contain.
+KNOWN_SECTIONS = ("run", "diffusion", "teacher", "precond", "coefficients", "student",
+                  "export", "sample", "evaluate")
+
+
+class Section:
+    """Typed access to one `[table]` of the config, with one-line errors naming the key."""
+
+    def __init__(self, name: str, data: dict, source: str, base_dir: Path):
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: [{name}] must be a table")
+        self.name, self.data, self.source, self.base_dir = name, data, source, base_dir
+        self._read: set[str] = set()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def where(self, key: str) -> str:
+        return f"{self.source}: [{self.name}] {key}"
+
+    def fail(self, key: str, why: str):
+        raise UserError(f"{self.where(key)}: {why}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def _get(self, key: str, default):
+        self._read.add(key)
+        if key in self.data:
+            return self.data[key]
+        if default is _REQUIRED:
+            self.fail(key, "is required")
+        return default
+
+    def finish(self) -> None:
+        """Reject keys nobody asked for (typos must not be silently ignored)."""
+        unknown = sorted(set(self.data) - self._read)
+        if unknown:
+            raise UserError(f"{self.source}: [{self.name}] unknown key {unknown[0]!r}")
+
+    # -- typed getters ---------------------------------------------------------------------
+    def str(self, key: str, default=_REQUIRED, choices=None) -> str:
+        v = self._get(key, default)
+        if v is None:
+            return v
+        if not isinstance(v, str):
+            self.fail(key, f"expected a string, got {v!r}")
+        if choices is not None and v not in choices:
+            self.fail(key, f"must be one of {', '.join(choices)}; got {v!r}")
+        return v
+
+    def int(self, key: str, default=_REQUIRED, min=None) -> int:
+        v = self._get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.fail(key, f"expected an integer, got {v!r}")
+        if min is not None and v < min:
+            self.fail(key, f"must be >= {min}, got {v}")
+        return v
+
+    def float(self, key: str, default=_REQUIRED, min=None, max=None, positive=False) -> float:
+        v = self._get(key, default)
+        return self._check_float(key, v, min, max, positive)
+
+    def _check_float(self, key, v, min=None, max=None, positive=False) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            self.fail(key, f"expected a number, got {v!r}")
+        v = float(v)
+        if not math.isfinite(v):
+            self.fail(key, f"must be finite, got {v}")
+        if positive and v <= 0:
+            self.fail(key, f"must be > 0, got {v}")
+        if min is not None and v < min:
+            self.fail(key, f"must be >= {min}, got {v}")
+        if max is not None and v > max:
+            self.fail(key, f"must be <= {max}, got {v}")
+        return v
+
+    def bool(self, key: str, default=_REQUIRED) -> bool:
+        v = self._get(key, default)
+        if not isinstance(v, bool):
+            self.fail(key, f"expected true or false, got {v!r}")
+        return v
+
+    def floats(self, key: str, default=_REQUIRED, positive=False, nonempty=True) -> list[float]:
+        v = self._get(key, default)
+        if v is None:
+            return None
+        if not isinstance(v, list) or (nonempty and not v):
+            self.fail(key, f"expected a non-empty list of numbers, got {v!r}")
+        return [self._check_float(key, x, positive=positive) for x in v]
+
+    def ints(self, key: str, default=_REQUIRED, min=None) -> list[int]:
+        v = self._get(key, default)
+        if v is None:
+            return None
+        if not isinstance(v, list) or not v or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in v):
+            self.fail(key, f"expected a non-empty list of integers, got {v!r}")
+        if min is not None and any(x < min for x in v):
+            self.fail(key, f"every entry must be >= {min}, got {v!r}")
+        return v
+
+    def strs(self, key: str, default=_REQUIRED) -> list[str]:
+        v = self._get(key, default)
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            self.fail(key, f"expected a list of strings, got {v!r}")
+        return v
+
+    def matrix(self, key: str, default=_REQUIRED) -> list[list[float]]:
+        """A list of equally long, non-empty lists of numbers (e.g. mixture means)."""
+        v = self._get(key, default)
+        if not isinstance(v, list) or not v or not all(isinstance(r, list) and r for r in v):
+            self.fail(key, f"expected a list of lists of numbers, got {v!r}")
+        rows = [[self._check_float(key, x) for x in r] for r in v]
+        if len({len(r) for r in rows}) != 1:
+            self.fail(key, "all rows must have the same length")
+        return rows
+
+    def path(self, key: str, default=_REQUIRED, base: Path | None = None) -> Path | None:
+        """A path; relative ones resolve against `base` (default: the config's folder)."""
+        v = self._get(key, default)
+        if v is None:
+            return None
+        if not isinstance(v, str) or not v:
+            self.fail(key, f"expected a path string, got {v!r}")
+        p = Path(v).expanduser()
+        return p if p.is_absolute() else (base or self.base_dir) / p
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-owned sections. Defaults follow EDM / the paper's Appendix B.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RunCfg:
+    out_dir: Path
+    stages: list[str]
+    seed: int = 0                # global seed; stages derive theirs from it unless given
+    device: str = "cpu"          # "cpu" | "cuda" | "cuda:N"
+
+
+@dataclass
+class DiffusionCfg:
+    sigma_data: float = 0.5      # EDM's sigma_data
+    t_min: float = 0.002         # epsilon, the trajectory's end
+    t_max: float = 80.0          # T, the noise level sampling starts from
+    rho: float = 7.0             # EDM's time-step schedule exponent
+
+
+@dataclass
+class CoefficientsCfg:
+    path: Path                   # HDF5 store (default out_dir/coefficients.h5)
+    grid: str = "log"            # "log": log-uniform t | "edm": EDM rho-schedule
+    n_timesteps: int = 120       # grid points (paper: 120 for CIFAR-10/FFHQ, 160 ImageNet)
+    n_samples: int = 4096        # x_t samples per time step for E_q(x_t)
+    batch: int = 512             # samples per teacher call
+    seed: int = 0                # seeds data, noise and probes (common across time steps)
+    data: Path | None = None     # x_0 array (.npy/.npz) when the teacher cannot sample data
+
+
+@dataclass
+class ExportCfg:
+    path: Path                   # TorchScript jumper (default out_dir/jumper.pt)
+    dtype: str = "float32"       # parameter / activation dtype of the exported jumper
+
+
+@dataclass
+class SampleCfg:
+    sampler: str = "ctm"
+    steps: int = 2               # jumps from t_max to t_min
+    num: int = 1000              # total samples
+    batch: int = 500
+    seed: int = 0
+    timesteps: list[float] | None = None   # explicit t_0 > ... > t_K (overrides the rho grid)
+
+
+@dataclass
+class EvaluateCfg:
+    steps: list[int] = field(default_factory=lambda: [1, 2, 3, 5])
+    num: int = 1000              # noise draws for the trajectory error
+    seed: int = 1
+    projections: int = 256       # sliced-Wasserstein directions (d > 1)
+    data: Path | None = None     # reference x_0 array when the teacher cannot sample data
+
+
+@dataclass
+class Config:
+    path: Path
+    base_dir: Path
+    run: RunCfg
+    diffusion: DiffusionCfg
+    coefficients: CoefficientsCfg
+    export: ExportCfg
+    sample: SampleCfg
+    evaluate: EvaluateCfg
+    student_init: str
+    teacher: Section             # plugin-owned: `kind` picks the teacher plugin
+    precond: Section             # plugin-owned: `name` picks the preconditioning plugin
+    sampler_options: Section     # the rest of [sample], read by the sampler plugin
+    raw: dict = field(repr=False, default_factory=dict)
+    sections: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def teacher_kind(self) -> str:
+        return self.teacher.data.get("kind")
+
+    @property
+    def precond_name(self) -> str:
+        return self.precond.data.get("name")
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    src = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{src}: config file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise UserError(f"{src}: cannot read config ({e.__class__.__name__})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{src}: not valid TOML: {e}") from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict, path: Path) -> Config:
+    src, base = str(path), path.resolve().parent
+    for name in raw:
+        if name not in KNOWN_SECTIONS:
+            raise UserError(f"{src}: unknown section [{name}] "
+                            f"(known: {', '.join(KNOWN_SECTIONS)})")
+    sec = {name: Section(name, raw.get(name, {}), src, base) for name in KNOWN_SECTIONS}
+
+    s = sec["run"]
+    out_dir = s.path("out_dir", "runs/default")
+    stages = s.strs("stages", ["coefficients", "export", "sample", "evaluate"])
+    for st in stages:
+        if st not in STAGES:
+            s.fail("stages", f"unknown stage {st!r} (known: {', '.join(STAGES)})")
+    if len(set(stages)) != len(stages):
+        s.fail("stages", "lists a stage twice")
+    run = RunCfg(out_dir=out_dir, stages=sorted(stages, key=STAGES.index),
+                 seed=s.int("seed", 0), device=s.str("device", "cpu"))
+
+    s = sec["diffusion"]
+    diff = DiffusionCfg(sigma_data=s.float("sigma_data", 0.5, positive=True),
+                        t_min=s.float("t_min", 0.002, positive=True),
+                        t_max=s.float("t_max", 80.0, positive=True),
+                        rho=s.float("rho", 7.0, positive=True))
+    if diff.t_min >= diff.t_max:
+        s.fail("t_min", f"must be below t_max ({diff.t_max}), got {diff.t_min}")
+
+    s = sec["coefficients"]
+    coef = CoefficientsCfg(path=s.path("path", "coefficients.h5", base=out_dir),
+                           grid=s.str("grid", "log", choices=("log", "edm")),
+                           n_timesteps=s.int("n_timesteps", 120, min=3),
+                           n_samples=s.int("n_samples", 4096, min=2),
+                           batch=s.int("batch", 512, min=1),
+                           seed=s.int("seed", run.seed),
+                           data=s.path("data", None))
+
+    s = sec["student"]
+    student_init = s.str("init", "teacher", choices=("teacher",))
+
+    s = sec["export"]
+    export = ExportCfg(path=s.path("path", "jumper.pt", base=out_dir),
+                       dtype=s.str("dtype", "float32", choices=("float32", "float64")))
+
+    s = sec["sample"]
+    sample = SampleCfg(sampler=s.str("sampler", "ctm"), steps=s.int("steps", 2, min=1),
+                       num=s.int("num", 1000, min=1), batch=s.int("batch", 500, min=1),
+                       seed=s.int("seed", run.seed),
+                       timesteps=s.floats("timesteps", None, positive=True))
+    if sample.timesteps is not None:
+        ts = sample.timesteps
+        if len(ts) < 2 or any(a <= b for a, b in zip(ts, ts[1:])):
+            s.fail("timesteps", "must hold at least two strictly decreasing times")
+        sample.steps = len(ts) - 1
+
+    s = sec["evaluate"]
+    ev = EvaluateCfg(steps=s.ints("steps", [1, 2, 3, 5], min=1), num=s.int("num", 1000, min=2),
+                     seed=s.int("seed", run.seed + 1), projections=s.int("projections", 256, min=1),
+                     data=s.path("data", None))
+
+    teacher, precond = sec["teacher"], sec["precond"]
+    if "kind" not in teacher.data:
+        teacher.fail("kind", "is required (e.g. \"gmm\" or \"torchscript\")")
+    teacher.str("kind")
+    precond.str("name", "analytic")
+    precond.data.setdefault("name", "analytic")
+
+    for name in ("run", "diffusion", "coefficients", "student", "export", "evaluate"):
+        sec[name].finish()
+    # [sample]: host keys are read above; the remaining keys belong to the sampler plugin.
+    return Config(path=path, base_dir=base, run=run, diffusion=diff, coefficients=coef,
+                  export=export, sample=sample, evaluate=ev, student_init=student_init,
+                  teacher=teacher, precond=precond, sampler_options=sec["sample"], raw=raw,
+                  sections=sec)

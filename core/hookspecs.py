@@ -1,0 +1,92 @@
+"""Plugin hook specifications (pluggy project and entry-point group: ``ctmkit``).
+
+Every hook is a *registration* hook: it returns a ``{name: factory}`` mapping. The host calls
+each factory as ``factory(options, ctx)`` where ``options`` is a :class:`core.config.Section`
+holding the plugin's own config keys (read them with its typed getters; keys nobody reads are
+reported as unknown) and ``ctx`` is a :class:`core.plugins.Context` (diffusion settings, device,
+the coefficient table on demand).
+
+A third-party distribution exposes a module through its packaging metadata::
+
+    [project.entry-points.ctmkit]
+    my_precond = "my_package.precond"
+
+and implements any of the hooks below with ``from core.hookspecs import hookimpl``.
+Built-in plugins (the ``plugins`` package) are registered through the very same hooks.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "ctmkit"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def ctmkit_preconditionings() -> dict:
+    """Consistency-function preconditionings ``f_theta = f(t,s) x + g(t,s) D_theta`` (or F_theta).
+
+    Each factory returns a :class:`plugins.preconditionings.Preconditioning` (a TorchScript-able
+    ``nn.Module`` whose ``forward(t, s)`` returns the coefficients ``(f, g)``). Example::
+
+        @hookimpl
+        def ctmkit_preconditionings():
+            return {"mine": lambda options, ctx: MyPrecond(ctx.diffusion.sigma_data)}
+    """
+
+
+@hookspec
+def ctmkit_solvers() -> dict:
+    """Teacher PF-ODE solvers. Each factory returns an object with
+    ``solve(denoise, x, ts) -> x`` stepping ``dx/dt = (x - D(x, t)) / t`` along ``ts``. Example::
+
+        @hookimpl
+        def ctmkit_solvers():
+            return {"euler": lambda options, ctx: EulerSolver()}
+    """
+
+
+@hookspec
+def ctmkit_losses() -> dict:
+    """Distillation losses (consistency/trajectory/DSM). Example::
+
+        @hookimpl
+        def ctmkit_losses():
+            return {"ctm": lambda options, ctx: CTMLoss(**...)}
+    """
+
+
+@hookspec
+def ctmkit_samplers() -> dict:
+    """Samplers that run an exported jumper. Each factory returns an object with
+    ``timesteps(steps, t_min, t_max, rho)`` and ``sample(jumper, x, timesteps, generator,
+    class_labels)``. Example::
+
+        @hookimpl
+        def ctmkit_samplers():
+            return {"ctm": lambda options, ctx: CTMSampler(gamma=options.float("gamma", 0.0))}
+    """
+
+
+@hookspec
+def ctmkit_teachers() -> dict:
+    """Teachers: denoisers ``D_phi(x, t[, class_labels])``. Each factory returns a
+    :class:`plugins.teachers.base.Teacher`. Example::
+
+        @hookimpl
+        def ctmkit_teachers():
+            return {"gmm": lambda options, ctx: GMMTeacher.from_options(options)}
+    """
+
+
+#: hook name -> the KIND printed by ``--list-plugins``
+KINDS = {
+    "ctmkit_teachers": "teacher",
+    "ctmkit_preconditionings": "precond",
+    "ctmkit_solvers": "solver",
+    "ctmkit_losses": "loss",
+    "ctmkit_samplers": "sampler",
+}

@@ -1,0 +1,142 @@
+"""The jumper: the consistency function f_theta(x, t, s) as one TorchScript-able module, and its
+export / load (DESIGN.md, "Exported jumper").
+
+    f_theta(x, t, s) = f(t, s) x + g(t, s) D_theta(x, t, s),  D_theta = c_skip x + c_out F_theta
+    (or f x + g F_theta for preconditionings with ``jumps_denoiser = False``; Table 1)
+
+The file is a TorchScript archive whose extra file ``meta.json`` describes it; the same file is
+what the C++ ``ctm_sample`` loads.
+"""
+
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from core import __version__
+from core.errors import UserError
+from core.io import atomic_path
+
+FORMAT, VERSION = "ctmkit.jumper", 1
+META_KEYS = ("format", "version", "precond", "variant", "sigma_data", "t_min", "t_max", "rho",
+             "shape", "num_classes", "dtype", "ctmkit_version")
+
+
+def _edm_scalings(t: Tensor, sigma_data: float):
+    t = t.double()
+    c_skip = sigma_data ** 2 / (sigma_data ** 2 + t ** 2)                # Eqn. (3)
+    c_out = sigma_data * t / torch.sqrt(sigma_data ** 2 + t ** 2)        # Eqn. (3)
+    return c_skip, c_out
+
+
+class TeacherAsNetwork(nn.Module):
+    """F_theta(x, t, s) := F_phi(x, t) = (D_phi(x, t) - c_skip(t) x) / c_out(t) for every s:
+    the student at the paper's initialisation point (``[student] init = "teacher"``), so that
+    D_theta(x, t, s) = D_phi(x, t)."""
+
+    def __init__(self, denoiser: nn.Module, sigma_data: float):
+        super().__init__()
+        self.denoiser = denoiser
+        self.sigma_data = float(sigma_data)
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor,
+                class_labels: Optional[Tensor] = None) -> Tensor:
+        c_skip, c_out = _edm_scalings(t, self.sigma_data)
+        view = [x.shape[0]] + [1] * (x.dim() - 1)
+        D = self.denoiser(x, t, class_labels)
+        return (D - c_skip.to(x.dtype).view(view) * x) / c_out.to(x.dtype).view(view)
+
+
+class Jumper(nn.Module):
+    """forward(x, t, s, class_labels=None) -> f_theta(x, t, s); t, s of shape [B] or scalars."""
+
+    def __init__(self, network: nn.Module, precond: nn.Module, sigma_data: float):
+        super().__init__()
+        self.network = network
+        self.precond = precond
+        self.sigma_data = float(sigma_data)
+        self.jumps_denoiser = bool(precond.jumps_denoiser)
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor,
+                class_labels: Optional[Tensor] = None) -> Tensor:
+        B = x.shape[0]
+        t = t.to(x.device).reshape(-1).expand(B)
+        s = s.to(x.device).reshape(-1).expand(B)
+        view = [B] + [1] * (x.dim() - 1)
+        f, g = self.precond(t, s)                                         # float64, [B]
+        F = self.network(x, t.to(x.dtype), s.to(x.dtype), class_labels)
+        f, g = f.to(x.dtype).view(view), g.to(x.dtype).view(view)
+        if self.jumps_denoiser:
+            c_skip, c_out = _edm_scalings(t, self.sigma_data)
+            D = c_skip.to(x.dtype).view(view) * x + c_out.to(x.dtype).view(view) * F
+            return f * x + g * D                                          # Eqn. (8)
+        return f * x + g * F                                              # Table 1, CM / BCM
+
+
+def make_meta(precond, *, sigma_data, t_min, t_max, rho, shape, num_classes, dtype,
+              **extra) -> dict:
+    meta = {"format": FORMAT, "version": VERSION, "precond": precond.name,
+            "variant": precond.variant or None, "sigma_data": sigma_data, "t_min": t_min,
+            "t_max": t_max, "rho": rho, "shape": list(shape), "num_classes": int(num_classes),
+            "dtype": dtype, "ctmkit_version": __version__}
+    meta.update(extra)
+    return meta
+
+
+def script(module: nn.Module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # TorchScript is deprecated in 2.14
+        return torch.jit.script(module)
+
+
+def export(jumper: Jumper, path: str | Path, meta: dict) -> None:
+    """Script the jumper and save it atomically with ``meta.json`` inside the archive."""
+    scripted = script(jumper.eval())
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(scripted, str(tmp), _extra_files={"meta.json": json.dumps(meta)})
+
+
+def validate_meta(meta: dict, where: str) -> dict:
+    missing = [k for k in META_KEYS if k not in meta]
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{where}: not a ctmkit jumper (meta.json format is "
+                        f"{meta.get('format')!r})")
+    if missing:
+        raise UserError(f"{where}: meta.json lacks {', '.join(missing)}")
+    if meta["version"] != VERSION:
+        raise UserError(f"{where}: jumper format version {meta['version']} is not supported")
+    try:
+        ok = (0 < float(meta["t_min"]) < float(meta["t_max"]) and float(meta["rho"]) > 0
+              and float(meta["sigma_data"]) > 0 and isinstance(meta["shape"], list)
+              and meta["shape"] and all(isinstance(n, int) and n > 0 for n in meta["shape"])
+              and isinstance(meta["num_classes"], int) and meta["num_classes"] >= 0
+              and all(math.isfinite(float(meta[k])) for k in ("t_min", "t_max", "rho")))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError(f"{where}: meta.json is inconsistent (t_min < t_max, rho > 0, "
+                        f"sigma_data > 0, a shape of positive integers are required)")
+    return meta
+
+
+def load(path: str | Path, device: str = "cpu"):
+    """(scripted jumper, meta) from an exported file; one-line errors for bad files."""
+    from plugins.teachers.torchscript import jit_load
+
+    extra = {"meta.json": ""}
+    module = jit_load(Path(path), "jumper", device, extra_files=extra)
+    if not extra["meta.json"]:
+        raise UserError(f"{path}: not a ctmkit jumper (no meta.json inside)")
+    try:
+        meta = json.loads(extra["meta.json"])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: meta.json is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: meta.json is not a JSON object")
+    return module.eval(), validate_meta(meta, str(path))

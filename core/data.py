@@ -1,0 +1,58 @@
+"""Loading data arrays (x_0 for coefficient estimation and evaluation) from .npy / .npz / HDF5."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.errors import UserError
+
+X_KEYS, Y_KEYS = ("x", "data", "images", "arr_0"), ("y", "labels")
+
+
+def load_arrays(path: Path, shape: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x [N, *shape] float64, labels [N] int64 or None); one-line errors on bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found")
+    y = None
+    try:
+        if path.suffix == ".npy":
+            x = np.load(path, allow_pickle=False)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                xk = next((k for k in X_KEYS if k in z.files), None)
+                if xk is None:
+                    raise UserError(f"{path}: no array named {' / '.join(X_KEYS)}")
+                x = z[xk]
+                yk = next((k for k in Y_KEYS if k in z.files), None)
+                y = z[yk] if yk else None
+        elif path.suffix in (".h5", ".hdf5"):
+            import h5py
+            with h5py.File(path, "r") as h:
+                xk = next((k for k in X_KEYS if k in h), None)
+                if xk is None:
+                    raise UserError(f"{path}: no dataset named {' / '.join(X_KEYS)}")
+                x = h[xk][()]
+                yk = next((k for k in Y_KEYS if k in h), None)
+                y = h[yk][()] if yk else None
+        else:
+            raise UserError(f"{path}: unsupported data format (use .npy, .npz or .h5)")
+    except UserError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: unreadable data file ({e.__class__.__name__})") from None
+    x = np.asarray(x)
+    if x.ndim < 1 or x.shape[0] < 1 or tuple(x.shape[1:]) != tuple(shape):
+        raise UserError(f"{path}: data has shape {x.shape}, expected [N, {', '.join(map(str, shape))}]")
+    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+        raise UserError(f"{path}: data must be finite numbers")
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+            raise UserError(f"{path}: labels must be {len(x)} integers, got {y.shape} {y.dtype}")
+        y = torch.from_numpy(y.astype(np.int64))
+    return torch.from_numpy(x.astype(np.float64)), y

@@ -1,0 +1,93 @@
+"""PNG figures: coefficient tables, preconditioning curves (paper Fig. 2c, Fig. 4), samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from core.io import atomic_path
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+
+
+def plot_coefficient_table(table, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    lt = np.log(table.t)
+    for a, name, y, se in ((ax[0], "l_t", table.l, table.l_stderr),
+                           (ax[1], "s_t", table.s, table.s_stderr)):
+        a.plot(lt, y, lw=1.5)
+        se = np.nan_to_num(se)
+        a.fill_between(lt, y - 2 * se, y + 2 * se, alpha=0.3, label="±2 s.e.")
+        a.set_title(name)
+        a.set_xlabel("log t")
+        a.legend()
+    ax[2].plot(lt, np.log(table.L), label="log L_t")
+    ax[2].plot(lt, np.log(table.S), label="log S_t")
+    ax[2].plot(lt, np.log(np.maximum(table.eta, 1e-300)), label="log eta_t")
+    ax[2].set_xlabel("log t")
+    ax[2].legend()
+    fig.suptitle("Analytic-Precond coefficients")
+    _save(fig, path)
+
+
+def plot_preconditionings(preconds: dict, t_min: float, t_max: float, path: Path) -> None:
+    """f(t, eps) and g(t, eps) against log t (Fig. 2c) and g(t, s) heat maps (Fig. 4)."""
+    import torch
+
+    plt = _plt()
+    t = torch.exp(torch.linspace(np.log(t_max), np.log(t_min), 400, dtype=torch.float64))
+    eps = torch.full_like(t, t_min)
+    n = len(preconds)
+    fig = plt.figure(figsize=(max(12, 3.2 * n), 7.5))
+    gs = fig.add_gridspec(2, max(n, 2))
+    axf, axg = fig.add_subplot(gs[0, : max(n, 2) // 2]), fig.add_subplot(gs[0, max(n, 2) // 2:])
+    for name, p in preconds.items():
+        f, g = p(t, eps)
+        axf.plot(t.log(), f, label=name)
+        axg.plot(t.log(), g, label=name)
+    axf.set_title("f(t, eps)")
+    axg.set_title("g(t, eps)")
+    for a in (axf, axg):
+        a.set_xlabel("log t")
+        a.legend(fontsize=8)
+    grid = torch.exp(torch.linspace(np.log(t_min), np.log(t_max), 160, dtype=torch.float64))
+    T, S = torch.meshgrid(grid, grid, indexing="ij")
+    for i, (name, p) in enumerate(preconds.items()):
+        _, g = p(T.reshape(-1), S.reshape(-1))
+        g = g.reshape(T.shape).masked_fill(S > T, float("nan"))
+        a = fig.add_subplot(gs[1, i])
+        im = a.pcolormesh(grid.log(), grid.log(), g.T, shading="auto", vmin=0, vmax=1)
+        a.set_title(f"g(t, s): {name}", fontsize=9)
+        a.set_xlabel("log t")
+        a.set_ylabel("log s")
+    fig.colorbar(im, ax=fig.axes[-1])
+    _save(fig, path)
+
+
+def plot_samples(x: np.ndarray, path: Path, title: str) -> None:
+    plt = _plt()
+    flat = x.reshape(len(x), -1)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    if flat.shape[1] == 1:
+        ax.hist(flat[:, 0], bins=80, density=True)
+        ax.set_xlabel("x")
+    else:
+        ax.scatter(flat[:, 0], flat[:, 1], s=2, alpha=0.5)
+        ax.set_xlabel("x[0]")
+        ax.set_ylabel("x[1]")
+        ax.set_aspect("equal", "datalim")
+    ax.set_title(title)
+    _save(fig, path)

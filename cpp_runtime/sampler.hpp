@@ -1,0 +1,39 @@
+// Drawing samples with CTM's sampler under ctmkit's random-number convention
+// (core/sampling.py: draw, plugins/samplers.py: CTMSampler).
+#pragma once
+
+#include <ATen/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <vector>
+
+#include "jumper.hpp"
+
+namespace ctm {
+
+struct DrawSpec {
+    std::vector<double> timesteps;            // t_0 > ... > t_K
+    double gamma = 0.0;
+    std::int64_t num = 1;
+    std::int64_t batch = 1;
+    std::uint64_t seed = 0;
+    std::optional<std::int64_t> class_label;  // fixed label for conditional models
+};
+
+// Called once per batch, in order, with the samples as a contiguous float32 CPU tensor
+// [b, *shape] and, for class-conditional models, the labels as int64 CPU tensor [b].
+using BatchSink = std::function<void(const at::Tensor& samples,
+                                     const std::optional<at::Tensor>& labels)>;
+
+// One CPU generator seeded once with spec.seed; for each batch in order: (1) labels
+// randint(0, num_classes, [b]) when the model is conditional and no label is fixed;
+// (2) x = randn([b, *shape], dtype) * t_0; (3) for n = 0..K-1 a jump from t_n to t_{n+1}
+// (to sqrt(1 - gamma^2) t_{n+1} followed by x += gamma t_{n+1} randn(x.shape) when gamma > 0
+// and the step is not the last one).
+void draw(JumperBackend& jumper, const JumperMeta& meta, const DrawSpec& spec,
+          const c10::Device& device, const BatchSink& sink);
+
+}  // namespace ctm

@@ -51,35 +51,26 @@ private:
 
 DeferredWarnings g_warnings;
 
+// A "\r"-updated progress line, shown only when stderr is a terminal: in logs (and for
+// scripts) an error stays exactly one line on stderr.
 class Progress {
 public:
     Progress(std::int64_t total, bool enabled)
-        : total_(total), enabled_(enabled), tty_(::isatty(STDERR_FILENO) == 1),
+        : total_(total), enabled_(enabled && ::isatty(STDERR_FILENO) == 1),
           t0_(Clock::now()) {}
 
     void update(std::int64_t done) {
         if (!enabled_) return;
-        double elapsed = seconds_since(t0_);
-        if (tty_) {
-            std::fprintf(stderr, "\rctm_sample: %lld/%lld samples, %.1f s", (long long)done,
-                         (long long)total_, elapsed);
-            g_progress_open = done < total_;
-            if (!g_progress_open) std::fputc('\n', stderr);
-        } else {   // logs: about every 10%
-            std::int64_t decile = done * 10 / total_;
-            if (decile > last_decile_ || done == total_) {
-                last_decile_ = decile;
-                std::fprintf(stderr, "ctm_sample: %lld/%lld samples, %.1f s\n",
-                             (long long)done, (long long)total_, elapsed);
-            }
-        }
+        std::fprintf(stderr, "\rctm_sample: %lld/%lld samples, %.1f s", (long long)done,
+                     (long long)total_, seconds_since(t0_));
+        g_progress_open = done < total_;
+        if (!g_progress_open) std::fputc('\n', stderr);
         std::fflush(stderr);
     }
 
 private:
     std::int64_t total_;
-    bool enabled_, tty_;
-    std::int64_t last_decile_ = 0;
+    bool enabled_;
     Clock::time_point t0_;
 };
 

@@ -71,7 +71,10 @@ void install_cleanup_handlers() {
 AtomicFile::AtomicFile(std::string target) : target_(std::move(target)) {
     fs::path p(target_);
     fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
-    std::string tmpl = (dir / ("." + p.filename().string() + ".XXXXXX.tmp")).string();
+    std::string name = ".";
+    name += p.filename().string();
+    name += ".XXXXXX.tmp";
+    std::string tmpl = (dir / name).string();
     fd_ = ::mkstemps(tmpl.data(), 4);
     if (fd_ < 0) throw UserError(target_ + ": cannot create a file there (" + errno_text() + ")");
     tmp_ = tmpl;

@@ -45,7 +45,7 @@ void draw(JumperBackend& jumper, const JumperMeta& meta, const DrawSpec& spec,
         }
         std::vector<std::int64_t> shape{b};
         shape.insert(shape.end(), meta.shape.begin(), meta.shape.end());
-        at::Tensor x = (at::randn(shape, gen, cpu) * ts[0]).to(device);
+        at::Tensor x = at::randn(shape, gen, cpu).mul(ts[0]).to(device);
         for (std::size_t n = 0; n < K; ++n) {
             const double t = ts[n], s = ts[n + 1];
             const bool last = n + 1 == K;
@@ -58,10 +58,11 @@ void draw(JumperBackend& jumper, const JumperMeta& meta, const DrawSpec& spec,
                                 shape_text(out.sizes()) + " for x of shape " +
                                 shape_text(x.sizes()));
             x = out;
-            if (!last && spec.gamma > 0.0)
-                x = x + spec.gamma * s *
-                            at::randn(x.sizes(), gen, at::TensorOptions().dtype(x.scalar_type()))
-                                .to(device);
+            if (!last && spec.gamma > 0.0) {   // x + (gamma s) * noise, as in Python
+                at::Tensor noise =
+                    at::randn(x.sizes(), gen, at::TensorOptions().dtype(x.scalar_type()));
+                x = x.add(noise.to(device).mul(spec.gamma * s));
+            }
         }
         sink(x.to(at::kFloat).cpu().contiguous(), labels);
     }

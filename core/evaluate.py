@@ -45,9 +45,11 @@ def distribution_distance(a: np.ndarray, b: np.ndarray, projections: int = 256,
 @torch.no_grad()
 def trajectory_errors(jumper, teacher, steps: list[int], num: int, seed: int, t_min: float,
                       t_max: float, rho: float, dtype=torch.float32,
-                      class_labels: Optional[torch.Tensor] = None) -> dict:
+                      class_labels: Optional[torch.Tensor] = None,
+                      reference_cache: Optional[dict] = None) -> dict:
     """{K: {"final_rmse", "path_rmse"}}: RMS per dimension of the jumper's states minus the
-    teacher ODE's, at t_min (final) and over all K landing times (path)."""
+    teacher ODE's, at t_min (final) and over all K landing times (path). Pass the same
+    `reference_cache` dict to compare several jumpers without re-solving the teacher ODE."""
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn((num, *teacher.shape), generator=gen, dtype=torch.float64) * t_max
     d = teacher.dim
@@ -56,7 +58,11 @@ def trajectory_errors(jumper, teacher, steps: list[int], num: int, seed: int, t_
         ts = rho_grid(K, t_min, t_max, rho)
         traj: list = []
         CTMSampler(0.0).sample(jumper, x_T.to(dtype), ts, gen, class_labels, trajectory=traj)
-        ref = teacher.reference_solve(x_T, t_max, ts[1:], class_labels)
+        cache = reference_cache if reference_cache is not None else {}
+        key = (K, num, seed, t_min, t_max, rho)
+        if key not in cache:
+            cache[key] = teacher.reference_solve(x_T, t_max, ts[1:], class_labels)
+        ref = cache[key]
         sq = [((a.double() - r) ** 2).reshape(num, -1).sum(1) / d for a, r in zip(traj, ref)]
         out[K] = {"final_rmse": math.sqrt(float(sq[-1].mean())),
                   "path_rmse": math.sqrt(float(torch.stack(sq).mean()))}

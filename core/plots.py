@@ -36,7 +36,7 @@ def plot_coefficient_table(table, path: Path) -> None:
         a.legend()
     ax[2].plot(lt, np.log(table.L), label="log L_t")
     ax[2].plot(lt, np.log(table.S), label="log S_t")
-    ax[2].plot(lt, np.log(np.maximum(table.eta, 1e-300)), label="log eta_t")
+    ax[2].plot(lt[1:], np.log(table.eta[1:]), label="log eta_t (eta = 0 at t_max)")
     ax[2].set_xlabel("log t")
     ax[2].legend()
     fig.suptitle("Analytic-Precond coefficients")

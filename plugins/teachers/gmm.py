@@ -86,9 +86,9 @@ class GMMTeacher(Teacher):
         x = self.means[k] + self.stds[k, None] * z
         return x.reshape(n, *self.shape), None
 
-    def reference_solve(self, x, t_start, times, class_labels=None, steps_per_unit: int = 400):
+    def reference_solve(self, x, t_start, times, class_labels=None, steps_per_unit: int = 100):
         """RK4 on dx/du = x - D(x, e^u), u = log t (smooth on the whole range), float64,
-        `steps_per_unit` steps per unit of log t (error ~ 1e-12 at the default)."""
+        `steps_per_unit` steps per unit of log t (max error ~1e-9 at the default, checked against the closed form in the tests)."""
         D = self.denoiser(torch.float64, str(x.device))
         rhs = lambda y, u: y - D(y, torch.full((y.shape[0],), math.exp(u), dtype=y.dtype,
                                                 device=y.device))

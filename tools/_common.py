@@ -1,0 +1,25 @@
+"""Shared helpers for the tools/ scripts (not part of the installed package)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def command_line() -> str:
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return " ".join(["python", str(shown)] + sys.argv[1:])
+
+
+def builtin_preconds(table, sigma_data: float = 0.5) -> dict:
+    """Every built-in preconditioning, the Analytic one in both variants, keyed by label."""
+    from plugins.preconditionings import AnalyticPrecond, BCMPrecond, CMPrecond, CTMPrecond
+
+    return {"cm": CMPrecond(sigma_data), "ctm": CTMPrecond(), "bcm": BCMPrecond(sigma_data),
+            "analytic-forward": AnalyticPrecond.from_table(table, "forward"),
+            "analytic-backward": AnalyticPrecond.from_table(table, "backward")}

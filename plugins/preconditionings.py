@@ -18,6 +18,7 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
+from core.coefficients.lookup import lookup
 from core.hookspecs import hookimpl
 
 
@@ -82,12 +83,12 @@ class AnalyticPrecond(Preconditioning):
         f = L_t S_s / (L_s S_s + (1 - l_s)(eta_s - eta_t)),
         g = (eta_s - eta_t) / (L_s S_s + (1 - l_s)(eta_s - eta_t))
 
-    The tables live on a uniform lambda grid (see core.coefficients.table) and are linearly
-    interpolated at t and s; times outside [t_min, t_max] raise.
+    The tables live on a uniform lambda grid (see core.coefficients.table) and are interpolated
+    at t and s by core.coefficients.lookup; times outside [t_min, t_max] raise.
     """
 
-    def __init__(self, lam0: float, dlam: float, l: Tensor, logL: Tensor, logS: Tensor,
-                 eta: Tensor, variant: str = "backward"):
+    def __init__(self, lam0: float, dlam: float, l: Tensor, s: Tensor, logL: Tensor,
+                 logS: Tensor, eta: Tensor, variant: str = "backward"):
         super().__init__()
         if variant not in ("forward", "backward"):
             raise ValueError(f"variant must be 'forward' or 'backward', got {variant!r}")
@@ -96,19 +97,16 @@ class AnalyticPrecond(Preconditioning):
         self.lam0, self.dlam, self.n = float(lam0), float(dlam), int(l.numel())
         self.lam1 = self.lam0 + self.dlam * (self.n - 1)
         self.t_min, self.t_max = math.exp(-self.lam1), math.exp(-self.lam0)
-        for name, value in (("l_table", l), ("logL_table", logL), ("logS_table", logS),
-                            ("eta_table", eta)):
+        for name, value in (("l_table", l), ("s_table", s), ("logL_table", logL),
+                            ("logS_table", logS), ("eta_table", eta)):
             self.register_buffer(name, torch.as_tensor(value, dtype=torch.float64).clone())
 
     @classmethod
     def from_table(cls, table, variant: str = "backward") -> "AnalyticPrecond":
         d = table.dense()
-        return cls(d.lam0, d.dlam, torch.from_numpy(d.l), torch.from_numpy(d.logL),
+        return cls(d.lam0, d.dlam, torch.from_numpy(d.l), torch.from_numpy(d.s),
+                   torch.from_numpy(d.logL),
                    torch.from_numpy(d.logS), torch.from_numpy(d.eta), variant)
-
-    def _interp(self, pos: Tensor, idx: Tensor, table: Tensor) -> Tensor:
-        w = pos - idx.to(pos.dtype)
-        return table[idx] * (1.0 - w) + table[idx + 1] * w
 
     def _lookup(self, t: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """l, L, S, eta at times t (float64)."""
@@ -118,12 +116,8 @@ class AnalyticPrecond(Preconditioning):
                 or bool(torch.any(torch.isnan(lam))):
             raise RuntimeError("Analytic-Precond: time outside the coefficient table range [" +
                                str(self.t_min) + ", " + str(self.t_max) + "]")
-        pos = torch.clamp((lam - self.lam0) / self.dlam, 0.0, float(self.n - 1))
-        idx = torch.clamp(torch.floor(pos), 0.0, float(self.n - 2)).long()
-        l = self._interp(pos, idx, self.l_table)
-        L = torch.exp(self._interp(pos, idx, self.logL_table))
-        S = torch.exp(self._interp(pos, idx, self.logS_table))
-        eta = self._interp(pos, idx, self.eta_table)
+        l, _, L, S, eta = lookup(lam, self.lam0, self.dlam, self.l_table, self.s_table,
+                                 self.logL_table, self.logS_table, self.eta_table)
         return l, L, S, eta
 
     def forward(self, t: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:

@@ -68,7 +68,10 @@ def integrate(lam: np.ndarray, l: np.ndarray, s: np.ndarray, n_dense: int = DENS
     s_d = hermite(lam_d, lam, s)
     logL = _cumtrapz(l_d, dlam)
     logS = _cumtrapz(s_d, dlam)
-    eta = _cumtrapz(np.exp(logL + logS), dlam)
+    LS = np.exp(logL + logS)
+    # trapezoid + Euler-Maclaurin end correction (d(LS)/dlambda = (l + s) LS): O(h^4), which
+    # matters where the forward variant's f = 1 - (eta_s - eta_t)/S_t cancels (s << t)
+    eta = _cumtrapz(LS, dlam) - dlam ** 2 / 12 * ((l_d + s_d) * LS - (l_d[0] + s_d[0]) * LS[0])
     return DenseTable(float(lam[0]), float(dlam), l_d, s_d, logL, logS, eta)
 
 
@@ -105,12 +108,14 @@ class CoefficientTable:
         return self._dense
 
     def _at_lam(self, lam: np.ndarray) -> dict:
+        import torch
+
+        from core.coefficients.lookup import lookup
+
         d = self._dense
-        grid = d.lam
-        return {"l": np.interp(lam, grid, d.l), "s": np.interp(lam, grid, d.s),
-                "L": np.exp(np.interp(lam, grid, d.logL)),
-                "S": np.exp(np.interp(lam, grid, d.logS)),
-                "eta": np.interp(lam, grid, d.eta)}
+        arrays = [torch.from_numpy(a) for a in (d.l, d.s, d.logL, d.logS, d.eta)]
+        out = lookup(torch.as_tensor(lam, dtype=torch.float64), d.lam0, d.dlam, *arrays)
+        return {k: v.numpy() for k, v in zip(("l", "s", "L", "S", "eta"), out)}
 
     def at(self, t) -> dict:
         """l, s, L, S, eta interpolated at times t in [t_min, t_max]; outside is an error."""

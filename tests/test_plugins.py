@@ -1,0 +1,70 @@
+"""Third-party plugins: a separate distribution with a `ctmkit` entry point, installed with pip
+into a folder of its own, is listed and usable by name; a name clash is a clear error."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import QUICK_CONFIG
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "plugin_example"
+
+
+def _install(src: Path, target: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-build-isolation", "--target", str(target), str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def _run(args, site: Path, cwd: Path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]))
+    return subprocess.run([sys.executable, "-m", "core.run", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    target = tmp_path_factory.mktemp("site")
+    work = tmp_path_factory.mktemp("src") / "plugin"
+    shutil.copytree(EXAMPLE, work)        # pip builds in place; keep the repo clean
+    _install(work, target)
+    return target
+
+
+def test_installed_plugin_is_listed_and_usable_by_name(site, tmp_path):
+    r = _run(["--list-plugins"], site, tmp_path)
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.split()[:2] == ["precond", "powerlaw"])
+    assert "ctmkit-powerlaw 0.1.0" in line and "ctmkit_powerlaw" in line
+    cfg = QUICK_CONFIG.replace('name = "analytic"\nvariant = "forward"',
+                               'name = "powerlaw"\npower = 1.5')
+    (tmp_path / "c.toml").write_text(cfg)
+    r = _run(["c.toml", "--stages", "export,sample", "--no-progress"], site, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "samples.npy").is_file()
+    (tmp_path / "c.toml").write_text(cfg.replace("power = 1.5", "power = -1"))
+    r = _run(["c.toml", "--stages", "export"], site, tmp_path)
+    assert r.returncode == 2 and "[precond] power: must be > 0" in r.stderr
+
+
+def test_name_clash_names_both_sources(tmp_path):
+    src = tmp_path / "clash"
+    (src / "ctmkit_clash").mkdir(parents=True)
+    (src / "pyproject.toml").write_text(
+        (EXAMPLE / "pyproject.toml").read_text().replace("ctmkit-powerlaw", "ctmkit-clash")
+        .replace("powerlaw = \"ctmkit_powerlaw\"", "clash = \"ctmkit_clash\""))
+    (src / "ctmkit_clash" / "__init__.py").write_text(
+        "from core.hookspecs import hookimpl\n"
+        "@hookimpl\ndef ctmkit_preconditionings():\n    return {'ctm': lambda o, c: None}\n")
+    site = tmp_path / "site"
+    _install(src, site)
+    r = _run(["--list-plugins"], site, tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "'ctm' is claimed twice" in r.stderr
+    assert "builtin (plugins.preconditionings)" in r.stderr and "ctmkit-clash 0.1.0" in r.stderr

@@ -28,8 +28,9 @@ def _randn_like(x: Tensor, generator: torch.Generator) -> Tensor:
 class CTMSampler:
     """CTM's sampler (Appendix B.3): x_{t_n} = f_theta(x_{t_{n-1}}, t_{n-1}, t_n) on EDM's
     rho-grid. With gamma > 0 (CTM's gamma-sampling) each intermediate jump lands at
-    sqrt(1 - gamma^2) t_n and fresh noise of std gamma t_n is added; gamma = 0 is deterministic,
-    gamma = 1 is CM's multistep sampling."""
+    u = max(sqrt(1 - gamma^2) t_n, t_min) and fresh noise of std sqrt(t_n^2 - u^2) (= gamma t_n
+    unless clipped) restores noise level t_n; gamma = 0 is deterministic, gamma = 1 is exactly
+    CM's multistep sampling."""
 
     def __init__(self, gamma: float = 0.0):
         self.gamma = gamma
@@ -40,14 +41,15 @@ class CTMSampler:
     @torch.no_grad()
     def sample(self, jumper, x: Tensor, timesteps, generator: torch.Generator,
                class_labels: Optional[Tensor] = None, trajectory: Optional[list] = None) -> Tensor:
-        K = len(timesteps) - 1
+        K, t_min = len(timesteps) - 1, timesteps[-1]
         for n in range(K):
             t, s = timesteps[n], timesteps[n + 1]
             last = n + 1 == K
-            target = s if (last or self.gamma == 0.0) else math.sqrt(1 - self.gamma ** 2) * s
+            target = s if (last or self.gamma == 0.0) else \
+                max(math.sqrt(1 - self.gamma ** 2) * s, t_min)
             x = jumper(x, _full(x, t), _full(x, target), class_labels)
             if not last and self.gamma > 0.0:
-                x = x + self.gamma * s * _randn_like(x, generator)
+                x = x + math.sqrt(s * s - target * target) * _randn_like(x, generator)
             if trajectory is not None:
                 trajectory.append(x)
         return x

@@ -429,3 +429,29 @@ def test_error_keeps_existing_output(binary, models, tmp_path):
     out.write_bytes(b"previous run")
     proc = run(binary, "--model", models["nan"], "--out", out, "--num", "2", check=False)
     assert proc.returncode == 2 and out.read_bytes() == b"previous run"
+
+
+# --- build configuration ---------------------------------------------------------------------
+
+def test_configure_without_cuda_toolkit(tmp_path):
+    """CMake configures against the (CUDA) torch wheel with no nvcc on PATH and no CUDA_HOME,
+    locating torch through CMAKE_PREFIX_PATH and detecting the C++ ABI from libc10.so."""
+    import os
+    import shutil
+    import torch.utils
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake not on PATH")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CUDA") and k not in ("CUDACXX", "PATH")}
+    env["PATH"] = os.pathsep.join(p for p in ("/usr/bin", "/bin", str(Path(cmake).parent)))
+    assert shutil.which("nvcc", path=env["PATH"]) is None
+    proc = subprocess.run([cmake, "-S", str(ROOT), "-B", str(tmp_path / "b"),
+                           f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    has_cuda = (Path(torch.__file__).parent / "lib" / "libtorch_cuda.so").exists()
+    abi = int(torch.compiled_with_cxx11_abi())
+    assert (f"CUDA backend: {'ON' if has_cuda else 'OFF'}, _GLIBCXX_USE_CXX11_ABI={abi}"
+            in proc.stdout)
+    assert "nvcc" not in (tmp_path / "b" / "CMakeCache.txt").read_text()

@@ -129,10 +129,17 @@ int run(int argc, char** argv) {
     std::vector<std::int64_t> labels;
     std::int64_t done = 0;
     double write_s = 0.0;
+    double first_batch_s = 0.0;   // the first batch carries TorchScript's profiling runs
+    std::int64_t first_b = 0;
     Progress progress(opt.num, !opt.quiet);
+    Clock::time_point t_sample;
 
     auto sink = [&](const at::Tensor& x, const std::optional<at::Tensor>& y) {
         auto t_write = Clock::now();
+        if (done == 0) {
+            first_batch_s = std::chrono::duration<double>(t_write - t_sample).count();
+            first_b = x.size(0);
+        }
         const float* p = x.data_ptr<float>();
         const std::int64_t n = x.numel();
         for (std::int64_t i = 0; i < n; ++i)
@@ -151,7 +158,7 @@ int run(int argc, char** argv) {
         write_s += seconds_since(t_write);
         progress.update(done);
     };
-    auto t_sample = Clock::now();
+    t_sample = Clock::now();
     try {
         ctm::draw(*jumper.backend, meta, spec, device, sink);
     } catch (const ctm::UserError&) {
@@ -186,12 +193,16 @@ int run(int argc, char** argv) {
     write_s += seconds_since(t_write);
 
     g_warnings.flush();
-    if (opt.timing)
+    if (opt.timing) {
+        // warm_per_sample: the batches after the first one (nan with a single batch)
+        double warm = opt.num > first_b ? (sample_s - first_batch_s) / double(opt.num - first_b)
+                                        : std::nan("");
         std::fprintf(stderr,
                      "ctm_sample: timing: load=%.6fs sample=%.6fs write=%.6fs "
-                     "per_sample=%.9fs num=%lld steps=%zu\n",
-                     load_s, sample_s, write_s, sample_s / double(opt.num),
+                     "per_sample=%.9fs warm_per_sample=%.9fs num=%lld steps=%zu\n",
+                     load_s, sample_s, write_s, sample_s / double(opt.num), warm,
                      (long long)opt.num, spec.timesteps.size() - 1);
+    }
     if (!opt.quiet)
         std::fprintf(stderr, "ctm_sample: %lld samples, %zu steps -> %s\n", (long long)opt.num,
                      spec.timesteps.size() - 1, opt.out.c_str());

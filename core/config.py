@@ -150,7 +150,7 @@ class Section:
         if not isinstance(v, str) or not v:
             self.fail(key, f"expected a path string, got {v!r}")
         p = Path(v).expanduser()
-        return p if p.is_absolute() else (base or self.base_dir) / p
+        return p if p.is_absolute() else ((base or self.base_dir) / p).resolve()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,15 +77,24 @@ def plot_preconditionings(preconds: dict, t_min: float, t_max: float, path: Path
     _save(fig, path)
 
 
-def plot_samples(x: np.ndarray, path: Path, title: str) -> None:
+def plot_samples(x: np.ndarray, path: Path, title: str, reference: np.ndarray | None = None
+                 ) -> None:
+    """Histogram (1-D) or scatter of the first two coordinates, data in grey when given."""
     plt = _plt()
     flat = x.reshape(len(x), -1)
+    ref = None if reference is None else reference.reshape(len(reference), -1)
     fig, ax = plt.subplots(figsize=(5, 4))
     if flat.shape[1] == 1:
-        ax.hist(flat[:, 0], bins=80, density=True)
+        if ref is not None:
+            ax.hist(ref[:, 0], bins=80, density=True, color="0.75", label="data")
+        ax.hist(flat[:, 0], bins=80, density=True, histtype="step", lw=1.5, label="samples")
         ax.set_xlabel("x")
+        ax.legend()
     else:
-        ax.scatter(flat[:, 0], flat[:, 1], s=2, alpha=0.5)
+        if ref is not None:
+            ax.scatter(ref[:, 0], ref[:, 1], s=2, alpha=0.4, color="0.6", label="data")
+        ax.scatter(flat[:, 0], flat[:, 1], s=2, alpha=0.5, label="samples")
+        ax.legend(markerscale=4)
         ax.set_xlabel("x[0]")
         ax.set_ylabel("x[1]")
         ax.set_aspect("equal", "datalim")

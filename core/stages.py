@@ -182,7 +182,12 @@ def sample(run: Run) -> None:
     if labels is not None:
         save_npy(run.out_dir / "samples.labels.npy", labels)
     from core.plots import plot_samples
-    plot_samples(x, run.out_dir / "samples.png", f"{meta['precond']} jumper, {len(ts) - 1} steps")
+    ref = None
+    if run.teacher.can_sample_data:
+        ref = run.teacher.sample_data(len(x), torch.Generator().manual_seed(s.seed))[0].numpy()
+    title = f"{meta['precond']}{'/' + meta['variant'] if meta['variant'] else ''} jumper, " \
+            f"{len(ts) - 1} steps"
+    plot_samples(x, run.out_dir / "samples.png", title, ref)
     log(f"sample: {s.num} samples, {len(ts) - 1} steps, {time.perf_counter() - t0:.1f}s "
         f"-> {run.out_dir / 'samples.npy'}")
 

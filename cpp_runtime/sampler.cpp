@@ -6,6 +6,7 @@
 #include <ATen/ops/randn.h>
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "errors.hpp"
@@ -31,6 +32,7 @@ void draw(JumperBackend& jumper, const JumperMeta& meta, const DrawSpec& spec,
     const auto on_device = at::TensorOptions().dtype(dtype).device(device);
     const auto& ts = spec.timesteps;
     const std::size_t K = ts.size() - 1;
+    const double t_end = ts.back();
     at::Generator gen = at::detail::createCPUGenerator(spec.seed);
 
     for (std::int64_t lo = 0; lo < spec.num; lo += spec.batch) {
@@ -49,8 +51,12 @@ void draw(JumperBackend& jumper, const JumperMeta& meta, const DrawSpec& spec,
         for (std::size_t n = 0; n < K; ++n) {
             const double t = ts[n], s = ts[n + 1];
             const bool last = n + 1 == K;
+            // gamma-sampling: land at u = max(sqrt(1 - gamma^2) s, t_K), then add noise of std
+            // sqrt(s^2 - u^2) (= gamma s unless clipped) to restore noise level s
             const double target =
-                (last || spec.gamma == 0.0) ? s : std::sqrt(1.0 - spec.gamma * spec.gamma) * s;
+                (last || spec.gamma == 0.0)
+                    ? s
+                    : std::max(std::sqrt(1.0 - spec.gamma * spec.gamma) * s, t_end);
             at::Tensor out = jumper.jump(x, at::full({b}, t, on_device),
                                          at::full({b}, target, on_device), labels_dev);
             if (out.sizes() != x.sizes())
@@ -58,10 +64,10 @@ void draw(JumperBackend& jumper, const JumperMeta& meta, const DrawSpec& spec,
                                 shape_text(out.sizes()) + " for x of shape " +
                                 shape_text(x.sizes()));
             x = out;
-            if (!last && spec.gamma > 0.0) {   // x + (gamma s) * noise, as in Python
+            if (!last && spec.gamma > 0.0) {   // x + std * noise, as in Python
                 at::Tensor noise =
                     at::randn(x.sizes(), gen, at::TensorOptions().dtype(x.scalar_type()));
-                x = x.add(noise.to(device).mul(spec.gamma * s));
+                x = x.add(noise.to(device).mul(std::sqrt(s * s - target * target)));
             }
         }
         sink(x.to(at::kFloat).cpu().contiguous(), labels);

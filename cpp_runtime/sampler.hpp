@@ -30,9 +30,9 @@ using BatchSink = std::function<void(const at::Tensor& samples,
 
 // One CPU generator seeded once with spec.seed; for each batch in order: (1) labels
 // randint(0, num_classes, [b]) when the model is conditional and no label is fixed;
-// (2) x = randn([b, *shape], dtype) * t_0; (3) for n = 0..K-1 a jump from t_n to t_{n+1}
-// (to sqrt(1 - gamma^2) t_{n+1} followed by x += gamma t_{n+1} randn(x.shape) when gamma > 0
-// and the step is not the last one).
+// (2) x = randn([b, *shape], dtype) * t_0; (3) for n = 0..K-1 a jump from t_n to t_{n+1};
+// with gamma > 0, every jump but the last lands at u = max(sqrt(1 - gamma^2) t_{n+1}, t_K)
+// and is followed by x += sqrt(t_{n+1}^2 - u^2) randn(x.shape).
 void draw(JumperBackend& jumper, const JumperMeta& meta, const DrawSpec& spec,
           const c10::Device& device, const BatchSink& sink);
 

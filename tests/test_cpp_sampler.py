@@ -238,6 +238,9 @@ def test_parity_explicit_timesteps(binary, models, tmp_path):
                   timesteps=[80.0, 5.0, 0.7, 0.05, 0.002])
     assert_parity(binary, models["mlp"], tmp_path, num=4, batch=4, seed=11,
                   timesteps=[40.0, 1.0, 0.01])
+    # gamma-sampling clips its landing time at the grid's last time, not at meta's t_min
+    assert_parity(binary, models["gmm_ctm"], tmp_path, num=6, batch=4, seed=12, gamma=0.999,
+                  timesteps=[80.0, 2.0, 0.3, 0.1])
 
 
 def test_parity_conditional_random_labels(binary, models, tmp_path):

@@ -116,12 +116,13 @@ def validate_meta(meta: dict, where: str) -> dict:
               and float(meta["sigma_data"]) > 0 and isinstance(meta["shape"], list)
               and meta["shape"] and all(isinstance(n, int) and n > 0 for n in meta["shape"])
               and isinstance(meta["num_classes"], int) and meta["num_classes"] >= 0
+              and meta["dtype"] in ("float32", "float64")
               and all(math.isfinite(float(meta[k])) for k in ("t_min", "t_max", "rho")))
     except (TypeError, ValueError):
         ok = False
     if not ok:
         raise UserError(f"{where}: meta.json is inconsistent (t_min < t_max, rho > 0, "
-                        f"sigma_data > 0, a shape of positive integers are required)")
+                        f"sigma_data > 0, a shape of positive integers and dtype float32 | float64 are required)")
     return meta
 
 

@@ -3,7 +3,8 @@
 Per run, one CPU ``torch.Generator`` seeded with ``seed``. For each batch, in order:
 1. class labels, when the model is class-conditional and no fixed label is given:
    ``randint(0, num_classes, [b])`` (int64);
-2. the initial noise ``randn([b, *shape]) * t_max`` (float32, or the jumper's dtype);
+2. the initial noise ``randn([b, *shape]) * t_0`` (the first time of the grid, t_max unless
+   explicit timesteps say otherwise; float32, or the jumper's dtype);
 3. whatever per-step noise the sampler draws (CTM's gamma > 0, CM's multistep), in step order.
 The C++ ``ctm_sample`` follows the same order, so both produce the same samples.
 """
@@ -24,7 +25,7 @@ def draw(jumper, meta: dict, sampler, timesteps: list[float], num: int, batch: i
          ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """(samples [num, *shape] float32, labels [num] or None)."""
     shape = list(meta["shape"])
-    dtype = _DTYPES.get(meta.get("dtype", "float32"), torch.float32)
+    dtype = _DTYPES[meta["dtype"]]
     n_cls = int(meta.get("num_classes", 0))
     gen = torch.Generator().manual_seed(seed)
     out, labels_out = [], []

@@ -1,7 +1,7 @@
 """Samplers that run a jumper f_theta(x, t, s) from noise at t_max down to t_min.
 
 Noise convention (shared with the C++ ``ctm_sample``): one CPU ``torch.Generator`` seeded once;
-for each batch in order, the initial noise is ``randn([b, *shape]) * t_max`` (float32), then any
+for each batch in order, the initial noise is ``randn([b, *shape]) * t_0`` (float32), then any
 per-step noise the sampler needs, in step order.
 """
 

@@ -24,11 +24,11 @@ else:  # pragma: no cover
 _REQUIRED = object()
 
 #: Stage names in their canonical order. `core.stages` implements each one.
-STAGES = ("coefficients", "export", "sample", "evaluate")
+STAGES = ("teacher", "coefficients", "distill", "export", "sample", "evaluate")
 
 #: Top-level tables a config may contain.
-KNOWN_SECTIONS = ("run", "diffusion", "teacher", "precond", "coefficients", "student",
-                  "export", "sample", "evaluate")
+KNOWN_SECTIONS = ("run", "diffusion", "data", "network", "teacher", "teacher_train", "precond",
+                  "coefficients", "student", "distill", "export", "sample", "evaluate")
 
 
 class Section:
@@ -188,6 +188,7 @@ class CoefficientsCfg:
 class ExportCfg:
     path: Path                   # TorchScript jumper (default out_dir/jumper.pt)
     dtype: str = "float32"       # parameter / activation dtype of the exported jumper
+    source: str = "auto"         # auto: the distilled student.pt if present, else the teacher
 
 
 @dataclass
@@ -210,6 +211,56 @@ class EvaluateCfg:
 
 
 @dataclass
+class TrainCfg:
+    """Keys shared by [teacher_train] and [distill]."""
+    iterations: int
+    batch_size: int
+    lr: float
+    optimizer: str = "adam"      # adam | radam
+    warmup: int = 0              # linear learning-rate warm-up iterations
+    grad_clip: float = 0.0       # max global gradient norm (0: off)
+    ema: list = field(default_factory=lambda: [0.999])   # EMA rates; the first is exported
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    precision: str = "fp32"      # fp32 | bf16 | fp16 (GPU only; CPU trains in fp32)
+
+
+@dataclass
+class TeacherTrainCfg(TrainCfg):
+    p_mean: float = -1.2         # EDM's log-normal training noise levels
+    p_std: float = 1.2
+
+
+@dataclass
+class DistillCfg(TrainCfg):
+    loss: str = "ctm"            # ctm (Eqn. 7) | cm (Eqn. 5) | dsm | any loss plugin
+    distance: str = "l2"         # l2 | l1 | pseudo_huber | lpips
+    solver: str = "heun"         # teacher ODE solver in the loss
+    N: int = 18                  # EDM grid for t, s, u (Appendix B.2)
+    max_ode_steps: int = 17      # teacher solver steps from t to u at most
+    target_ema: float = 0.999    # mu of the stop-gradient target, Eqn. (28)
+    dsm_weight: Any = 1.0        # weight of the DSM loss, or "adaptive" (CTM's balance)
+    eval_every: int = 100        # EMA-student trajectory error every so many iterations
+    eval_num: int = 256
+    eval_steps: list = field(default_factory=lambda: [1, 2, 4])
+
+
+def _train_common(s: "Section", seed: int, iterations: int, batch: int, lr: float) -> dict:
+    return dict(iterations=s.int("iterations", iterations, min=1),
+                batch_size=s.int("batch_size", batch, min=1), lr=s.float("lr", lr, positive=True),
+                optimizer=s.str("optimizer", "adam", choices=("adam", "radam")),
+                warmup=s.int("warmup", 0, min=0), grad_clip=s.float("grad_clip", 0.0, min=0.0),
+                ema=[s._check_float("ema", r, min=0.0, max=1.0) for r in
+                     (s.floats("ema", [0.999]))],
+                checkpoint_every=s.int("checkpoint_every", 500, min=1),
+                keep_checkpoints=s.int("keep_checkpoints", 2, min=1),
+                log_every=s.int("log_every", 10, min=1), seed=s.int("seed", seed),
+                precision=s.str("precision", "fp32", choices=("fp32", "bf16", "fp16")))
+
+
+@dataclass
 class Config:
     path: Path
     base_dir: Path
@@ -220,6 +271,10 @@ class Config:
     sample: SampleCfg
     evaluate: EvaluateCfg
     student_init: str
+    teacher_train: TeacherTrainCfg
+    distill: DistillCfg
+    data: Section                # [data]: x_0 from a file or an analytic mixture
+    network: Section             # plugin-owned: `name` picks the network plugin
     teacher: Section             # plugin-owned: `kind` picks the teacher plugin
     precond: Section             # plugin-owned: `name` picks the preconditioning plugin
     sampler_options: Section     # the rest of [sample], read by the sampler plugin
@@ -292,7 +347,8 @@ def parse_config(raw: dict, path: Path) -> Config:
 
     s = sec["export"]
     export = ExportCfg(path=s.path("path", "jumper.pt", base=out_dir),
-                       dtype=s.str("dtype", "float32", choices=("float32", "float64")))
+                       dtype=s.str("dtype", "float32", choices=("float32", "float64")),
+                       source=s.str("source", "auto", choices=("auto", "teacher", "student")))
 
     s = sec["sample"]
     sample = SampleCfg(sampler=s.str("sampler", "ctm"), steps=s.int("steps", 2, min=1),
@@ -310,6 +366,23 @@ def parse_config(raw: dict, path: Path) -> Config:
                      seed=s.int("seed", run.seed + 1), projections=s.int("projections", 256, min=1),
                      data=s.path("data", None))
 
+    s = sec["teacher_train"]
+    tt = TeacherTrainCfg(**_train_common(s, run.seed, 2000, 256, 1e-3),
+                         p_mean=s.float("p_mean", -1.2), p_std=s.float("p_std", 1.2, positive=True))
+    s = sec["distill"]
+    dw = s._get("dsm_weight", 1.0)
+    if dw != "adaptive":
+        dw = s.float("dsm_weight", 1.0, min=0.0)
+    ds = DistillCfg(**_train_common(s, run.seed, 1000, 128, 4e-4),
+                    loss=s.str("loss", "ctm"),
+                    distance=s.str("distance", "l2", choices=("l2", "l1", "pseudo_huber",
+                                                               "lpips")),
+                    solver=s.str("solver", "heun"), N=s.int("N", 18, min=2),
+                    max_ode_steps=s.int("max_ode_steps", 17, min=1),
+                    target_ema=s.float("target_ema", 0.999, min=0.0, max=1.0), dsm_weight=dw,
+                    eval_every=s.int("eval_every", 100, min=1), eval_num=s.int("eval_num", 256, min=2),
+                    eval_steps=s.ints("eval_steps", [1, 2, 4], min=1))
+
     teacher, precond = sec["teacher"], sec["precond"]
     if "kind" not in teacher.data:
         teacher.fail("kind", "is required (e.g. \"gmm\" or \"torchscript\")")
@@ -317,10 +390,15 @@ def parse_config(raw: dict, path: Path) -> Config:
     precond.str("name", "analytic")
     precond.data.setdefault("name", "analytic")
 
-    for name in ("run", "diffusion", "coefficients", "student", "export", "evaluate"):
+    sec["network"].str("name", "mlp")
+    sec["network"].data.setdefault("name", "mlp")
+    for name in ("run", "diffusion", "coefficients", "student", "export", "evaluate",
+                 "teacher_train"):
         sec[name].finish()
+    # [distill]: the loss plugin may read more keys (e.g. max_ode_steps); checked at its stage
     # [sample]: host keys are read above; the remaining keys belong to the sampler plugin.
     return Config(path=path, base_dir=base, run=run, diffusion=diff, coefficients=coef,
                   export=export, sample=sample, evaluate=ev, student_init=student_init,
+                  teacher_train=tt, distill=ds, data=sec["data"], network=sec["network"],
                   teacher=teacher, precond=precond, sampler_options=sec["sample"], raw=raw,
                   sections=sec)

@@ -56,3 +56,57 @@ def load_arrays(path: Path, shape: tuple) -> tuple[torch.Tensor, torch.Tensor | 
             raise UserError(f"{path}: labels must be {len(x)} integers, got {y.shape} {y.dtype}")
         y = torch.from_numpy(y.astype(np.int64))
     return torch.from_numpy(x.astype(np.float64)), y
+
+
+class DataSource:
+    """The `[data]` section: x_0 from an array file or an analytic Gaussian mixture."""
+
+    def __init__(self, section):
+        self.section = section
+        self.path = section.path("path", None)
+        gmm = section._get("gmm", None)
+        if (self.path is None) == (gmm is None):
+            section.fail("path", "give exactly one of path = \"x0.npy\" or gmm = {weights, "
+                         "means, stds}")
+        if gmm is not None:
+            from core.config import Section
+            from plugins.teachers.gmm import GMMTeacher
+
+            self.gmm = GMMTeacher.from_options(Section("data.gmm", gmm, section.source,
+                                                       section.base_dir))
+            self.shape, self.labels_x, self.x, self.y = self.gmm.shape, None, None, None
+        else:
+            self.gmm = None
+            self.shape = tuple(section.ints("shape", None, min=1) or ())
+        section.finish()
+        self._loaded = False
+
+    def load(self, shape=None):
+        if self.gmm is None and not self._loaded:
+            if shape is None and not self.shape:
+                probe = np.load(self.path, mmap_mode="r") if self.path.suffix == ".npy" else None
+                shape = tuple(probe.shape[1:]) if probe is not None else None
+                if shape is None:
+                    self.section.fail("shape", "is required for .npz / .h5 data")
+            self.x, self.y = load_arrays(self.path, tuple(shape or self.shape))
+            self.shape = tuple(self.x.shape[1:])
+            self._loaded = True
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        self.load()
+        return 0 if self.y is None else int(self.y.max()) + 1
+
+    def sample(self, n: int, generator: torch.Generator):
+        if self.gmm is not None:
+            return self.gmm.sample_data(n, generator)
+        self.load()
+        idx = torch.randint(0, len(self.x), (n,), generator=generator)
+        return self.x[idx], (self.y[idx] if self.y is not None else None)
+
+    def fingerprint(self) -> str:
+        if self.gmm is not None:
+            return self.gmm.fingerprint()
+        import hashlib
+        return "file:" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:32]

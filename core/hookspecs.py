@@ -82,6 +82,19 @@ def ctmkit_teachers() -> dict:
     """
 
 
+@hookspec
+def ctmkit_networks() -> dict:
+    """Free-form networks F(x, t, s[, class_labels]). Each factory is called as
+    ``factory(options, ctx, shape=..., num_classes=..., student=...)`` and returns an
+    ``nn.Module``; ``student=True`` adds the zero-initialised s pathway (see plugins/networks.py).
+    Example::
+
+        @hookimpl
+        def ctmkit_networks():
+            return {"mlp": lambda options, ctx, **kw: MyNet(**kw)}
+    """
+
+
 #: hook name -> the KIND printed by ``--list-plugins``
 KINDS = {
     "ctmkit_teachers": "teacher",
@@ -89,4 +102,5 @@ KINDS = {
     "ctmkit_solvers": "solver",
     "ctmkit_losses": "loss",
     "ctmkit_samplers": "sampler",
+    "ctmkit_networks": "network",
 }

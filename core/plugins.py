@@ -21,6 +21,8 @@ BUILTIN_MODULES = (
     "plugins.preconditionings",
     "plugins.solvers",
     "plugins.samplers",
+    "plugins.networks",
+    "plugins.losses",
 )
 
 
@@ -38,6 +40,7 @@ class Context:
     diffusion: Any                         # core.config.DiffusionCfg
     device: str = "cpu"
     base_dir: Any = None                   # folder relative paths resolve against
+    out_dir: Any = None                    # the run's output folder
     coefficients_loader: Callable | None = field(default=None, repr=False)
 
     def coefficients(self):
@@ -105,9 +108,10 @@ def get(kind: str, name: str, where: str = "") -> Plugin:
     return table[name]
 
 
-def create(kind: str, options, ctx: Context, key: str):
-    """Look up the plugin named by ``options[key]`` and build it from the rest of ``options``."""
-    plugin = get(kind, options.data.get(key), options.where(key))
+def create(kind: str, options, ctx: Context, key: str, name: str | None = None):
+    """Build the plugin named `name` (default: ``options[key]``) from the rest of ``options``."""
+    plugin = get(kind, name if name is not None else options.data.get(key), options.where(key))
+    options._read.add(key)
     obj = plugin.factory(options, ctx)
     options.finish()
     return obj

@@ -46,11 +46,27 @@ def main(argv=None) -> int:
             bad = [s for s in stages if s not in STAGES]
             if bad:
                 raise UserError(f"--stages: unknown stage {bad[0]!r} (known: {', '.join(STAGES)})")
+        from core import distributed as dist
+        from core.stages import DISTRIBUTED_STAGES
+
         run = Run(cfg, progress=not args.no_progress)
-        run.validate()
+        dist.init(run.device)
+        run.validate(stages)
         for name in stages:
-            log(f"stage {name}")
-            STAGE_FUNCTIONS[name](run)
+            if dist.is_main():
+                log(f"stage {name}")
+            if name in DISTRIBUTED_STAGES or dist.world() == 1:
+                STAGE_FUNCTIONS[name](run)
+            else:                      # rank 0 works, the others wait; an error stops all
+                err = None
+                if dist.is_main():
+                    try:
+                        STAGE_FUNCTIONS[name](run)
+                    except UserError as e:
+                        err = str(e)
+                dist.broadcast_error(err)
+            dist.barrier()
+        dist.shutdown()
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

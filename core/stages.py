@@ -13,7 +13,6 @@ import torch
 
 from core import plugins
 from core.coefficients import store
-from core.coefficients.estimate import estimate_table
 from core.config import Config
 from core.errors import UserError
 from core.io import save_json, save_npy
@@ -46,10 +45,11 @@ class Run:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise UserError(f"{cfg.path}: [run] device must be 'cpu' or 'cuda[:N]', "
                             f"got {self.device!r}")
-        self.ctx = plugins.Context(diffusion=cfg.diffusion, device=self.device,
-                                   base_dir=cfg.base_dir,
-                                   coefficients_loader=self.coefficient_table)
         self.out_dir = cfg.run.out_dir
+        self.ctx = plugins.Context(diffusion=cfg.diffusion, device=self.device,
+                                   base_dir=cfg.base_dir, out_dir=self.out_dir,
+                                   coefficients_loader=self.coefficient_table)
+        self._data = None
 
     @functools.cached_property
     def teacher(self):
@@ -62,7 +62,8 @@ class Run:
         return plugins.create("precond", self.cfg.precond, self.ctx, "name")
 
     def sampler(self):
-        return plugins.create("sampler", self.cfg.sampler_options, self.ctx, "sampler")
+        return plugins.create("sampler", self.cfg.sampler_options, self.ctx, "sampler",
+                              self.cfg.sample.sampler)
 
     @functools.lru_cache(maxsize=1)
     def coefficient_table(self):
@@ -78,26 +79,51 @@ class Run:
                             f"{d.t_max:g}]; rerun the 'coefficients' stage")
         return table
 
-    def validate(self) -> None:
+    def data_source(self):
+        """The [data] section as a DataSource, or None when the config has none."""
+        if self._data is None and self.cfg.data.data:
+            from core.data import DataSource
+            self._data = DataSource(self.cfg.data)
+        return self._data
+
+    def data_fingerprint(self) -> str:
+        src = self.data_source()
+        return src.fingerprint() if src is not None else self.teacher.fingerprint()
+
+    def coefficients_digest(self) -> str:
+        import hashlib
+        return hashlib.sha256(self.cfg.coefficients.path.read_bytes()).hexdigest()[:32]
+
+    def validate(self, stages=()) -> None:
         """Fail fast on misconfiguration, before any stage writes anything: build the teacher
         and dry-run the preconditioning and sampler factories (a factory that asks for the
         coefficient table stops there; its remaining keys are checked when the stage runs)."""
-        self.teacher
+        if self.cfg.data.data:
+            self.data_source()
+        if not ("teacher" in stages and self.cfg.teacher_kind == "network"):
+            self.teacher    # a network teacher is built once the 'teacher' stage has run
+        plugins.get("network", self.cfg.network.data.get("name"), self.cfg.network.where("name"))
+        plugins.get("loss", self.cfg.distill.loss, self.cfg.sections["distill"].where("loss"))
+        plugins.get("solver", self.cfg.distill.solver,
+                    self.cfg.sections["distill"].where("solver"))
         dry = plugins.Context(diffusion=self.cfg.diffusion, device=self.device,
                               base_dir=self.cfg.base_dir, coefficients_loader=_deferred)
-        for kind, section, key in (("precond", self.cfg.precond, "name"),
-                                   ("sampler", self.cfg.sampler_options, "sampler")):
+        for kind, section, key, name in (
+                ("precond", self.cfg.precond, "name", self.cfg.precond_name),
+                ("sampler", self.cfg.sampler_options, "sampler", self.cfg.sample.sampler)):
             try:
-                plugins.create(kind, section, dry, key)
+                plugins.create(kind, section, dry, key, name)
             except _Deferred:
                 pass
 
     def data_sampler(self, path: Path | None, what: str):
-        """sample(n, generator) -> (x0, labels): the teacher's own, or draws from a data file."""
+        """sample(n, generator) -> (x0, labels): from `path`, else [data], else the teacher."""
+        if path is None and self.data_source() is not None:
+            return self.data_source().load(self.teacher.shape).sample
         if path is None:
             if not self.teacher.can_sample_data:
                 raise UserError(f"{self.cfg.path}: teacher {self.teacher.name!r} cannot sample "
-                                f"its data; set [{what}] data = \"x0.npy\"")
+                                f"its data; add a [data] section or set [{what}] data")
             return self.teacher.sample_data
         from core.data import load_arrays
         x, y = load_arrays(path, self.teacher.shape)
@@ -121,12 +147,24 @@ def coefficients(run: Run) -> None:
     if store.reusable(c.path, fp, settings):
         log(f"coefficients: reusing {c.path} (same teacher and settings)")
         return
+    from core import distributed as dist
+    from core.coefficients.estimate import collect, finalize
+    from core.coefficients.table import CoefficientTable
+
     ts = coefficient_grid(c.grid, c.n_timesteps, d.t_min, d.t_max, d.rho)
     den = teacher.denoiser(torch.float64, run.device)
     t0 = time.perf_counter()
-    table = estimate_table(lambda x, t, y: den(x, t, y), run.data_sampler(c.data, "coefficients"),
-                           teacher.dim, ts, c.n_samples, c.batch, c.seed, {}, run.device,
-                           progress=run.progress)
+    n_batches = -(-c.n_samples // c.batch)
+    mine = list(range(dist.rank(), n_batches, dist.world()))       # batches shard over ranks
+    stats = collect(lambda x, t, y: den(x, t, y), run.data_sampler(c.data, "coefficients"), ts,
+                    c.n_samples, c.batch, c.seed, run.device, batches=mine,
+                    progress=run.progress and dist.is_main())
+    stats = dist.all_reduce_sum(torch.from_numpy(stats)).numpy()   # other ranks' rows are 0
+    if not dist.is_main():
+        return
+    est = finalize(ts, stats, teacher.dim)
+    table = CoefficientTable(t=ts, l=est.l, s=est.s, l_stderr=est.l_stderr,
+                             s_stderr=est.s_stderr, s_guarded=est.s_guarded)
     if not (np.all(np.isfinite(table.l)) and np.all(np.isfinite(table.s))):
         raise UserError("coefficients: the teacher produced NaN/Inf; nothing was written")
     store.write(c.path, table, grid=c.grid, n_samples=c.n_samples, teacher_fingerprint=fp,
@@ -142,18 +180,31 @@ def coefficients(run: Run) -> None:
 def export(run: Run) -> None:
     from core.jumper import Jumper, TeacherAsNetwork, export as export_jumper, make_meta
 
+    from core.students import load_student
+
     cfg, d = run.cfg, run.cfg.diffusion
     teacher = run.teacher
     precond = run.precond()
     dtype = DTYPES[cfg.export.dtype]
-    network = TeacherAsNetwork(teacher.denoiser(dtype, "cpu"), d.sigma_data)
+    student_file = run.out_dir / "student.pt"
+    source = cfg.export.source
+    if source == "auto":
+        source = "student" if student_file.is_file() else "teacher"
+    if source == "student":
+        if not student_file.is_file():
+            raise UserError(f"{student_file}: not found; run the 'distill' stage or set "
+                            f"[export] source = \"teacher\"")
+        network = load_student(run, student_file).to(dtype)
+    else:
+        network = TeacherAsNetwork(teacher.denoiser(dtype, "cpu"), d.sigma_data)
     jumper = Jumper(network, precond, d.sigma_data)
     meta = make_meta(precond, sigma_data=d.sigma_data, t_min=d.t_min, t_max=d.t_max, rho=d.rho,
                      shape=teacher.shape, num_classes=teacher.num_classes, dtype=cfg.export.dtype,
-                     student_init=cfg.student_init, teacher_fingerprint=teacher.fingerprint())
+                     student=("distilled" if source == "student" else "teacher-initialised"),
+                     teacher_fingerprint=teacher.fingerprint())
     export_jumper(jumper, cfg.export.path, meta)
-    log(f"export: {precond.name}{'/' + precond.variant if precond.variant else ''} jumper "
-        f"-> {cfg.export.path}")
+    log(f"export: {source} {precond.name}{'/' + precond.variant if precond.variant else ''} "
+        f"jumper -> {cfg.export.path}")
 
 
 # --- sample ----------------------------------------------------------------------------------
@@ -229,5 +280,18 @@ def evaluate(run: Run) -> None:
     log(f"evaluate: -> {run.out_dir / 'metrics.json'}")
 
 
-STAGE_FUNCTIONS = {"coefficients": coefficients, "export": export, "sample": sample,
-                   "evaluate": evaluate}
+def teacher(run: Run) -> None:
+    from core.teacher_training import train_teacher
+    train_teacher(run)
+    run.__dict__.pop("teacher", None)      # rebuild from the new file when next needed
+
+
+def distill(run: Run) -> None:
+    from core.distill import distill as run_distill
+    run_distill(run)
+
+
+STAGE_FUNCTIONS = {"teacher": teacher, "coefficients": coefficients, "distill": distill,
+                   "export": export, "sample": sample, "evaluate": evaluate}
+#: stages every rank runs (they split their work); the others run on rank 0 alone
+DISTRIBUTED_STAGES = ("teacher", "coefficients", "distill")

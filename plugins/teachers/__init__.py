@@ -1,11 +1,14 @@
-"""Built-in teachers: ``gmm`` (analytic Gaussian mixture) and ``torchscript`` (a denoiser file)."""
+"""Built-in teachers: ``gmm`` (analytic Gaussian mixture), ``torchscript`` (a denoiser file),
+``network`` (trained by the ``teacher`` stage)."""
 
 from core.hookspecs import hookimpl
 from plugins.teachers.gmm import GMMTeacher
+from plugins.teachers.network import NetworkTeacher
 from plugins.teachers.torchscript import TorchScriptTeacher
 
 
 @hookimpl
 def ctmkit_teachers():
     return {"gmm": lambda options, ctx: GMMTeacher.from_options(options),
-            "torchscript": TorchScriptTeacher.from_options}
+            "torchscript": TorchScriptTeacher.from_options,
+            "network": NetworkTeacher.from_options}

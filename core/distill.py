@@ -1,0 +1,261 @@
+"""The `distill` stage: CTM / CM training of a student with any preconditioning (Appendix B.2).
+
+Per iteration: draw the global batch (data, noise, t/s/u indices) from the iteration's generator,
+keep this rank's slice, run the student once on [loss inputs; DSM inputs], add the loss and the
+weighted DSM loss, step the optimiser, update the stop-gradient target by Eqn. (28) and the EMAs.
+Checkpoints are atomic; rerunning the same command resumes from the newest and ends with the
+same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from core import distributed as dist
+from core import plugins
+from core.errors import UserError
+from core.schedules import rho_grid
+from core.students import build_student, save_student, trainable
+from core.training import (EMA, MetricsLog, checkpoints, iteration_generator, load_checkpoint,
+                           lr_at, make_optimizer, plot_curves, restore, save_checkpoint)
+
+
+def _col(v: Tensor, x: Tensor) -> Tensor:
+    return v.reshape([-1] + [1] * (x.dim() - 1)).to(x.dtype)
+
+
+class StepContext:
+    """What a loss plugin calls: the preconditioned jumps, the teacher solver, the grid."""
+
+    def __init__(self, precond, sigma_data, grid, teacher, solver, target, max_ode_steps,
+                 labels=None):
+        self.precond, self.sigma_data, self.grid = precond, sigma_data, grid
+        self.teacher, self.solver, self.target = teacher, solver, target
+        self.max_ode_steps, self.labels = max_ode_steps, labels
+
+    def denoiser(self, F: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        sd, t = self.sigma_data, t.double()
+        c_skip = sd ** 2 / (sd ** 2 + t ** 2)                            # Eqn. (3)
+        c_out = sd * t / torch.sqrt(sd ** 2 + t ** 2)
+        return _col(c_skip, x) * x + _col(c_out, x) * F
+
+    def jump(self, F: Tensor, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        f, g = self.precond(t, s)                                         # Table 1
+        inner = self.denoiser(F, x, t) if self.precond.jumps_denoiser else F
+        return _col(f, x) * x + _col(g, x) * inner                        # Eqn. (8)
+
+    def target_jump(self, x: Tensor, t: Tensor, s: Tensor, grad: bool = False) -> Tensor:
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            return self.jump(self.target(x, t, s, self.labels), x, t, s)
+
+    @torch.no_grad()
+    def solve(self, x: Tensor, n: Tensor, k: Tensor) -> Tensor:
+        """Teacher PF-ODE from grid[n] to grid[k] per sample (k - n <= max_ode_steps)."""
+        D = lambda x_, t_: self.teacher(x_, t_, self.labels)
+        last = len(self.grid) - 1
+        for j in range(int((k - n).max().item()) if len(n) else 0):
+            active = (n + j) < k
+            i0 = torch.clamp(n + j, max=last - 1)
+            x_next = self.solver.step(D, x, self.grid[i0].to(x.dtype), self.grid[i0 + 1].to(x.dtype))
+            x = torch.where(_col(active, x) > 0, x_next, x)
+        return x
+
+
+def fingerprint(run, precond_desc: dict) -> str:
+    cfg, d = run.cfg, run.cfg.distill
+    keep = {k: v for k, v in vars(d).items()
+            if k not in ("iterations", "checkpoint_every", "keep_checkpoints", "log_every",
+                         "eval_every", "eval_num", "eval_steps")}
+    desc = {"teacher": run.teacher.fingerprint(), "precond": precond_desc, "distill": keep,
+            "network": cfg.network.data, "data": run.data_fingerprint(),
+            "diffusion": vars(cfg.diffusion)}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def distill(run) -> None:
+    from core.evaluate import trajectory_errors
+    from core.jumper import Jumper
+    from plugins.losses import DISTANCES, DSMLoss
+
+    cfg, d, diff = run.cfg, run.cfg.distill, run.cfg.diffusion
+    world, rank, device = dist.world(), dist.rank(), run.device
+    if d.batch_size % world:
+        raise UserError(f"{cfg.path}: [distill] batch_size {d.batch_size} is not divisible by "
+                        f"the {world} processes")
+    if d.distance == "lpips":
+        raise UserError(f"{cfg.path}: [distill] distance = \"lpips\" needs image support, which "
+                        f"this version does not have yet")
+    local = d.batch_size // world
+    sl = slice(rank * local, (rank + 1) * local)
+    precision = d.precision if device.startswith("cuda") else "fp32"
+    if precision != d.precision and dist.is_main():
+        print(f"[ctmkit] distill: precision {d.precision} needs a GPU; training in fp32 on CPU")
+
+    teacher = run.teacher
+    teacher_D = teacher.denoiser(torch.float32, device)
+    precond = run.precond().to(device)
+    solver = plugins.create("solver", _solver_section(cfg), run.ctx, "solver", d.solver)
+    loss = plugins.create("loss", cfg.sections["distill"], run.ctx, "loss", d.loss)
+    dsm = loss if isinstance(loss, DSMLoss) else DSMLoss()
+    dsm_on = not isinstance(loss, DSMLoss) and d.dsm_weight != 0.0
+    distance = DISTANCES[d.distance]
+
+    student = build_student(run).to(device)
+    target = EMA(student, d.target_ema)                                   # sg(theta), Eqn. (28)
+    emas = [EMA(student, r) for r in d.ema]
+    params = trainable(student)
+    opt = make_optimizer(d.optimizer, params, d.lr)
+    modules = {"student": student, "target": target.model,
+               **{f"ema_{i}": e.model for i, e in enumerate(emas)}}
+    model = student
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[dist.local_rank()] if device.startswith("cuda") else None)
+
+    fp = fingerprint(run, {"name": precond.name, "variant": precond.variant,
+                           "options": cfg.precond.data,
+                           "coefficients": run.coefficients_digest() if precond.name == "analytic"
+                           else None})
+    ckdir = run.out_dir / "checkpoints"
+    start = 0
+    found = checkpoints(ckdir)
+    if found:
+        start = restore(load_checkpoint(found[-1][1], fp), modules, opt)
+        if dist.is_main():
+            print(f"[ctmkit] distill: resuming from {found[-1][1].name} (iteration {start})")
+    log = MetricsLog(run.out_dir / "metrics.csv", ["loss", "loss_main", "loss_dsm", "dsm_weight",
+                                                   "lr", "it_per_s"], start)
+    grid = torch.tensor(rho_grid(d.N, diff.t_min, diff.t_max, diff.rho), dtype=torch.float64,
+                        device=device)
+    sampler = run.data_sampler(None, "distill")
+    ref_cache: dict = {}
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16"
+                               else torch.float16) if precision != "fp32"
+                else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    def evaluate(it: int) -> None:
+        if not dist.is_main():
+            return
+        jumper = Jumper(emas[0].model, precond, diff.sigma_data).eval()
+        errs = trajectory_errors(jumper, teacher, d.eval_steps, d.eval_num, cfg.evaluate.seed,
+                                 diff.t_min, diff.t_max, diff.rho, torch.float32,
+                                 reference_cache=ref_cache)
+        log.add(it, {f"traj_err_{k}": v["final_rmse"] for k, v in errs.items()})
+
+    if start == 0:
+        evaluate(0)
+    bar = tqdm(total=d.iterations, initial=start, desc="distill", unit="it",
+               disable=not (run.progress and dist.is_main()), leave=False)
+    t_last, it_last = time.perf_counter(), start
+    for it in range(start, d.iterations):
+        gen = iteration_generator(d.seed, it)
+        x0, labels = sampler(d.batch_size, gen)
+        x0 = x0.float()
+        draws = loss.draw(gen, x0, d.N) if not isinstance(loss, DSMLoss) else loss.draw(gen, x0)
+        dsm_draws = dsm.draw(gen, x0) if dsm_on else None
+        # this rank's slice of the global batch
+        x0 = x0[sl].to(device)
+        labels = labels[sl].to(device) if labels is not None else None
+        draws = {k: v[sl] for k, v in draws.items()}
+        ctx = StepContext(precond, diff.sigma_data, grid, teacher_D, solver, target.model,
+                          d.max_ode_steps, labels)
+        if isinstance(loss, DSMLoss):
+            xs, ts, ss = loss.inputs(draws, x0.cpu())
+        else:
+            xs, ts, ss = loss.inputs(draws, x0.cpu(), grid.cpu())
+        parts = [(xs, ts, ss)]
+        if dsm_on:
+            dsm_draws = {k: v[sl] for k, v in dsm_draws.items()}
+            parts.append(dsm.inputs(dsm_draws, x0.cpu()))
+        X = torch.cat([p[0] for p in parts]).to(device)
+        T = torch.cat([p[1] for p in parts]).to(device)
+        S = torch.cat([p[2] for p in parts]).to(device)
+        L = torch.cat([labels] * len(parts)) if labels is not None else None
+        draws = {k: v.to(device) for k, v in draws.items()}
+        with autocast:
+            F = model(X, T, S, L).float()
+            F_main = F[:local]
+            if isinstance(loss, DSMLoss):
+                l_main = loss.per_sample(ctx, draws, x0, F_main).mean()
+            else:
+                l_main = loss.per_sample(ctx, draws, x0, F_main, distance).mean()
+            l_dsm = (dsm.per_sample(ctx, {k: v.to(device) for k, v in dsm_draws.items()}, x0,
+                                    F[local:]).mean() if dsm_on else torch.zeros((), device=device))
+        w = _dsm_weight(d.dsm_weight, l_main, l_dsm, params) if dsm_on else 0.0
+        total = l_main + w * l_dsm
+        stats = dist.all_reduce_sum(torch.stack([l_main.detach(), l_dsm.detach(),
+                                                 total.detach()]).double().cpu()) / world
+        if not torch.isfinite(stats).all():
+            last = checkpoints(ckdir)
+            raise UserError(f"distill: non-finite loss at iteration {it}; stopped. The last good "
+                            f"checkpoint is {last[-1][1] if last else 'none (none was written)'}")
+        lr = lr_at(it, d.lr, d.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.unscale_(opt)
+        else:
+            total.backward()
+        if d.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, d.grad_clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        target.update(student)
+        for e in emas:
+            e.update(student)
+        done = it + 1
+        bar.update(1)
+        if done % d.log_every == 0 or done == d.iterations:
+            now = time.perf_counter()
+            rate = (done - it_last) / max(now - t_last, 1e-9)
+            t_last, it_last = now, done
+            log.add(done, {"loss": float(stats[2]), "loss_main": float(stats[0]),
+                           "loss_dsm": float(stats[1]), "dsm_weight": float(w), "lr": lr,
+                           "it_per_s": rate})
+            bar.set_postfix(loss=f"{float(stats[2]):.4g}", it_s=f"{rate:.1f}")
+        if done % d.eval_every == 0 or done == d.iterations:
+            evaluate(done)
+        if done % d.checkpoint_every == 0 or done == d.iterations:
+            log.flush()
+            save_checkpoint(ckdir, done, fp, modules, opt, d.keep_checkpoints)
+    bar.close()
+    log.flush()
+    if dist.is_main():
+        save_student(run.out_dir / "student.pt", emas[0].model, teacher.fingerprint())
+        plot_curves(log, run.out_dir / "curves.png",
+                    f"distill: {d.loss} loss, {precond.name} preconditioning")
+        final = {k: v for k, v in (log.rows[-1].items() if log.rows else [])}
+        print(f"[ctmkit] distill: {d.iterations} iterations -> {run.out_dir / 'student.pt'}"
+              + "".join(f"  {k} {final[k]}" for k in final if k.startswith("traj_err")))
+    dist.barrier()
+
+
+def _dsm_weight(setting, l_main: Tensor, l_dsm: Tensor, params) -> float:
+    """A fixed weight, or CTM's adaptive balance ||grad_last L_main|| / ||grad_last L_dsm|| over
+    the last weight matrix (gradients averaged over ranks first)."""
+    if setting != "adaptive":
+        return float(setting)
+    last = [p for p in params if p.dim() >= 2][-1]
+    g1 = torch.autograd.grad(l_main, last, retain_graph=True)[0]
+    g2 = torch.autograd.grad(l_dsm, last, retain_graph=True)[0]
+    both = dist.all_reduce_sum(torch.stack([g1, g2]).detach().clone()) / dist.world()
+    return float(both[0].norm() / (both[1].norm() + 1e-8))
+
+
+def _solver_section(cfg):
+    from core.config import Section
+    return Section("distill", {"solver": cfg.distill.solver}, str(cfg.path), cfg.base_dir)

@@ -1,0 +1,92 @@
+"""The student network F_theta(x, t, s) and its initialisation from the teacher.
+
+* network teachers: the teacher's architecture with the extra, zero-initialised s pathway and
+  the teacher's weights (as CTM does), so D_theta(x, t, s) = D_phi(x, t) for every s at step 0;
+* analytic / TorchScript teachers: F_theta = F_phi + R_theta(x, t, s), with R a network from
+  [network] whose output layer is zero-initialised.
+
+``student.pt`` (written by `distill`): ``{"format": "ctmkit.student", "version": 1,
+"teacher_fingerprint": ..., "state_dict": EMA weights}``; the architecture is rebuilt from the
+teacher and the config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from core.errors import UserError
+from core.jumper import TeacherAsNetwork
+
+FORMAT, VERSION = "ctmkit.student", 1
+
+
+class TeacherResidual(nn.Module):
+    """F_theta(x, t, s) = F_phi(x, t) + R_theta(x, t, s), R zero at initialisation."""
+
+    def __init__(self, teacher: TeacherAsNetwork, residual: nn.Module):
+        super().__init__()
+        self.teacher = teacher.requires_grad_(False)
+        self.residual = residual
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor,
+                class_labels: Optional[Tensor] = None) -> Tensor:
+        return self.teacher(x, t, s, class_labels) + self.residual(x, t, s, class_labels)
+
+
+def _zero_last_linear(net: nn.Module) -> None:
+    last = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+
+
+def build_student(run) -> nn.Module:
+    """A fresh student at its teacher-initialised point (float32)."""
+    from plugins.networks import StudentNetwork
+    from plugins.teachers.network import NetworkTeacher, build_network
+
+    teacher, cfg = run.teacher, run.cfg
+    if isinstance(teacher, NetworkTeacher):
+        return StudentNetwork(teacher.student_network()).float()
+    opts = {k: v for k, v in cfg.network.data.items() if k != "name"}
+    torch.manual_seed(cfg.distill.seed)          # the residual's (irrelevant) initial weights
+    residual = build_network(cfg.network.data.get("name", "mlp"), opts, run.ctx, teacher.shape,
+                             teacher.num_classes, True, str(cfg.path))
+    _zero_last_linear(residual)
+    base = TeacherAsNetwork(teacher.denoiser(torch.float32), cfg.diffusion.sigma_data)
+    return TeacherResidual(base, StudentNetwork(residual)).float()
+
+
+def trainable(net: nn.Module) -> list:
+    return [p for p in net.parameters() if p.requires_grad]
+
+
+def save_student(path: Path, net: nn.Module, teacher_fingerprint: str) -> None:
+    from core.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "version": VERSION,
+                    "teacher_fingerprint": teacher_fingerprint,
+                    "state_dict": net.state_dict()}, tmp)
+
+
+def load_student(run, path: Path) -> nn.Module:
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"{path}: unreadable student file ({first})") from None
+    if not isinstance(st, dict) or st.get("format") != FORMAT:
+        raise UserError(f"{path}: not a ctmkit student file")
+    if st.get("teacher_fingerprint") != run.teacher.fingerprint():
+        raise UserError(f"{path}: distilled from another teacher; rerun 'distill'")
+    net = build_student(run)
+    try:
+        net.load_state_dict(st["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit the configured student "
+                        f"({str(e).splitlines()[0][:120]})") from None
+    return net.eval()

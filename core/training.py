@@ -1,0 +1,175 @@
+"""What every training loop here shares: checkpoints (atomic, last k kept, exact resume), EMA,
+the metrics CSV and its PNG, and keyed random draws."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from core import distributed as dist
+from core.errors import UserError
+from core.io import atomic_path
+
+CKPT_FORMAT, CKPT_VERSION = "ctmkit.checkpoint", 1
+_CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+def iteration_generator(seed: int, iteration: int, stream: int = 0) -> torch.Generator:
+    """The CPU generator for one iteration: every rank draws the whole global batch from it."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + iteration * 7919 + stream)
+                                         % (2 ** 63 - 1))
+
+
+class EMA:
+    """theta_ema <- mu theta_ema + (1 - mu) theta (also Eqn. 28 for the stop-gradient target)."""
+
+    def __init__(self, model: nn.Module, rate: float):
+        self.rate = rate
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - self.rate)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name))]
+    return sorted(found)
+
+
+def save_checkpoint(folder: Path, iteration: int, fingerprint: str, modules: dict,
+                    optimizer, keep: int, extra: dict | None = None) -> Path:
+    """Rank 0 writes ckpt-<iteration>.pt atomically, then deletes all but the newest `keep`."""
+    path = folder / f"ckpt-{iteration:08d}.pt"
+    if dist.is_main():
+        state = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "fingerprint": fingerprint,
+                 "iteration": iteration,
+                 "modules": {k: m.state_dict() for k, m in modules.items()},
+                 "optimizer": optimizer.state_dict(), "extra": extra or {}}
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        for _, old in checkpoints(folder)[:-keep]:
+            old.unlink(missing_ok=True)
+    dist.barrier()
+    return path
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle rejected by weights_only, ...
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"{path}: unreadable checkpoint ({first}); delete it to resume from an "
+                        f"earlier one") from None
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise UserError(f"{path}: not a ctmkit checkpoint")
+    if state.get("version") != CKPT_VERSION:
+        raise UserError(f"{path}: checkpoint version {state.get('version')} is not supported")
+    if state.get("fingerprint") != fingerprint:
+        raise UserError(f"{path}: checkpoint of a different configuration (model, data, loss or "
+                        f"batch settings changed); use another out_dir or delete the checkpoints")
+    return state
+
+
+def restore(state: dict, modules: dict, optimizer) -> int:
+    for k, m in modules.items():
+        if k not in state["modules"]:
+            raise UserError(f"checkpoint lacks {k!r}")
+        m.load_state_dict(state["modules"][k])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["iteration"])
+
+
+class MetricsLog:
+    """metrics.csv (one row per logged iteration); on resume rows past the checkpoint go."""
+
+    def __init__(self, path: Path, fields: list[str], resume_from: int):
+        self.path, self.fields = path, ["iteration"] + fields
+        self.rows: list[dict] = []
+        if resume_from > 0 and path.is_file():
+            with open(path, newline="") as fh:
+                self.rows = [r for r in csv.DictReader(fh)
+                             if r.get("iteration", "").isdigit() and int(r["iteration"]) <= resume_from]
+        for r in self.rows:
+            for f in self.fields:
+                r.setdefault(f, "")
+
+    def add(self, iteration: int, values: dict) -> None:
+        for k in values:
+            if k not in self.fields:
+                self.fields.append(k)
+        row = {"iteration": iteration, **{k: f"{v:.6g}" if isinstance(v, float) else v
+                                          for k, v in values.items()}}
+        if self.rows and int(self.rows[-1]["iteration"]) == iteration:
+            self.rows[-1].update(row)
+        else:
+            self.rows.append(row)
+
+    def flush(self) -> None:
+        if not dist.is_main():
+            return
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=self.fields, restval="")
+        w.writeheader()
+        w.writerows(self.rows)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(buf.getvalue())
+
+    def column(self, name: str) -> tuple[list[int], list[float]]:
+        xs, ys = [], []
+        for r in self.rows:
+            if r.get(name) not in (None, ""):
+                xs.append(int(r["iteration"]))
+                ys.append(float(r[name]))
+        return xs, ys
+
+
+def plot_curves(log: MetricsLog, path: Path, title: str) -> None:
+    if not dist.is_main():
+        return
+    from core.plots import _plt, _save
+
+    plt = _plt()
+    loss_cols = [f for f in log.fields if f.startswith("loss")]
+    err_cols = [f for f in log.fields if f.startswith("traj_err")]
+    fig, axes = plt.subplots(1, 2 if err_cols else 1, figsize=(11 if err_cols else 6, 3.8),
+                             squeeze=False)
+    for c in loss_cols:
+        xs, ys = log.column(c)
+        axes[0, 0].plot(xs, ys, label=c, lw=1)
+    axes[0, 0].set_yscale("log")
+    axes[0, 0].set_xlabel("iteration")
+    axes[0, 0].legend(fontsize=8)
+    for c in err_cols:
+        xs, ys = log.column(c)
+        axes[0, 1].plot(xs, ys, "o-", label=c, ms=3)
+    if err_cols:
+        axes[0, 1].set_yscale("log")
+        axes[0, 1].set_xlabel("iteration")
+        axes[0, 1].set_title("EMA student vs teacher ODE (RMSE)", fontsize=9)
+        axes[0, 1].legend(fontsize=8)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def make_optimizer(name: str, params, lr: float):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "radam":
+        return torch.optim.RAdam(params, lr=lr)
+    raise ValueError(name)
+
+
+def lr_at(iteration: int, lr: float, warmup: int) -> float:
+    return lr * min(1.0, (iteration + 1) / warmup) if warmup > 0 else lr

@@ -1,0 +1,83 @@
+"""A teacher network trained by the `teacher` stage (EDM preconditioning, DSM loss), loaded from
+its file: ``{"format": "ctmkit.teacher", "network": name, "options": {...}, "shape": [...],
+"num_classes": k, "sigma_data": s, "state_dict": EMA weights}``."""
+
+import copy
+import hashlib
+from pathlib import Path
+
+import torch
+
+from core.errors import UserError
+from plugins.teachers.base import Teacher
+
+FORMAT = "ctmkit.teacher"
+
+
+def build_network(name: str, options: dict, ctx, shape, num_classes: int, student: bool,
+                  source: str):
+    from core import plugins
+    from core.config import Section
+
+    sec = Section("network", dict(options), source, Path("."))
+    plugin = plugins.get("network", name, f"{source}: network")
+    net = plugin.factory(sec, ctx, shape=tuple(shape), num_classes=num_classes, student=student)
+    sec.finish()
+    return net
+
+
+def read_teacher_file(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: teacher network file not found (run the 'teacher' stage)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"{path}: unreadable teacher file ({first})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path}: not a ctmkit teacher network file")
+    return state
+
+
+class NetworkTeacher(Teacher):
+    name = "network"
+
+    def __init__(self, path: Path, ctx):
+        self.path = Path(path)
+        st = read_teacher_file(self.path)
+        if abs(float(st["sigma_data"]) - ctx.diffusion.sigma_data) > 1e-12:
+            raise UserError(f"{path}: trained with sigma_data = {st['sigma_data']}, but "
+                            f"[diffusion] sigma_data = {ctx.diffusion.sigma_data}")
+        self.file = st
+        self.shape, self.num_classes = tuple(st["shape"]), int(st["num_classes"])
+        self.net = build_network(st["network"], st["options"], ctx, self.shape, self.num_classes,
+                                 False, str(path))
+        try:
+            self.net.load_state_dict(st["state_dict"])
+        except RuntimeError as e:
+            raise UserError(f"{path}: weights do not fit the network "
+                            f"({str(e).splitlines()[0][:120]})") from None
+        self.net.eval().requires_grad_(False)
+        self.ctx = ctx
+
+    @classmethod
+    def from_options(cls, options, ctx) -> "NetworkTeacher":
+        return cls(options.path("path", "teacher.pt", base=ctx.out_dir), ctx)
+
+    def denoiser(self, dtype=torch.float64, device="cpu"):
+        from plugins.networks import EDMDenoiser
+        return EDMDenoiser(copy.deepcopy(self.net), self.ctx.diffusion.sigma_data).to(
+            device=device, dtype=dtype).eval()
+
+    def student_network(self):
+        """The student: same architecture plus the zero-initialised s pathway, teacher weights."""
+        net = build_network(self.file["network"], self.file["options"], self.ctx, self.shape,
+                            self.num_classes, True, str(self.path))
+        missing, unexpected = net.load_state_dict(self.file["state_dict"], strict=False)
+        if unexpected or any(not k.startswith("s_") for k in missing):
+            raise UserError(f"{self.path}: network {self.file['network']!r} has no student form "
+                            f"whose extra weights are only the s pathway")
+        return net
+
+    def fingerprint(self) -> str:
+        return "network:" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:32]

@@ -156,6 +156,7 @@ def distill(run) -> None:
     bar = tqdm(total=d.iterations, initial=start, desc="distill", unit="it",
                disable=not (run.progress and dist.is_main()), leave=False)
     t_last, it_last = time.perf_counter(), start
+    window = torch.zeros(3, dtype=torch.float64)      # loss sums since the last log row
     for it in range(start, d.iterations):
         gen = iteration_generator(d.seed, it)
         x0, labels = sampler(d.batch_size, gen)
@@ -218,15 +219,18 @@ def distill(run) -> None:
         for e in emas:
             e.update(student)
         done = it + 1
+        window += stats
         bar.update(1)
         if done % d.log_every == 0 or done == d.iterations:
             now = time.perf_counter()
-            rate = (done - it_last) / max(now - t_last, 1e-9)
-            t_last, it_last = now, done
-            log.add(done, {"loss": float(stats[2]), "loss_main": float(stats[0]),
-                           "loss_dsm": float(stats[1]), "dsm_weight": float(w), "lr": lr,
+            n = done - it_last
+            rate = n / max(now - t_last, 1e-9)
+            mean = window / n                          # losses averaged over the window
+            t_last, it_last, window = now, done, torch.zeros_like(window)
+            log.add(done, {"loss": float(mean[2]), "loss_main": float(mean[0]),
+                           "loss_dsm": float(mean[1]), "dsm_weight": float(w), "lr": lr,
                            "it_per_s": rate})
-            bar.set_postfix(loss=f"{float(stats[2]):.4g}", it_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{float(mean[2]):.4g}", it_s=f"{rate:.1f}")
         if done % d.eval_every == 0 or done == d.iterations:
             evaluate(done)
         if done % d.checkpoint_every == 0 or done == d.iterations:

@@ -45,14 +45,21 @@ def _zero_last_linear(net: nn.Module) -> None:
 
 def build_student(run) -> nn.Module:
     """A fresh student at its teacher-initialised point (float32)."""
+    teacher, cfg = run.teacher, run.cfg
+    # fresh layers (the s pathway, the residual) draw their initial weights from a seeded RNG,
+    # so that two runs of one config, or a resumed one, start from the same student
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.distill.seed)
+        return _build(run, teacher, cfg)
+
+
+def _build(run, teacher, cfg) -> nn.Module:
     from plugins.networks import StudentNetwork
     from plugins.teachers.network import NetworkTeacher, build_network
 
-    teacher, cfg = run.teacher, run.cfg
     if isinstance(teacher, NetworkTeacher):
         return StudentNetwork(teacher.student_network()).float()
     opts = {k: v for k, v in cfg.network.data.items() if k != "name"}
-    torch.manual_seed(cfg.distill.seed)          # the residual's (irrelevant) initial weights
     residual = build_network(cfg.network.data.get("name", "mlp"), opts, run.ctx, teacher.shape,
                              teacher.num_classes, True, str(cfg.path))
     _zero_last_linear(residual)

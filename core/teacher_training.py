@@ -34,8 +34,10 @@ def train_teacher(run) -> None:
     shape, num_classes = tuple(source.load().shape), source.num_classes
     name = cfg.network.data.get("name", "mlp")
     options = {k: v for k, v in cfg.network.data.items() if k != "name"}
-    torch.manual_seed(tt.seed)
-    net = build_network(name, options, run.ctx, shape, num_classes, False, str(cfg.path)).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tt.seed)
+        net = build_network(name, options, run.ctx, shape, num_classes, False,
+                            str(cfg.path)).to(device)
     ema = EMA(net, tt.ema[0])
     opt = make_optimizer(tt.optimizer, net.parameters(), tt.lr)
     model = net if world == 1 else torch.nn.parallel.DistributedDataParallel(net)

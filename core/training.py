@@ -99,8 +99,10 @@ class MetricsLog:
         self.rows: list[dict] = []
         if resume_from > 0 and path.is_file():
             with open(path, newline="") as fh:
-                self.rows = [r for r in csv.DictReader(fh)
+                reader = csv.DictReader(fh)
+                self.rows = [r for r in reader
                              if r.get("iteration", "").isdigit() and int(r["iteration"]) <= resume_from]
+                self.fields += [f for f in (reader.fieldnames or []) if f not in self.fields]
         for r in self.rows:
             for f in self.fields:
                 r.setdefault(f, "")

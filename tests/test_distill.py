@@ -1,0 +1,215 @@
+"""The training stages: student = teacher at initialisation, training lowers the loss, exact
+resume after kill -9, DDP world-size invariance, bad checkpoints and NaNs."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIG = """
+[run]
+out_dir = "out"
+stages = ["teacher", "coefficients", "distill", "export"]
+[data]
+gmm = { weights = [0.3, 0.7], means = [[-2.0, 0.0], [1.0, 1.0]], stds = [0.4, 0.3] }
+[network]
+name = "mlp"
+width = 48
+depth = 2
+emb_dim = 16
+[teacher]
+kind = "network"
+[teacher_train]
+iterations = 150
+batch_size = 128
+lr = 2e-3
+checkpoint_every = 150
+[precond]
+name = "analytic"
+variant = "backward"
+[coefficients]
+n_timesteps = 24
+n_samples = 256
+batch = 128
+[distill]
+iterations = 40
+batch_size = 32
+checkpoint_every = 10
+eval_every = 20
+eval_num = 64
+N = 8
+max_ode_steps = 4
+"""
+
+
+def run_cli(cfg: Path, *extra, env=None):
+    return subprocess.run([sys.executable, "-m", "core.run", str(cfg), "--no-progress", *extra],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Teacher + coefficients once; every test copies this folder."""
+    base = tmp_path_factory.mktemp("trained")
+    (base / "c.toml").write_text(CONFIG)
+    r = run_cli(base / "c.toml", "--stages", "teacher,coefficients")
+    assert r.returncode == 0, r.stderr
+    return base
+
+
+@pytest.fixture
+def work(trained, tmp_path):
+    import shutil
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def _run_obj(cfg_path):
+    from core.config import load_config
+    from core.stages import Run
+    run = Run(load_config(cfg_path), progress=False)
+    return run
+
+
+def test_network_student_equals_teacher_at_initialisation(work):
+    from core.students import build_student
+    from core.distill import StepContext
+    run = _run_obj(work / "c.toml")
+    student = build_student(run)
+    D = run.teacher.denoiser(torch.float32)
+    ctx = StepContext(None, 0.5, None, None, None, None, 1)
+    x = torch.randn(64, 2) * 3
+    t = torch.exp(torch.empty(64).uniform_(np.log(0.002), np.log(80)))
+    for s in (t, t * 0.5, torch.full_like(t, 0.002)):
+        Ds = ctx.denoiser(student(x, t, s), x, t)
+        assert torch.allclose(Ds, D(x, t), atol=1e-6, rtol=1e-5)
+
+
+def test_analytic_teacher_residual_student_equals_teacher(tmp_path):
+    from core.students import build_student
+    from core.distill import StepContext
+    (tmp_path / "c.toml").write_text(
+        "[teacher]\nkind = \"gmm\"\nweights = [0.5, 0.5]\nmeans = [[-1.0], [1.0]]\n"
+        "stds = [0.3, 0.5]\n[network]\nwidth = 16\ndepth = 1\nemb_dim = 8\n")
+    run = _run_obj(tmp_path / "c.toml")
+    student = build_student(run)
+    assert any(p.requires_grad for p in student.parameters())
+    D = run.teacher.denoiser(torch.float32)
+    x, t = torch.randn(32, 1), torch.rand(32) * 5 + 0.01
+    Ds = StepContext(None, 0.5, None, None, None, None, 1).denoiser(student(x, t, t * 0.3), x, t)
+    assert torch.allclose(Ds, D(x, t), atol=1e-5)
+
+
+def _metrics(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_short_distillation_lowers_loss_and_trajectory_error(work):
+    cfg = work / "c.toml"
+    cfg.write_text(CONFIG.replace("iterations = 40", "iterations = 120").replace(
+        "checkpoint_every = 10", "checkpoint_every = 60").replace("eval_every = 20",
+                                                                  "eval_every = 120"))
+    r = run_cli(cfg, "--stages", "distill,export")
+    assert r.returncode == 0, r.stderr
+    rows = _metrics(work / "out" / "metrics.csv")
+    losses = [float(r["loss"]) for r in rows if r["loss"]]        # window means, 10 its each
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    errs = [float(r["traj_err_2"]) for r in rows if r["traj_err_2"]]
+    assert errs[-1] < errs[0]
+    assert (work / "out" / "curves.png").is_file() and (work / "out" / "student.pt").is_file()
+
+
+def _weights(path):
+    from core.jumper import load
+    j, _ = load(path)
+    return {k: v.clone() for k, v in j.state_dict().items()}
+
+
+def test_kill_9_and_resume_equals_uninterrupted(work, tmp_path_factory):
+    import shutil
+    other = tmp_path_factory.mktemp("uninterrupted")
+    shutil.copytree(work, other, dirs_exist_ok=True)
+    r = run_cli(other / "c.toml", "--stages", "distill,export")
+    assert r.returncode == 0, r.stderr
+    # interrupted: kill -9 once the iteration-20 checkpoint exists
+    p = subprocess.Popen([sys.executable, "-m", "core.run", str(work / "c.toml"), "--no-progress",
+                          "--stages", "distill"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    ck = work / "out" / "checkpoints" / "ckpt-00000020.pt"
+    deadline = time.time() + 120
+    while not ck.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert ck.exists()
+    assert not (work / "out" / "student.pt").exists() or p.returncode == 0
+    r = run_cli(work / "c.toml", "--stages", "distill,export")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout
+    a, b = _weights(work / "out" / "jumper.pt"), _weights(other / "out" / "jumper.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra, rb = _metrics(work / "out" / "metrics.csv"), _metrics(other / "out" / "metrics.csv")
+    assert [r["iteration"] for r in ra] == [r["iteration"] for r in rb]
+
+
+def test_torchrun_two_processes_match_single_process(work, tmp_path_factory):
+    import shutil
+    single = tmp_path_factory.mktemp("single")
+    shutil.copytree(work, single, dirs_exist_ok=True)
+    cfg_text = CONFIG.replace("iterations = 40", "iterations = 12").replace(
+        "checkpoint_every = 10", "checkpoint_every = 12")
+    for d in (work, single):
+        (d / "c.toml").write_text(cfg_text)
+    r = run_cli(single / "c.toml", "--stages", "distill,export")
+    assert r.returncode == 0, r.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_port", "29517", "-m", "core.run", str(work / "c.toml"),
+                        "--no-progress", "--stages", "distill,export"],
+                       cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _weights(work / "out" / "jumper.pt"), _weights(single / "out" / "jumper.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_corrupt_and_foreign_checkpoints_are_clear_errors(work):
+    cfg = work / "c.toml"
+    cfg.write_text(CONFIG.replace("iterations = 40", "iterations = 10"))
+    assert run_cli(cfg, "--stages", "distill").returncode == 0
+    ck = work / "out" / "checkpoints" / "ckpt-00000010.pt"
+    good = ck.read_bytes()
+    cfg.write_text(CONFIG.replace("iterations = 40", "iterations = 20"))
+    ck.write_bytes(good[: len(good) // 2])
+    r = run_cli(cfg, "--stages", "distill")
+    assert r.returncode == 2 and "unreadable checkpoint" in r.stderr and r.stderr.count("\n") == 1
+    ck.write_bytes(good)
+    cfg.write_text(CONFIG.replace("iterations = 40", "iterations = 20").replace(
+        "batch_size = 32", "batch_size = 16"))
+    r = run_cli(cfg, "--stages", "distill")
+    assert r.returncode == 2 and "different configuration" in r.stderr
+    assert ck.read_bytes() == good
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(work):
+    cfg = work / "c.toml"
+    cfg.write_text(CONFIG.replace("batch_size = 32", "batch_size = 32\nlr = 1e30"))
+    r = run_cli(cfg, "--stages", "distill")
+    assert r.returncode == 2 and "non-finite loss" in r.stderr and r.stderr.count("\n") == 1
+    found = sorted((work / "out" / "checkpoints").glob("ckpt-*.pt"))
+    if found:   # whatever was written before the blow-up still loads
+        state = torch.load(found[-1], weights_only=True)
+        assert state["format"] == "ctmkit.checkpoint"
+    assert not (work / "out" / "student.pt").exists()

@@ -52,3 +52,16 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 def save_json(path: str | os.PathLike, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def torch_load(path: str | os.PathLike, what: str):
+    """torch.load(weights_only=True) with a one-line UserError for truncated or foreign files."""
+    import torch
+
+    from core.errors import UserError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle rejected by weights_only, ...
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"{path}: unreadable {what} ({first})") from None

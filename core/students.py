@@ -81,11 +81,9 @@ def save_student(path: Path, net: nn.Module, teacher_fingerprint: str) -> None:
 
 
 def load_student(run, path: Path) -> nn.Module:
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"{path}: unreadable student file ({first})") from None
+    from core.io import torch_load
+
+    st = torch_load(path, "student file")
     if not isinstance(st, dict) or st.get("format") != FORMAT:
         raise UserError(f"{path}: not a ctmkit student file")
     if st.get("teacher_fingerprint") != run.teacher.fingerprint():

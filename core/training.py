@@ -66,12 +66,9 @@ def save_checkpoint(folder: Path, iteration: int, fingerprint: str, modules: dic
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle rejected by weights_only, ...
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"{path}: unreadable checkpoint ({first}); delete it to resume from an "
-                        f"earlier one") from None
+    from core.io import torch_load
+
+    state = torch_load(path, "checkpoint (delete it to resume from an earlier one)")
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise UserError(f"{path}: not a ctmkit checkpoint")
     if state.get("version") != CKPT_VERSION:

@@ -29,11 +29,9 @@ def build_network(name: str, options: dict, ctx, shape, num_classes: int, studen
 def read_teacher_file(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: teacher network file not found (run the 'teacher' stage)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"{path}: unreadable teacher file ({first})") from None
+    from core.io import torch_load
+
+    state = torch_load(path, "teacher file")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path}: not a ctmkit teacher network file")
     return state

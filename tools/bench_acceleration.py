@@ -130,7 +130,10 @@ def main(argv=None) -> float:
               ema=0.999))
     s["variant"] = args.variant
     out = _common.Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():                      # a benchmark starts from nothing
+        import shutil
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     s["teacher"], s["coefficients"] = str(out / "teacher.pt"), str(out / "coefficients.h5")
     t0 = time.perf_counter()
     base = out / "teacher.toml"

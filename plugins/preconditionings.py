@@ -112,10 +112,19 @@ class AnalyticPrecond(Preconditioning):
         """l, L, S, eta at times t (float64)."""
         lam = -torch.log(t)
         tol = 1e-6
-        if bool(torch.any(lam < self.lam0 - tol)) or bool(torch.any(lam > self.lam1 + tol)) \
+        msg = ("Analytic-Precond: time outside the coefficient table range [" +
+               str(self.t_min) + ", " + str(self.t_max) + "]")
+        exporting = False
+        if not torch.jit.is_scripting():     # a static branch: TorchScript skips it
+            exporting = torch.compiler.is_exporting()
+        if exporting:
+            # torch.export (AOTInductor, core/aoti.py): no data-dependent Python branch; the
+            # same check as an assert op in the graph, which raises with msg at run time
+            torch._assert_async(torch.all((lam >= self.lam0 - tol) & (lam <= self.lam1 + tol)),
+                                msg)
+        elif bool(torch.any(lam < self.lam0 - tol)) or bool(torch.any(lam > self.lam1 + tol)) \
                 or bool(torch.any(torch.isnan(lam))):
-            raise RuntimeError("Analytic-Precond: time outside the coefficient table range [" +
-                               str(self.t_min) + ", " + str(self.t_max) + "]")
+            raise RuntimeError(msg)
         l, _, L, S, eta = lookup(lam, self.lam0, self.dlam, self.l_table, self.s_table,
                                  self.logL_table, self.logS_table, self.eta_table)
         return l, L, S, eta

@@ -1,6 +1,6 @@
-// A loaded jumper: f(x, t, s[, class_labels]) behind a small interface, so that another
-// backend (e.g. an AOTInductor .pt2 package) can be added next to the TorchScript one and
-// picked by file extension in load_jumper().
+// A loaded jumper: f(x, t, s[, class_labels]) behind a small interface; load_jumper() picks
+// the backend by file extension: .pt2 -> AOTInductor package (jumper_aoti.cpp), anything else
+// -> TorchScript archive (jumper_torchscript.cpp).
 #pragma once
 
 #include <ATen/Tensor.h>
@@ -35,6 +35,7 @@ LoadedJumper load_jumper(const std::string& path, const c10::Device& device);
 
 // Backends (one source file each).
 LoadedJumper load_torchscript_jumper(const std::string& path, const c10::Device& device);
+LoadedJumper load_aoti_jumper(const std::string& path, const c10::Device& device);
 
 // One readable line out of a LibTorch / TorchScript exception message.
 std::string summarize_error(const std::string& message);

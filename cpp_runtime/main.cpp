@@ -87,6 +87,22 @@ c10::Device pick_device(const std::string& name) {
     return device;
 }
 
+// Runs fn; LibTorch / TorchScript exceptions from the jumper become one-line UserErrors.
+template <typename Fn>
+void guard_jumper_errors(Fn&& fn) {
+    try {
+        fn();
+    } catch (const ctm::UserError&) {
+        throw;
+    } catch (const torch::jit::JITException& e) {
+        throw ctm::UserError("the jumper failed: " +
+                             ctm::summarize_error(e.getOriginalMsg().value_or(e.what())));
+    } catch (const c10::Error& e) {
+        throw ctm::UserError("the jumper failed: " +
+                             ctm::summarize_error(e.what_without_backtrace()));
+    }
+}
+
 int run(int argc, char** argv) {
     ctm::Options opt = ctm::parse_options(argc, argv);
     if (opt.help) {
@@ -115,6 +131,12 @@ int run(int argc, char** argv) {
     spec.class_label = opt.class_label;
     double load_s = seconds_since(t_load);
 
+    // Untimed warm-up (no random numbers): TorchScript profiles and optimises its graph on the
+    // first calls; AOTInductor and the allocator have first-call costs too.
+    auto t_warm = Clock::now();
+    guard_jumper_errors([&] { ctm::warm_up(*jumper.backend, meta, spec, device, opt.warmup); });
+    double warmup_s = seconds_since(t_warm);
+
     // Samples stream into a temporary .npy beside --out; labels and the image grid are kept.
     const std::int64_t numel = meta.sample_numel();
     std::vector<std::int64_t> out_shape{opt.num};
@@ -129,7 +151,8 @@ int run(int argc, char** argv) {
     std::vector<std::int64_t> labels;
     std::int64_t done = 0;
     double write_s = 0.0;
-    double first_batch_s = 0.0;   // the first batch carries TorchScript's profiling runs
+    double first_batch_s = 0.0;   // without --warmup, the first batch carries TorchScript's
+                                  // profiling runs
     std::int64_t first_b = 0;
     Progress progress(opt.num, !opt.quiet);
     Clock::time_point t_sample;
@@ -159,17 +182,7 @@ int run(int argc, char** argv) {
         progress.update(done);
     };
     t_sample = Clock::now();
-    try {
-        ctm::draw(*jumper.backend, meta, spec, device, sink);
-    } catch (const ctm::UserError&) {
-        throw;
-    } catch (const torch::jit::JITException& e) {
-        throw ctm::UserError("the jumper failed: " +
-                             ctm::summarize_error(e.getOriginalMsg().value_or(e.what())));
-    } catch (const c10::Error& e) {
-        throw ctm::UserError("the jumper failed: " +
-                             ctm::summarize_error(e.what_without_backtrace()));
-    }
+    guard_jumper_errors([&] { ctm::draw(*jumper.backend, meta, spec, device, sink); });
     double sample_s = seconds_since(t_sample) - write_s;
 
     auto t_write = Clock::now();
@@ -198,10 +211,10 @@ int run(int argc, char** argv) {
         double warm = opt.num > first_b ? (sample_s - first_batch_s) / double(opt.num - first_b)
                                         : std::nan("");
         std::fprintf(stderr,
-                     "ctm_sample: timing: load=%.6fs sample=%.6fs write=%.6fs "
-                     "per_sample=%.9fs warm_per_sample=%.9fs num=%lld steps=%zu\n",
-                     load_s, sample_s, write_s, sample_s / double(opt.num), warm,
-                     (long long)opt.num, spec.timesteps.size() - 1);
+                     "ctm_sample: timing: load=%.6fs warmup=%.6fs sample=%.6fs write=%.6fs "
+                     "per_sample=%.9fs warm_per_sample=%.9fs num=%lld steps=%zu backend=%s\n",
+                     load_s, warmup_s, sample_s, write_s, sample_s / double(opt.num), warm,
+                     (long long)opt.num, spec.timesteps.size() - 1, jumper.backend->kind());
     }
     if (!opt.quiet)
         std::fprintf(stderr, "ctm_sample: %lld samples, %zu steps -> %s\n", (long long)opt.num,

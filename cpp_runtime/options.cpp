@@ -49,12 +49,13 @@ bool is_valid_device(const std::string& d) {
 
 const char* usage_text() {
     return
-        "usage: ctm_sample --model JUMPER.pt --out SAMPLES.npy [options]\n"
+        "usage: ctm_sample --model JUMPER.pt|JUMPER.pt2 --out SAMPLES.npy [options]\n"
         "\n"
         "Draws samples from an exported ctmkit jumper f(x, t, s) with CTM's sampler, with the\n"
         "same random numbers as ctmkit's Python sampler (core/sampling.py) for the same seed.\n"
         "\n"
-        "  --model PATH        exported jumper (TorchScript archive with meta.json)\n"
+        "  --model PATH        exported jumper: .pt2 AOTInductor package, anything else a\n"
+        "                      TorchScript archive (both with meta.json)\n"
         "  --out PATH          samples as .npy (float32, [num, *shape]); image shapes\n"
         "                      [1|3, H, W] also get <stem>.png, conditional models\n"
         "                      <stem>.labels.npy (int64)\n"
@@ -70,7 +71,9 @@ const char* usage_text() {
         "                      labels for class-conditional models)\n"
         "  --device D          cpu, cuda or cuda:N (default cpu)\n"
         "  --threads T         CPU threads for LibTorch (default: LibTorch's choice)\n"
-        "  --timing            print load / sampling / write times on stderr\n"
+        "  --warmup W          untimed jumps on a zero batch before sampling, per batch\n"
+        "                      size; no random numbers, same samples (default 2; 0: none)\n"
+        "  --timing            print load / warm-up / sampling / write times on stderr\n"
         "  --quiet             no progress line (shown when stderr is a terminal) and no\n"
         "                      summary line on stderr\n"
         "  --help              this text\n"
@@ -90,7 +93,7 @@ Options parse_options(int argc, const char* const* argv) {
     }
     static const std::set<std::string> kValueFlags = {
         "--model", "--out", "--steps", "--num", "--batch", "--seed", "--device",
-        "--timesteps", "--gamma", "--class-label", "--threads"};
+        "--timesteps", "--gamma", "--class-label", "--threads", "--warmup"};
     static const std::set<std::string> kSwitches = {"--timing", "--quiet"};
     std::set<std::string> seen;
     for (int i = 1; i < argc; ++i) {
@@ -132,6 +135,8 @@ Options parse_options(int argc, const char* const* argv) {
             opt.seed = parse_int<std::uint64_t>(flag, value, 0, "an integer in 0..2^64-1");
         } else if (flag == "--threads") {
             opt.threads = parse_int<int>(flag, value, 1, "an integer >= 1");
+        } else if (flag == "--warmup") {
+            opt.warmup = parse_int<int>(flag, value, 0, "an integer >= 0");
         } else if (flag == "--class-label") {
             opt.class_label = parse_int<std::int64_t>(flag, value, 0, "an integer >= 0");
         } else if (flag == "--gamma") {

@@ -23,6 +23,7 @@ struct Options {
     double gamma = 0.0;
     std::optional<std::int64_t> class_label;
     int threads = 0;                        // 0: LibTorch's default
+    int warmup = 2;                         // untimed warm-up jumps per batch size
     bool timing = false;
     bool quiet = false;
     bool help = false;

@@ -4,7 +4,9 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/randint.h>
 #include <ATen/ops/randn.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/InferenceMode.h>
+#include <torch/cuda.h>
 
 #include <algorithm>
 #include <cmath>
@@ -23,6 +25,28 @@ std::string shape_text(at::IntArrayRef sizes) {
 }
 
 }  // namespace
+
+void warm_up(JumperBackend& jumper, const JumperMeta& meta, const DrawSpec& spec,
+             const c10::Device& device, int calls) {
+    if (calls <= 0) return;
+    c10::InferenceMode no_autograd;
+    const auto dtype = meta.dtype == "float64" ? at::kDouble : at::kFloat;
+    const auto on_device = at::TensorOptions().dtype(dtype).device(device);
+    std::vector<std::int64_t> sizes{std::min(spec.batch, spec.num)};
+    if (spec.num > spec.batch && spec.num % spec.batch != 0) sizes.push_back(spec.num % spec.batch);
+    for (std::int64_t b : sizes) {
+        std::vector<std::int64_t> shape{b};
+        shape.insert(shape.end(), meta.shape.begin(), meta.shape.end());
+        const at::Tensor x = at::zeros(shape, on_device);
+        const at::Tensor t = at::full({b}, spec.timesteps[0], on_device);
+        const at::Tensor s = at::full({b}, spec.timesteps[1], on_device);
+        std::optional<at::Tensor> labels;
+        if (meta.num_classes > 0)
+            labels = at::zeros({b}, at::TensorOptions().dtype(at::kLong).device(device));
+        for (int i = 0; i < calls; ++i) (void)jumper.jump(x, t, s, labels);
+    }
+    if (device.is_cuda()) torch::cuda::synchronize(device.index());
+}
 
 void draw(JumperBackend& jumper, const JumperMeta& meta, const DrawSpec& spec,
           const c10::Device& device, const BatchSink& sink) {

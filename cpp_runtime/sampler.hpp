@@ -36,4 +36,12 @@ using BatchSink = std::function<void(const at::Tensor& samples,
 void draw(JumperBackend& jumper, const JumperMeta& meta, const DrawSpec& spec,
           const c10::Device& device, const BatchSink& sink);
 
+// Untimed warm-up before draw(): `calls` jumps t_0 -> t_1 on x = 0 for each batch size that
+// draw() will use (spec.batch, and the smaller last batch when num % batch != 0), labels 0 for
+// conditional models, outputs discarded. It draws no random numbers, so the samples are the
+// same with or without it; it takes TorchScript's profiling runs and graph optimisation (the
+// first two calls per input shape) and first-call allocations out of the sampling loop.
+void warm_up(JumperBackend& jumper, const JumperMeta& meta, const DrawSpec& spec,
+             const c10::Device& device, int calls);
+
 }  // namespace ctm

@@ -154,6 +154,9 @@ void test_options() {
     ctm::Options o = parse({"--model", "j.pt", "--out", "s.npy"});
     CHECK(o.steps == 2 && o.num == 1000 && o.batch == 500 && o.seed == 0 && o.gamma == 0.0);
     CHECK(o.device == "cpu" && !o.timesteps && !o.class_label && !o.timing && !o.help);
+    CHECK(o.warmup == 2);
+    CHECK(parse({"--model", "j.pt2", "--out", "s.npy", "--warmup", "0"}).warmup == 0);
+    CHECK(parse({"--model", "j", "--out", "o", "--warmup=5"}).warmup == 5);
     o = parse({"--model=j.pt", "--out", "s.npy", "--steps", "3", "--num=10", "--batch", "4",
                "--seed", "18446744073709551615", "--gamma", "0.5", "--class-label", "2",
                "--device", "cuda:1", "--threads", "3", "--timing", "--quiet"});
@@ -193,6 +196,8 @@ void test_options() {
         {{"--model", "j", "--out", "o", "--steps", "3", "--timesteps", "2,1"},
          "--steps 3 disagrees with --timesteps (1 jumps)"},
         {{"--model", "j", "--out", "o", "--timing=1"}, "--timing takes no value"},
+        {{"--model", "j", "--out", "o", "--warmup", "-1"}, "--warmup: expected an integer >= 0"},
+        {{"--model", "j", "--out", "o", "--warmup", "x"}, "--warmup"},
     };
     for (auto& [args, needle] : bad) EXPECT_THROW(UserError, parse(args), needle);
 }

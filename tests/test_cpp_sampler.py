@@ -335,7 +335,18 @@ def test_timing_flag(binary, models, tmp_path):
                "--timing", "--quiet")
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ctm_sample: timing: load=")
-    assert "sample=" in lines[0]
+    assert " warmup=" in lines[0] and " sample=" in lines[0] and "backend=torchscript" in lines[0]
+
+
+def test_warmup_does_not_change_samples(binary, models, tmp_path):
+    """The warm-up jumps draw no random numbers: the same samples with and without them."""
+    args = ["--model", models["mlp"], "--num", 7, "--batch", 3, "--steps", 3, "--gamma", 0.5]
+    run(binary, *args, "--out", tmp_path / "a.npy", "--warmup", 0)
+    run(binary, *args, "--out", tmp_path / "b.npy", "--warmup", 3)
+    run(binary, *args, "--out", tmp_path / "c.npy")
+    a = np.load(tmp_path / "a.npy")
+    np.testing.assert_array_equal(a, np.load(tmp_path / "b.npy"))
+    np.testing.assert_array_equal(a, np.load(tmp_path / "c.npy"))
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -388,6 +399,7 @@ def test_bad_model_files(binary, models, tmp_path, model, expect):
     (["--class-label", "0"], "the model is unconditional"),
     (["--device", "tpu"], "--device: expected cpu, cuda or cuda:N, got 'tpu'"),
     (["--steps"], "--steps needs a value"),
+    (["--warmup", "-1"], "--warmup: expected an integer >= 0, got '-1'"),
 ])
 def test_bad_flags(binary, models, tmp_path, args, expect):
     assert_error(binary, tmp_path, "--model", models["gmm_ctm"], *args, expect=expect)
@@ -416,8 +428,8 @@ def test_cuda_without_gpu(binary, models, tmp_path):
 
 
 def test_failure_mid_sampling_leaves_nothing(binary, models, tmp_path):
-    # steps=1, batch=2: calls 1-4 succeed (4 batches streamed to the temporary file), call 5
-    # raises
+    # steps=1, batch=2: calls 1-2 are the warm-up, calls 3-4 the first two batches (streamed
+    # to the temporary file), call 5 raises
     assert_error(binary, tmp_path, "--model", models["failing"], "--steps", "1", "--num", "10",
                  "--batch", "2", expect="deliberate failure in the network")
 

@@ -1,7 +1,7 @@
-"""Per-sample cost of CTM sampling: Python eager vs Python TorchScript vs the C++ ctm_sample,
-against the floor "bare network forward x NFE".
+"""Per-sample cost of CTM sampling: Python (eager, TorchScript, AOTInductor) vs the C++
+ctm_sample (TorchScript .pt and AOTInductor .pt2), against the floor "bare network forward x NFE".
 
-    PYTHONPATH=. python tools/bench_sampler.py      # ~20 s on 2 idle cores, < 2 min on busy ones
+    PYTHONPATH=. python tools/bench_sampler.py      # ~1 min on 2 idle cores (AOTI compile ~20 s)
 
 The jumper wraps a real MLP network F(x, t, s) (d=64 inputs, width 1024, 4 linear layers by
 default) with CTM's preconditioning. Each sampler draws --num samples in batches of --batch
@@ -9,17 +9,21 @@ with --steps jumps (NFE = steps per sample):
 
 * floor:               the network alone, one forward of a batch, times NFE (eager, no grad);
 * python eager:        core.sampling.draw with the nn.Module jumper;
-* python torchscript:  core.sampling.draw with the exported file loaded by core.jumper.load;
-* ctm_sample:          the C++ binary on the same file; its own --timing figures: the sampling
-                       loop (no process start, model load or file writing), the same without
-                       the first batch (which carries TorchScript's profiling runs; the Python
-                       samplers are warmed up before timing), and, for reference, the whole
-                       process wall time.
+* python torchscript:  core.sampling.draw with the exported .pt loaded by core.jumper.load;
+* python aoti:         core.sampling.draw with the .pt2 (core.aoti.export_aoti) loaded by
+                       core.aoti.load_aoti;
+* ctm_sample .pt/.pt2: the C++ binary on the same files; its own --timing figures: the sampling
+                       loop (no process start, model load, warm-up or file writing), the same
+                       without the first batch, and, for reference, the whole process wall time.
+                       ctm_sample warms the jumper up before its loop (--warmup, default 2
+                       jumps); the ".pt --warmup 0" row shows the loop without it, where the
+                       first batch carries TorchScript's profiling runs. The Python samplers are
+                       warmed up by an untimed first run.
 
 Every figure is the best of --reps rounds (fewer when --max-seconds runs out); each round runs
 every method once, so that load spikes on a shared machine hit all alike. All runs use the same
 number of threads. On a busy machine with 2 threads per run, OpenMP's spinning makes every
-figure noisy; --threads 1 is steadier there.
+figure noisy; --threads 1 is steadier there. --no-aoti leaves the AOTInductor rows out.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from core.aoti import export_aoti, load_aoti  # noqa: E402
 from core.jumper import Jumper, export, load, make_meta  # noqa: E402
 from core.sampling import draw  # noqa: E402
 from plugins.preconditionings import CTMPrecond  # noqa: E402
@@ -101,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads for every method (default: torch's default)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--no-aoti", action="store_true",
+                    help="leave out the AOTInductor (.pt2) rows (no compile)")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -128,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(tmp) / "jumper.pt"
         export(jumper, path, meta)
         scripted, _ = load(path, device)
+        path2 = Path(tmp) / "jumper.pt2"
+        aoti = None
+        if not args.no_aoti:
+            export_aoti(jumper.to(device), path2, meta)
+            aoti, _ = load_aoti(path2, device)
         jumper_dev = jumper.to(device)
 
         # floor: the bare network forward on one batch, times NFE per sample
@@ -146,15 +158,19 @@ def main(argv: list[str] | None = None) -> int:
                 draw(module, meta, sampler, ts, args.num, args.batch, 0, device,
                      progress=False)
             return go
-        py_run(jumper_dev)()                      # warm-up (allocator, TorchScript profiling)
-        py_run(scripted)()
+        py_methods = {"eager": jumper_dev, "script": scripted}
+        if aoti is not None:
+            py_methods["py_aoti"] = aoti
+        for module in py_methods.values():
+            py_run(module)()                      # warm-up (allocator, TorchScript profiling)
 
-        cmd = [binary, "--model", str(path), "--out", str(Path(tmp) / "samples.npy"),
-               "--steps", str(args.steps), "--num", str(args.num), "--batch", str(args.batch),
-               "--seed", "0", "--device", device, "--threads", str(threads), "--timing",
-               "--quiet"]
+        def cpp_cmd(model: Path, *extra: str) -> list[str]:
+            return [binary, "--model", str(model), "--out", str(Path(tmp) / "samples.npy"),
+                    "--steps", str(args.steps), "--num", str(args.num), "--batch",
+                    str(args.batch), "--seed", "0", "--device", device, "--threads",
+                    str(threads), "--timing", "--quiet", *extra]
 
-        def cpp_run() -> tuple[float, float, float]:
+        def cpp_run(cmd) -> tuple[float, float, float]:
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.perf_counter() - t0
@@ -164,38 +180,55 @@ def main(argv: list[str] | None = None) -> int:
             warm = float(re.search(r" warm_per_sample=([0-9.eEna+-]+)s", proc.stderr).group(1))
             return loop, warm, wall
 
+        cpp_methods = {"pt": cpp_cmd(path), "pt_nowarm": cpp_cmd(path, "--warmup", "0")}
+        if aoti is not None:
+            cpp_methods["pt2"] = cpp_cmd(path2)
+
         # Round-robin over the methods, best of --reps: load spikes on a shared machine then
         # hit every method alike.
-        best = dict.fromkeys(("floor", "eager", "script", "cpp_loop", "cpp_warm", "cpp_wall"),
-                             math.inf)
+        best: dict[str, float] = {}
+
+        def keep(key: str, value: float) -> None:
+            if not math.isnan(value):
+                best[key] = min(best.get(key, math.inf), value)
+
         rounds, start = 0, time.perf_counter()
         while rounds < args.reps and (rounds == 0 or
                                       time.perf_counter() - start < args.max_seconds):
             rounds += 1
-            best["floor"] = min(best["floor"], best_of(1, forward_batch) / 20 * nfe / args.batch)
-            best["eager"] = min(best["eager"], best_of(1, py_run(jumper_dev)) / args.num)
-            best["script"] = min(best["script"], best_of(1, py_run(scripted)) / args.num)
-            loop, warm, wall = cpp_run()
-            best["cpp_loop"] = min(best["cpp_loop"], loop / args.num)
-            if not math.isnan(warm):
-                best["cpp_warm"] = min(best["cpp_warm"], warm)
-            best["cpp_wall"] = min(best["cpp_wall"], wall / args.num)
+            keep("floor", best_of(1, forward_batch) / 20 * nfe / args.batch)
+            for key, module in py_methods.items():
+                keep(key, best_of(1, py_run(module)) / args.num)
+            for key, cmd in cpp_methods.items():
+                loop, warm, wall = cpp_run(cmd)
+                keep(f"{key}_loop", loop / args.num)
+                keep(f"{key}_warm", warm)
+                keep(f"{key}_wall", wall / args.num)
 
     print(f"command: {shlex.join([sys.executable] + sys.argv)}")
-    print(f"ctm_sample: {shlex.join(cmd).replace(tmp, '$TMP')}")
+    for key, cmd in cpp_methods.items():
+        print(f"ctm_sample: {shlex.join(cmd).replace(tmp, '$TMP')}")
     print(f"device {device}, {threads} threads; MLP d={args.dim}, width {args.width}, "
           f"{args.layers} layers; batch {args.batch}, {args.num} samples, NFE {nfe}; "
           f"best of {rounds} round(s)")
-    print(f"{'method':<34}{'ms/sample':>12}{'x floor':>10}")
+    print(f"{'method':<40}{'ms/sample':>12}{'x floor':>10}")
     floor = best["floor"]
-    rows = [("floor (network forward x NFE)", floor),
-            ("python eager (nn.Module)", best["eager"]),
-            ("python torchscript (loaded file)", best["script"]),
-            ("ctm_sample (sampling loop)", best["cpp_loop"]),
-            ("ctm_sample (loop after 1st batch)", best["cpp_warm"]),
-            ("ctm_sample (whole process)", best["cpp_wall"])]
-    for name, value in rows:
-        print(f"{name:<34}{value * 1e3:>12.4f}{value / floor:>10.2f}")
+    rows = [("floor (network forward x NFE)", "floor"),
+            ("python eager (nn.Module)", "eager"),
+            ("python torchscript (.pt)", "script"),
+            ("python aoti (.pt2)", "py_aoti"),
+            ("ctm_sample .pt (sampling loop)", "pt_loop"),
+            ("ctm_sample .pt (loop after 1st batch)", "pt_warm"),
+            ("ctm_sample .pt --warmup 0 (loop)", "pt_nowarm_loop"),
+            ("ctm_sample .pt --warmup 0 (after 1st)", "pt_nowarm_warm"),
+            ("ctm_sample .pt2 (sampling loop)", "pt2_loop"),
+            ("ctm_sample .pt2 (loop after 1st batch)", "pt2_warm"),
+            ("ctm_sample .pt (whole process)", "pt_wall"),
+            ("ctm_sample .pt2 (whole process)", "pt2_wall")]
+    for name, key in rows:
+        if key in best:
+            value = best[key]
+            print(f"{name:<40}{value * 1e3:>12.4f}{value / floor:>10.2f}")
     return 0
 
 

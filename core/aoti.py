@@ -76,8 +76,10 @@ def _quiet_torch_logs():
 
 def export_aoti(jumper: nn.Module, path: str | Path, meta: dict, example_batch: int = 2) -> None:
     """Export ``jumper`` (an eager ``core.jumper.Jumper``, not a scripted one) with a dynamic
-    batch dimension and write the AOTInductor package ``path`` (conventionally ``.pt2``)
-    atomically, with ``meta`` embedded as its ``meta.json`` metadata.
+    batch dimension and write the AOTInductor package ``path`` (which must end in ``.pt2``)
+    atomically, with ``meta`` embedded as its ``meta.json`` metadata. Raises ``UserError`` for
+    a bad path or meta; an exception from torch.export / AOTInductor (a network that cannot be
+    exported) propagates unchanged, and nothing is written then.
 
     ``meta`` is the dict of ``core.jumper.make_meta``; its ``shape``, ``dtype`` and
     ``num_classes`` fix the example inputs and the signature. ``example_batch`` (>= 2; a batch of
@@ -88,6 +90,9 @@ def export_aoti(jumper: nn.Module, path: str | Path, meta: dict, example_batch: 
         raise TypeError("export_aoti needs the eager jumper (nn.Module), not a scripted one")
     if example_batch < 2:
         raise ValueError(f"example_batch must be >= 2, got {example_batch}")
+    if Path(path).suffix != ".pt2":
+        raise UserError(f"{path}: an AOTInductor package must be named *.pt2 (ctm_sample picks "
+                        f"its loader by extension)")
     meta = validate_meta(dict(meta), str(path))
     meta_text = json.dumps(meta)
     dtype = _DTYPES[meta["dtype"]]

@@ -204,6 +204,8 @@ def test_export_is_atomic_and_checked(packages, tmp_path):
     with pytest.raises(UserError, match="meta.json lacks rho"):
         export_aoti(Jumper(DataDependent(), P, SIGMA_DATA), target,
                     {k: v for k, v in meta_for(P, [2]).items() if k != "rho"})
+    with pytest.raises(UserError, match="must be named"):
+        export_aoti(Jumper(MLPNet([2]), P, SIGMA_DATA), tmp_path / "jumper.pt", meta_for(P, [2]))
     with pytest.raises(TypeError, match="eager jumper"):
         export_aoti(torch.jit.script(Jumper(MLPNet([2]), P, SIGMA_DATA)), target,
                     meta_for(P, [2]))

@@ -1,8 +1,8 @@
 """Cost of Analytic-Precond coefficient estimation, in teacher forward-equivalents.
 
 For a network teacher (an MLP denoiser, EDM-preconditioned) and the analytic GMM teacher, times
-the estimation of l_t and s_t (two JVPs per time step and sample, see
-core/coefficients/estimate.py) and divides by the time of one plain forward pass over the same
+the estimation of l_t and s_t (one forward and a two-tangent JVP per time step and sample,
+see core/coefficients/estimate.py) and divides by the time of one plain forward pass over the same
 samples, measured in the same run. Target: at most 6 forward-equivalents per (t x sample).
 
     python tools/bench_coefficients.py [--dim 64] [--width 512] [--samples 2048] [--times 8]
@@ -95,7 +95,8 @@ def main(argv=None):
     for name, fn, sampler in rows:
         ratio, per, per_f = bench(fn, sampler, args.samples, args.batch, args.times)
         print(f"{name:<8}{ratio:>28.2f}{per * 1e6:>20.2f}{per_f * 1e6:>14.2f}")
-    print("target: <= 6 forward-equivalents (two JVPs; the first also returns D)")
+    print("target: <= 6 forward-equivalents (one forward for D, then J v and dD/dlambda as two "
+          "vmapped tangents of one JVP; the GMM's forward is too cheap for the ratio to mean much)")
 
 
 if __name__ == "__main__":

@@ -189,6 +189,7 @@ class ExportCfg:
     path: Path                   # TorchScript jumper (default out_dir/jumper.pt)
     dtype: str = "float32"       # parameter / activation dtype of the exported jumper
     source: str = "auto"         # auto: the distilled student.pt if present, else the teacher
+    aoti: bool = False           # also write <path stem>.pt2 (torch.export + AOTInductor)
 
 
 @dataclass
@@ -348,7 +349,8 @@ def parse_config(raw: dict, path: Path) -> Config:
     s = sec["export"]
     export = ExportCfg(path=s.path("path", "jumper.pt", base=out_dir),
                        dtype=s.str("dtype", "float32", choices=("float32", "float64")),
-                       source=s.str("source", "auto", choices=("auto", "teacher", "student")))
+                       source=s.str("source", "auto", choices=("auto", "teacher", "student")),
+                       aoti=s.bool("aoti", False))
 
     s = sec["sample"]
     sample = SampleCfg(sampler=s.str("sampler", "ctm"), steps=s.int("steps", 2, min=1),

@@ -205,6 +205,11 @@ def export(run: Run) -> None:
     export_jumper(jumper, cfg.export.path, meta)
     log(f"export: {source} {precond.name}{'/' + precond.variant if precond.variant else ''} "
         f"jumper -> {cfg.export.path}")
+    if cfg.export.aoti:
+        from core.aoti import export_aoti
+        pt2 = cfg.export.path.with_suffix(".pt2")
+        export_aoti(jumper, pt2, meta)
+        log(f"export: AOTInductor package -> {pt2}")
 
 
 # --- sample ----------------------------------------------------------------------------------

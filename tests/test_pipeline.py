@@ -196,3 +196,18 @@ def test_cli_in_a_subprocess_has_no_traceback(tmp_path):
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "[run] stages: expected a list of strings" in r.stderr
+
+
+def test_export_also_writes_an_aoti_package(finished_run, run_main):
+    from core.aoti import load_aoti
+
+    cfg, o = finished_run
+    cfg.write_text(cfg.read_text().replace('path = "jumper.pt"', 'path = "jumper.pt"\naoti = true'))
+    rc, out, err = run_main(cfg, "--stages", "export")
+    assert rc == 0, err
+    ts_jumper, meta = load_jumper(o / "jumper.pt")
+    pt2, meta2 = load_aoti(o / "jumper.pt2")
+    assert meta2["precond"] == meta["precond"] and meta2["shape"] == meta["shape"]
+    x = torch.randn(5, 2) * 80
+    t, s = torch.full((5,), 80.0), torch.full((5,), 0.5)
+    assert torch.allclose(pt2(x, t, s), ts_jumper(x, t, s), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,123 @@
+"""GPU smoke check (run where a CUDA GPU is present): training with bf16 / fp16 autocast on CUDA,
+coefficient estimation on CUDA vs CPU, and ctm_sample --device cuda vs the CPU samples.
+
+    python tools/gpu_check.py [--out DIR] [--no-cpp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import _common
+import numpy as np
+import torch
+
+ROOT = _common.ROOT
+CONFIG = """
+[run]
+out_dir = "{out}"
+stages = {stages}
+device = "{device}"
+[data]
+gmm = {{ weights = [0.3, 0.7], means = [[-2.0, 0.0], [1.0, 1.0]], stds = [0.4, 0.3] }}
+[network]
+width = 128
+depth = 3
+emb_dim = 32
+[teacher]
+kind = "network"
+path = "{teacher}"
+[teacher_train]
+iterations = 300
+batch_size = 256
+lr = 2e-3
+precision = "{precision}"
+[precond]
+name = "analytic"
+[coefficients]
+path = "{coef}"
+n_timesteps = 40
+n_samples = 1024
+[distill]
+iterations = 200
+batch_size = 128
+precision = "{precision}"
+eval_every = 100
+[sample]
+num = 512
+batch = 256
+[evaluate]
+steps = [1, 2]
+num = 256
+"""
+
+
+def run(cfg_text, path):
+    path.write_text(cfg_text)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "core.run", str(path), "--no-progress"], cwd=ROOT,
+                       capture_output=True, text=True)
+    print(f"--- {path.name}: exit {r.returncode} in {time.perf_counter() - t0:.1f}s")
+    print(r.stdout[-1500:], r.stderr[-1500:])
+    return r.returncode
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "runs" / "gpu_check"))
+    ap.add_argument("--no-cpp", action="store_true")
+    args = ap.parse_args()
+    out = _common.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, "
+          f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-'}")
+    results = {}
+    for prec in ("bf16", "fp16", "fp32"):
+        d = out / prec
+        kw = dict(out=d, device="cuda", teacher=d / "teacher.pt", coef=d / "coefficients.h5",
+                  precision=prec, stages='["teacher", "coefficients", "distill", "export", '
+                                         '"sample", "evaluate"]')
+        results[prec] = run(CONFIG.format(**kw), out / f"{prec}.toml")
+        m = d / "metrics.json"
+        if m.is_file():
+            results[prec + "_metrics"] = json.loads(m.read_text())
+    # coefficients: CPU vs CUDA from the same fp32 teacher
+    d = out / "fp32"
+    kw = dict(out=out / "cpu", device="cpu", teacher=d / "teacher.pt", coef=out / "cpu" / "c.h5",
+              precision="fp32", stages='["coefficients"]')
+    results["cpu_coefficients"] = run(CONFIG.format(**kw), out / "cpu.toml")
+    from core.coefficients import store
+    try:
+        a, b = store.load(d / "coefficients.h5"), store.load(out / "cpu" / "c.h5")
+        results["coef_max_abs_diff_l"] = float(np.abs(a.l - b.l).max())
+        results["coef_max_abs_diff_s"] = float(np.abs(a.s - b.s).max())
+    except Exception as e:  # report, don't stop
+        results["coef_error"] = str(e)
+    if not args.no_cpp:
+        b = subprocess.run([sys.executable, "tools/build_cpp.py", "--quiet"], cwd=ROOT,
+                           capture_output=True, text=True)
+        print("build:", b.returncode, b.stdout[-500:], b.stderr[-1500:])
+        if b.returncode == 0:
+            for dev in ("cpu", "cuda"):
+                r = subprocess.run([str(ROOT / "build" / "ctm_sample"), "--model",
+                                    str(d / "jumper.pt"), "--steps", "2", "--num", "512",
+                                    "--batch", "256", "--seed", "0", "--device", dev, "--out",
+                                    str(out / f"cpp_{dev}.npy")], capture_output=True, text=True)
+                print(f"ctm_sample {dev}: exit {r.returncode} {r.stderr[-300:]}")
+            try:
+                x_cpu, x_gpu = np.load(out / "cpp_cpu.npy"), np.load(out / "cpp_cuda.npy")
+                py = np.load(d / "samples.npy")
+                results["cpp_cuda_vs_cpu_max_abs"] = float(np.abs(x_cpu - x_gpu).max())
+                results["cpp_cuda_vs_python_cuda_max_abs"] = float(np.abs(py - x_gpu).max())
+            except Exception as e:
+                results["cpp_error"] = str(e)
+    print(json.dumps(results, indent=1, default=str))
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -352,6 +352,10 @@ def parse_config(raw: dict, path: Path) -> Config:
                        source=s.str("source", "auto", choices=("auto", "teacher", "student")),
                        aoti=s.bool("aoti", False))
 
+    if export.path.suffix == ".pt2":
+        sec["export"].fail("path", "is the TorchScript file; name it *.pt (aoti = true writes the "
+                                   ".pt2 package beside it)")
+
     s = sec["sample"]
     sample = SampleCfg(sampler=s.str("sampler", "ctm"), steps=s.int("steps", 2, min=1),
                        num=s.int("num", 1000, min=1), batch=s.int("batch", 500, min=1),

@@ -148,7 +148,7 @@ def distill(run) -> None:
         jumper = Jumper(emas[0].model, precond, diff.sigma_data).eval()
         errs = trajectory_errors(jumper, teacher, d.eval_steps, d.eval_num, cfg.evaluate.seed,
                                  diff.t_min, diff.t_max, diff.rho, torch.float32,
-                                 reference_cache=ref_cache)
+                                 reference_cache=ref_cache, device=device)
         log.add(it, {f"traj_err_{k}": v["final_rmse"] for k, v in errs.items()})
 
     if start == 0:

@@ -46,10 +46,11 @@ def distribution_distance(a: np.ndarray, b: np.ndarray, projections: int = 256,
 def trajectory_errors(jumper, teacher, steps: list[int], num: int, seed: int, t_min: float,
                       t_max: float, rho: float, dtype=torch.float32,
                       class_labels: Optional[torch.Tensor] = None,
-                      reference_cache: Optional[dict] = None) -> dict:
+                      reference_cache: Optional[dict] = None, device: str = "cpu") -> dict:
     """{K: {"final_rmse", "path_rmse"}}: RMS per dimension of the jumper's states minus the
     teacher ODE's, at t_min (final) and over all K landing times (path). Pass the same
-    `reference_cache` dict to compare several jumpers without re-solving the teacher ODE."""
+    `reference_cache` dict to compare several jumpers without re-solving the teacher ODE.
+    The jumper runs on `device`; the teacher's reference solution is computed on the CPU."""
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn((num, *teacher.shape), generator=gen, dtype=torch.float64) * t_max
     d = teacher.dim
@@ -57,7 +58,10 @@ def trajectory_errors(jumper, teacher, steps: list[int], num: int, seed: int, t_
     for K in steps:
         ts = rho_grid(K, t_min, t_max, rho)
         traj: list = []
-        CTMSampler(0.0).sample(jumper, x_T.to(dtype), ts, gen, class_labels, trajectory=traj)
+        labels = class_labels.to(device) if class_labels is not None else None
+        CTMSampler(0.0).sample(jumper, x_T.to(device=device, dtype=dtype), ts, gen, labels,
+                               trajectory=traj)
+        traj = [a.cpu() for a in traj]
         cache = reference_cache if reference_cache is not None else {}
         key = (K, num, seed, t_min, t_max, rho)
         if key not in cache:

@@ -260,7 +260,7 @@ def evaluate(run: Run) -> None:
         raise UserError(f"{cfg.export.path}: exported for another teacher; rerun 'export'")
     dtype = DTYPES.get(meta["dtype"], torch.float32)
     traj = trajectory_errors(jumper, teacher, e.steps, e.num, e.seed, meta["t_min"],
-                             meta["t_max"], meta["rho"], dtype)
+                             meta["t_max"], meta["rho"], dtype, device=run.device)
     metrics = {"precond": meta["precond"], "variant": meta["variant"],
                "trajectory_error": {str(k): v for k, v in traj.items()}}
     samples_path = run.out_dir / "samples.npy"

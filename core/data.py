@@ -74,7 +74,7 @@ class DataSource:
 
             self.gmm = GMMTeacher.from_options(Section("data.gmm", gmm, section.source,
                                                        section.base_dir))
-            self.shape, self.labels_x, self.x, self.y = self.gmm.shape, None, None, None
+            self.shape, self.x, self.y = self.gmm.shape, None, None
         else:
             self.gmm = None
             self.shape = tuple(section.ints("shape", None, min=1) or ())

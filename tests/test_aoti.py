@@ -32,7 +32,7 @@ from core.sampling import draw  # noqa: E402
 from plugins.preconditionings import AnalyticPrecond, CTMPrecond  # noqa: E402
 from plugins.samplers import CTMSampler  # noqa: E402
 from test_cpp_sampler import (SIGMA_DATA, T_MAX, T_MIN, MLPNet, binary, gmm_teacher,  # noqa: E402,F401
-                              meta_for, run)
+                              meta_for, parity_jumpers, run)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*TorchScript.*:FutureWarning")
 
@@ -51,25 +51,8 @@ def packages(tmp_path_factory) -> dict[str, tuple[Path, nn.Module]]:
         export_aoti(jumper, path, meta)
         out[name] = (path, jumper.eval())
 
-    P = CTMPrecond()
-    save("gmm_ctm", Jumper(TeacherAsNetwork(T.denoiser(torch.float32), SIGMA_DATA), P,
-                           SIGMA_DATA), meta_for(P, T.shape))
-    save("gmm_ctm64", Jumper(TeacherAsNetwork(T.denoiser(torch.float64), SIGMA_DATA), P,
-                             SIGMA_DATA), meta_for(P, T.shape, dtype="float64"))
-
-    from core.coefficients.estimate import estimate_table
-    from core.schedules import log_grid
-    den = T.denoiser()
-    table = estimate_table(lambda x, t, c: den(x, t, c), T.sample_data, T.dim,
-                           log_grid(40, T_MIN, T_MAX), 256, 256, 0, {}, progress=False)
-    PA = AnalyticPrecond.from_table(table, "forward")
-    save("gmm_analytic", Jumper(TeacherAsNetwork(T.denoiser(torch.float32), SIGMA_DATA), PA,
-                                SIGMA_DATA), meta_for(PA, T.shape))
-
-    torch.manual_seed(0)
-    save("mlp", Jumper(MLPNet([3, 4, 4]), P, SIGMA_DATA), meta_for(P, [3, 4, 4]))
-    save("mlp_cond", Jumper(MLPNet([1, 3, 5], num_classes=3), P, SIGMA_DATA),
-         meta_for(P, [1, 3, 5], num_classes=3))
+    for name, jumper, meta in parity_jumpers(T):
+        save(name, jumper, meta)
     return out
 
 

@@ -112,6 +112,29 @@ def meta_for(precond, shape, num_classes=0, dtype="float32", **extra) -> dict:
                      shape=list(shape), num_classes=num_classes, dtype=dtype, **extra)
 
 
+def parity_jumpers(T) -> list[tuple[str, nn.Module, dict]]:
+    """(name, eager jumper, meta) of the models every parity test runs: the teacher-initialised
+    GMM jumper with CTM (float32, float64) and Analytic (forward) preconditioning, and real
+    MLP networks, unconditional and class-conditional."""
+    from core.coefficients.estimate import estimate_table
+    from core.schedules import log_grid
+
+    P = CTMPrecond()
+    den = T.denoiser()
+    table = estimate_table(lambda x, t, c: den(x, t, c), T.sample_data, T.dim,
+                           log_grid(40, T_MIN, T_MAX), 256, 256, 0, {}, progress=False)
+    PA = AnalyticPrecond.from_table(table, "forward")
+    gmm = lambda dtype, p: Jumper(TeacherAsNetwork(T.denoiser(dtype), SIGMA_DATA), p, SIGMA_DATA)
+    out = [("gmm_ctm", gmm(torch.float32, P), meta_for(P, T.shape)),
+           ("gmm_ctm64", gmm(torch.float64, P), meta_for(P, T.shape, dtype="float64")),
+           ("gmm_analytic", gmm(torch.float32, PA), meta_for(PA, T.shape))]
+    torch.manual_seed(0)
+    out.append(("mlp", Jumper(MLPNet([3, 4, 4]), P, SIGMA_DATA), meta_for(P, [3, 4, 4])))
+    out.append(("mlp_cond", Jumper(MLPNet([1, 3, 5], num_classes=3), P, SIGMA_DATA),
+                meta_for(P, [1, 3, 5], num_classes=3)))
+    return out
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("jumpers")
@@ -122,25 +145,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
         out[name] = d / f"{name}.pt"
         export(jumper, out[name], meta)
 
+    for name, jumper, meta in parity_jumpers(T):
+        save(name, jumper, meta)
     P = CTMPrecond()
-    save("gmm_ctm", Jumper(TeacherAsNetwork(T.denoiser(torch.float32), SIGMA_DATA), P,
-                           SIGMA_DATA), meta_for(P, T.shape))
-    save("gmm_ctm64", Jumper(TeacherAsNetwork(T.denoiser(torch.float64), SIGMA_DATA), P,
-                             SIGMA_DATA), meta_for(P, T.shape, dtype="float64"))
-
-    from core.coefficients.estimate import estimate_table
-    from core.schedules import log_grid
-    den = T.denoiser()
-    table = estimate_table(lambda x, t, c: den(x, t, c), T.sample_data, T.dim,
-                           log_grid(40, T_MIN, T_MAX), 256, 256, 0, {}, progress=False)
-    PA = AnalyticPrecond.from_table(table, "forward")
-    save("gmm_analytic", Jumper(TeacherAsNetwork(T.denoiser(torch.float32), SIGMA_DATA), PA,
-                                SIGMA_DATA), meta_for(PA, T.shape))
-
-    torch.manual_seed(0)
-    save("mlp", Jumper(MLPNet([3, 4, 4]), P, SIGMA_DATA), meta_for(P, [3, 4, 4]))
-    save("mlp_cond", Jumper(MLPNet([1, 3, 5], num_classes=3), P, SIGMA_DATA),
-         meta_for(P, [1, 3, 5], num_classes=3))
     save("failing", Jumper(FailingNet(), P, SIGMA_DATA), meta_for(P, [2]))
     save("nan", Jumper(NaNNet(), P, SIGMA_DATA), meta_for(P, [2]))
 

@@ -81,6 +81,12 @@ class DataSource:
         section.finish()
         self._loaded = False
 
+    @classmethod
+    def from_file(cls, path: Path, shape: tuple) -> "DataSource":
+        """A source reading `path` (a stage's own `data` key) for samples of `shape`."""
+        from core.config import Section
+        return cls(Section("data", {"path": str(path)}, str(path), Path("."))).load(shape)
+
     def load(self, shape=None):
         if self.gmm is None and not self._loaded:
             if shape is None and not self.shape:

@@ -55,9 +55,6 @@ class Run:
     def teacher(self):
         return plugins.create("teacher", self.cfg.teacher, self.ctx, "kind")
 
-    def precond_plugin(self) -> plugins.Plugin:
-        return plugins.get("precond", self.cfg.precond_name, self.cfg.precond.where("name"))
-
     def precond(self):
         return plugins.create("precond", self.cfg.precond, self.ctx, "name")
 
@@ -116,22 +113,24 @@ class Run:
             except _Deferred:
                 pass
 
-    def data_sampler(self, path: Path | None, what: str):
-        """sample(n, generator) -> (x0, labels): from `path`, else [data], else the teacher."""
-        if path is None and self.data_source() is not None:
-            return self.data_source().load(self.teacher.shape).sample
-        if path is None:
-            if not self.teacher.can_sample_data:
-                raise UserError(f"{self.cfg.path}: teacher {self.teacher.name!r} cannot sample "
-                                f"its data; add a [data] section or set [{what}] data")
-            return self.teacher.sample_data
-        from core.data import load_arrays
-        x, y = load_arrays(path, self.teacher.shape)
+    def data_for(self, path: Path | None, what: str):
+        """The x_0 source of a stage: the file `path` (a stage's own `data` key), else [data],
+        else the teacher's own data distribution; None for the teacher's."""
+        from core.data import DataSource
 
-        def sample(n, generator):
-            idx = torch.randint(0, len(x), (n,), generator=generator)
-            return x[idx], (y[idx] if y is not None else None)
-        return sample
+        if path is not None:
+            return DataSource.from_file(path, self.teacher.shape)
+        if self.data_source() is not None:
+            return self.data_source().load(self.teacher.shape)
+        if not self.teacher.can_sample_data:
+            raise UserError(f"{self.cfg.path}: teacher {self.teacher.name!r} cannot sample "
+                            f"its data; add a [data] section or set [{what}] data")
+        return None
+
+    def data_sampler(self, path: Path | None, what: str):
+        """sample(n, generator) -> (x0, labels) for a stage (see `data_for`)."""
+        source = self.data_for(path, what)
+        return source.sample if source is not None else self.teacher.sample_data
 
 
 # --- coefficients ----------------------------------------------------------------------------
@@ -141,8 +140,9 @@ def coefficients(run: Run) -> None:
     teacher = run.teacher
     settings = {"grid": c.grid, "n_timesteps": c.n_timesteps, "n_samples": c.n_samples,
                 "batch": c.batch, "seed": c.seed, "t_min": d.t_min, "t_max": d.t_max,
-                "rho": d.rho if c.grid == "edm" else None,
-                "data": str(c.data) if c.data else None}
+                "rho": d.rho if c.grid == "edm" else None}
+    source = run.data_for(c.data, "coefficients")
+    settings["data"] = source.fingerprint() if source is not None else None
     fp = teacher.fingerprint()
     if store.reusable(c.path, fp, settings):
         log(f"coefficients: reusing {c.path} (same teacher and settings)")
@@ -156,7 +156,8 @@ def coefficients(run: Run) -> None:
     t0 = time.perf_counter()
     n_batches = -(-c.n_samples // c.batch)
     mine = list(range(dist.rank(), n_batches, dist.world()))       # batches shard over ranks
-    stats = collect(lambda x, t, y: den(x, t, y), run.data_sampler(c.data, "coefficients"), ts,
+    sample_x0 = source.sample if source is not None else teacher.sample_data
+    stats = collect(lambda x, t, y: den(x, t, y), sample_x0, ts,
                     c.n_samples, c.batch, c.seed, run.device, batches=mine,
                     progress=run.progress and dist.is_main())
     stats = dist.all_reduce_sum(torch.from_numpy(stats)).numpy()   # other ranks' rows are 0

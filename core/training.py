@@ -89,11 +89,20 @@ def restore(state: dict, modules: dict, optimizer) -> int:
 
 
 class MetricsLog:
-    """metrics.csv (one row per logged iteration); on resume rows past the checkpoint go."""
+    """metrics.csv (one row per logged iteration; on resume rows past the checkpoint go), and
+    TensorBoard events in <csv stem>_tb/ when the `tensorboard` package is installed."""
 
     def __init__(self, path: Path, fields: list[str], resume_from: int):
         self.path, self.fields = path, ["iteration"] + fields
         self.rows: list[dict] = []
+        self.tb = None
+        if dist.is_main():
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(path.with_name(path.stem + "_tb")),
+                                        purge_step=resume_from + 1 if resume_from else None)
+            except ImportError:       # tensorboard is optional
+                self.tb = None
         if resume_from > 0 and path.is_file():
             with open(path, newline="") as fh:
                 reader = csv.DictReader(fh)
@@ -110,6 +119,9 @@ class MetricsLog:
                 self.fields.append(k)
         row = {"iteration": iteration, **{k: f"{v:.6g}" if isinstance(v, float) else v
                                           for k, v in values.items()}}
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, float(v), iteration)
         if self.rows and int(self.rows[-1]["iteration"]) == iteration:
             self.rows[-1].update(row)
         else:
@@ -118,6 +130,8 @@ class MetricsLog:
     def flush(self) -> None:
         if not dist.is_main():
             return
+        if self.tb is not None:
+            self.tb.flush()
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=self.fields, restval="")
         w.writeheader()

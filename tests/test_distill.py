@@ -127,6 +127,12 @@ def test_short_distillation_lowers_loss_and_trajectory_error(work):
     errs = [float(r["traj_err_2"]) for r in rows if r["traj_err_2"]]
     assert errs[-1] < errs[0]
     assert (work / "out" / "curves.png").is_file() and (work / "out" / "student.pt").is_file()
+    # TensorBoard events beside the CSV (tensorboard is in the dev extra)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(work / "out" / "metrics_tb"))
+    ev.Reload()
+    assert "loss" in ev.Tags()["scalars"] and "traj_err_2" in ev.Tags()["scalars"]
+    assert [e.step for e in ev.Scalars("loss")][-1] == 120
 
 
 def _weights(path):

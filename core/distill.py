@@ -58,14 +58,17 @@ class StepContext:
 
     @torch.no_grad()
     def solve(self, x: Tensor, n: Tensor, k: Tensor) -> Tensor:
-        """Teacher PF-ODE from grid[n] to grid[k] per sample (k - n <= max_ode_steps)."""
-        D = lambda x_, t_: self.teacher(x_, t_, self.labels)
-        last = len(self.grid) - 1
+        """Teacher PF-ODE from grid[n] to grid[k] per sample (k - n <= max_ode_steps). Each
+        step runs the teacher on the samples still travelling only, so the cost follows the
+        mean number of steps, not the batch's longest path."""
+        x = x.clone()
         for j in range(int((k - n).max().item()) if len(n) else 0):
-            active = (n + j) < k
-            i0 = torch.clamp(n + j, max=last - 1)
-            x_next = self.solver.step(D, x, self.grid[i0].to(x.dtype), self.grid[i0 + 1].to(x.dtype))
-            x = torch.where(_col(active, x) > 0, x_next, x)
+            idx = torch.nonzero((n + j) < k).squeeze(1)
+            i0 = n[idx] + j
+            labels = self.labels[idx] if self.labels is not None else None
+            D = lambda x_, t_: self.teacher(x_, t_, labels)
+            x[idx] = self.solver.step(D, x[idx], self.grid[i0].to(x.dtype),
+                                      self.grid[i0 + 1].to(x.dtype))
         return x
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import time
 
 import torch
@@ -24,8 +23,8 @@ from core import plugins
 from core.errors import UserError
 from core.schedules import rho_grid
 from core.students import build_student, save_student, trainable
-from core.training import (EMA, MetricsLog, checkpoints, iteration_generator, load_checkpoint,
-                           lr_at, make_optimizer, plot_curves, restore, save_checkpoint)
+from core.training import (EMA, MetricsLog, checkpoints, iteration_generator, lr_at,
+                           make_optimizer, plot_curves, resume, save_checkpoint)
 
 
 def _col(v: Tensor, x: Tensor) -> Tensor:
@@ -89,15 +88,12 @@ def distill(run) -> None:
     from plugins.losses import DISTANCES, DSMLoss
 
     cfg, d, diff = run.cfg, run.cfg.distill, run.cfg.diffusion
-    world, rank, device = dist.world(), dist.rank(), run.device
-    if d.batch_size % world:
-        raise UserError(f"{cfg.path}: [distill] batch_size {d.batch_size} is not divisible by "
-                        f"the {world} processes")
+    world, device = dist.world(), run.device
+    sl = dist.local_slice(d.batch_size, f"{cfg.path}: [distill]")
+    local = sl.stop - sl.start
     if d.distance == "lpips":
         raise UserError(f"{cfg.path}: [distill] distance = \"lpips\" needs image support, which "
                         f"this version does not have yet")
-    local = d.batch_size // world
-    sl = slice(rank * local, (rank + 1) * local)
     precision = d.precision if device.startswith("cuda") else "fp32"
     if precision != d.precision and dist.is_main():
         print(f"[ctmkit] distill: precision {d.precision} needs a GPU; training in fp32 on CPU")
@@ -128,12 +124,9 @@ def distill(run) -> None:
                            "coefficients": run.coefficients_digest() if precond.name == "analytic"
                            else None})
     ckdir = run.out_dir / "checkpoints"
-    start = 0
-    found = checkpoints(ckdir)
-    if found:
-        start = restore(load_checkpoint(found[-1][1], fp), modules, opt)
-        if dist.is_main():
-            print(f"[ctmkit] distill: resuming from {found[-1][1].name} (iteration {start})")
+    start, resumed = resume(ckdir, fp, modules, opt)
+    if resumed is not None and dist.is_main():
+        print(f"[ctmkit] distill: resuming from {resumed.name} (iteration {start})")
     log = MetricsLog(run.out_dir / "metrics.csv", ["loss", "loss_main", "loss_dsm", "dsm_weight",
                                                    "lr", "it_per_s"], start)
     grid = torch.tensor(rho_grid(d.N, diff.t_min, diff.t_max, diff.rho), dtype=torch.float64,
@@ -164,7 +157,7 @@ def distill(run) -> None:
         gen = iteration_generator(d.seed, it)
         x0, labels = sampler(d.batch_size, gen)
         x0 = x0.float()
-        draws = loss.draw(gen, x0, d.N) if not isinstance(loss, DSMLoss) else loss.draw(gen, x0)
+        draws = loss.draw(gen, x0, d.N)
         dsm_draws = dsm.draw(gen, x0) if dsm_on else None
         # this rank's slice of the global batch
         x0 = x0[sl].to(device)
@@ -172,11 +165,7 @@ def distill(run) -> None:
         draws = {k: v[sl] for k, v in draws.items()}
         ctx = StepContext(precond, diff.sigma_data, grid, teacher_D, solver, target.model,
                           d.max_ode_steps, labels)
-        if isinstance(loss, DSMLoss):
-            xs, ts, ss = loss.inputs(draws, x0.cpu())
-        else:
-            xs, ts, ss = loss.inputs(draws, x0.cpu(), grid.cpu())
-        parts = [(xs, ts, ss)]
+        parts = [loss.inputs(draws, x0.cpu(), grid.cpu())]
         if dsm_on:
             dsm_draws = {k: v[sl] for k, v in dsm_draws.items()}
             parts.append(dsm.inputs(dsm_draws, x0.cpu()))
@@ -188,10 +177,7 @@ def distill(run) -> None:
         with autocast:
             F = model(X, T, S, L).float()
             F_main = F[:local]
-            if isinstance(loss, DSMLoss):
-                l_main = loss.per_sample(ctx, draws, x0, F_main).mean()
-            else:
-                l_main = loss.per_sample(ctx, draws, x0, F_main, distance).mean()
+            l_main = loss.per_sample(ctx, draws, x0, F_main, distance).mean()
             l_dsm = (dsm.per_sample(ctx, {k: v.to(device) for k, v in dsm_draws.items()}, x0,
                                     F[local:]).mean() if dsm_on else torch.zeros((), device=device))
         w = _dsm_weight(d.dsm_weight, l_main, l_dsm, params) if dsm_on else 0.0

@@ -39,6 +39,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_slice(global_batch: int, where: str) -> slice:
+    """This rank's rows of a global batch, which must split evenly over the processes."""
+    if global_batch % world():
+        raise UserError(f"{where} batch_size {global_batch} is not divisible by the {world()} "
+                        f"processes")
+    local = global_batch // world()
+    return slice(rank() * local, (rank() + 1) * local)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from core import distributed as dist
 from core.errors import UserError
 from core.io import atomic_path
-from core.training import (EMA, MetricsLog, checkpoints, iteration_generator, load_checkpoint,
-                           lr_at, make_optimizer, plot_curves, restore, save_checkpoint)
+from core.training import (EMA, MetricsLog, iteration_generator, lr_at, make_optimizer,
+                           plot_curves, resume, save_checkpoint)
 from plugins.losses import DSMLoss
 from plugins.networks import EDMDenoiser
 from plugins.teachers.network import FORMAT, build_network
@@ -23,10 +23,8 @@ from plugins.teachers.network import FORMAT, build_network
 
 def train_teacher(run) -> None:
     cfg, tt, diff = run.cfg, run.cfg.teacher_train, run.cfg.diffusion
-    world, rank, device = dist.world(), dist.rank(), run.device
-    if tt.batch_size % world:
-        raise UserError(f"{cfg.path}: [teacher_train] batch_size is not divisible by the "
-                        f"{world} processes")
+    world, device = dist.world(), run.device
+    sl = dist.local_slice(tt.batch_size, f"{cfg.path}: [teacher_train]")
     source = run.data_source()
     if source is None:
         raise UserError(f"{cfg.path}: the 'teacher' stage needs a [data] section "
@@ -50,13 +48,9 @@ def train_teacher(run) -> None:
                                     "sigma_data": diff.sigma_data}, sort_keys=True,
                                    default=str).encode()).hexdigest()
     ckdir = run.out_dir / "teacher_checkpoints"
-    start, found = 0, checkpoints(ckdir)
     modules = {"net": net, "ema": ema.model}
-    if found:
-        start = restore(load_checkpoint(found[-1][1], fp), modules, opt)
+    start, _ = resume(ckdir, fp, modules, opt)
     log = MetricsLog(run.out_dir / "teacher_metrics.csv", ["loss_dsm", "lr"], start)
-    local = tt.batch_size // world
-    sl = slice(rank * local, (rank + 1) * local)
     bar = tqdm(total=tt.iterations, initial=start, desc="teacher", unit="it",
                disable=not (run.progress and dist.is_main()), leave=False)
     t0 = time.perf_counter()

@@ -88,6 +88,14 @@ def restore(state: dict, modules: dict, optimizer) -> int:
     return int(state["iteration"])
 
 
+def resume(folder: Path, fingerprint: str, modules: dict, optimizer) -> tuple[int, Path | None]:
+    """Restore the newest checkpoint in `folder`, if any: (its iteration, its path)."""
+    found = checkpoints(folder)
+    if not found:
+        return 0, None
+    return restore(load_checkpoint(found[-1][1], fingerprint), modules, optimizer), found[-1][1]
+
+
 class MetricsLog:
     """metrics.csv (one row per logged iteration; on resume rows past the checkpoint go), and
     TensorBoard events in <csv stem>_tb/ when the `tensorboard` package is installed."""

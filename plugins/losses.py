@@ -1,7 +1,9 @@
 """Distillation losses and distances (paper Eqn. 5, Eqn. 7, and the DSM loss of Sec. 5.1).
 
 A loss draws its random quantities for the *global* batch from the iteration's generator (so
-any number of processes sees the same draws) and computes per-sample values on its slice.
+any number of processes sees the same draws) and computes per-sample values on its slice; every
+loss has the same three methods: ``draw(gen, x0, N)``, ``inputs(draws, x0, grid)`` (the student's
+(x, t, s) for this loss) and ``per_sample(ctx, draws, x0, F, distance)``.
 `core.distill.StepContext` gives it the networks:
 
     ctx.jump(F, x, t, s)        f(t, s) x + g(t, s) D  (or F)    from a network output F
@@ -53,17 +55,17 @@ class DSMLoss:
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2):
         self.p_mean, self.p_std = p_mean, p_std
 
-    def draw(self, gen, x0):
+    def draw(self, gen, x0, N: int = 0):
         B = x0.shape[0]
         sigma = torch.exp(self.p_mean + self.p_std * torch.randn(B, generator=gen,
                                                                    dtype=torch.float64))
         return {"sigma": sigma, "z": torch.randn(x0.shape, generator=gen, dtype=x0.dtype)}
 
-    def inputs(self, d, x0):
+    def inputs(self, d, x0, grid=None):
         x = x0 + _view(d["sigma"], x0) * d["z"]
         return x, d["sigma"], d["sigma"]
 
-    def per_sample(self, ctx, d, x0, F) -> Tensor:
+    def per_sample(self, ctx, d, x0, F, distance=None) -> Tensor:
         sigma, sd = d["sigma"].to(x0.device), ctx.sigma_data
         x = x0 + _view(sigma, x0) * d["z"]
         D = ctx.denoiser(F, x, sigma)

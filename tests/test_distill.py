@@ -219,3 +219,15 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(work):
         state = torch.load(found[-1], weights_only=True)
         assert state["format"] == "ctmkit.checkpoint"
     assert not (work / "out" / "student.pt").exists()
+
+
+@pytest.mark.parametrize("loss", ["cm", "dsm"])
+def test_other_losses_train_through_the_same_engine(work, loss):
+    cfg = work / "c.toml"
+    cfg.write_text(CONFIG.replace("iterations = 40", "iterations = 10").replace(
+        "[distill]", f'[distill]\nloss = "{loss}"'))
+    r = run_cli(cfg, "--stages", "distill")
+    assert r.returncode == 0, r.stderr
+    rows = _metrics(work / "out" / "metrics.csv")
+    assert all(np.isfinite(float(r["loss"])) for r in rows if r["loss"])
+    assert (work / "out" / "student.pt").is_file()

@@ -136,7 +136,7 @@ class Run:
 # --- coefficients ----------------------------------------------------------------------------
 
 def coefficients(run: Run) -> None:
-    cfg, c, d = run.cfg, run.cfg.coefficients, run.cfg.diffusion
+    c, d = run.cfg.coefficients, run.cfg.diffusion
     teacher = run.teacher
     settings = {"grid": c.grid, "n_timesteps": c.n_timesteps, "n_samples": c.n_samples,
                 "batch": c.batch, "seed": c.seed, "t_min": d.t_min, "t_max": d.t_max,

@@ -1,10 +1,8 @@
-import math
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from core.coefficients.estimate import estimate_table
 from core.schedules import log_grid

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -29,9 +28,9 @@ from core.aoti import export_aoti, load_aoti  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.jumper import Jumper, TeacherAsNetwork, export  # noqa: E402
 from core.sampling import draw  # noqa: E402
-from plugins.preconditionings import AnalyticPrecond, CTMPrecond  # noqa: E402
+from plugins.preconditionings import CTMPrecond  # noqa: E402
 from plugins.samplers import CTMSampler  # noqa: E402
-from test_cpp_sampler import (SIGMA_DATA, T_MAX, T_MIN, MLPNet, binary, gmm_teacher,  # noqa: E402,F401
+from test_cpp_sampler import (SIGMA_DATA, MLPNet, binary, gmm_teacher,  # noqa: E402,F401
                               meta_for, parity_jumpers, run)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*TorchScript.*:FutureWarning")

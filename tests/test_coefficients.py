@@ -9,7 +9,7 @@ import torch
 
 from conftest import T_MAX, T_MIN, exact_single_gaussian, single_gaussian, table_for
 from core.coefficients import store
-from core.coefficients.estimate import collect, finalize
+from core.coefficients.estimate import collect
 from core.coefficients.numerics import derivative
 from core.coefficients.table import CoefficientTable
 from core.errors import UserError
@@ -92,7 +92,6 @@ def test_hutchinson_trace_matches_exact_jacobian_trace_on_mixture():
     stats = collect(lambda x, t, y: den(x, t, y), teacher.sample_data, ts, n, 5000, 3,
                     progress=False)
     # exact E[tr J] from the same samples
-    gen = torch.Generator()
     for i, t in enumerate(ts):
         exact = []
         for b in range(4):

@@ -11,7 +11,6 @@ the RMS gap to the exact teacher ODE solution (at t_min, and over all landing ti
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import _common  # noqa: F401  (puts the repo on sys.path)

@@ -163,6 +163,7 @@ class RunCfg:
     stages: list[str]
     seed: int = 0                # global seed; stages derive theirs from it unless given
     device: str = "cpu"          # "cpu" | "cuda" | "cuda:N"
+    preconds: list = field(default_factory=list)   # compare several [precond] tables
 
 
 @dataclass
@@ -200,6 +201,8 @@ class SampleCfg:
     batch: int = 500
     seed: int = 0
     timesteps: list[float] | None = None   # explicit t_0 > ... > t_K (overrides the rho grid)
+    runner: str = "python"       # python | ctm_sample (the C++ binary on the exported file)
+    binary: Path | None = None   # ctm_sample (default build/ctm_sample of this checkout)
 
 
 @dataclass
@@ -209,6 +212,12 @@ class EvaluateCfg:
     seed: int = 1
     projections: int = 256       # sliced-Wasserstein directions (d > 1)
     data: Path | None = None     # reference x_0 array when the teacher cannot sample data
+    trajectory: bool = True      # trajectory error vs the teacher ODE (costly for big teachers)
+    metrics: list = field(default_factory=list)    # metric plugins, e.g. ["fid", "kid"]
+    metric_options: dict = field(default_factory=dict)   # [evaluate.metric]: their options
+    sample_num: int = 10000      # samples per step count for the metrics
+    sample_batch: int = 500
+    cache_dir: Path | None = None   # reference statistics (default out_dir/refstats)
 
 
 @dataclass
@@ -238,6 +247,9 @@ class TeacherTrainCfg(TrainCfg):
 class DistillCfg(TrainCfg):
     loss: str = "ctm"            # ctm (Eqn. 7) | cm (Eqn. 5) | dsm | any loss plugin
     distance: str = "l2"         # l2 | l1 | pseudo_huber | lpips
+    lpips_net: str = "vgg"       # lpips backbone: vgg (as CM / CTM) | alex
+    lpips_weights: Path | None = None   # torchvision ImageNet backbone file (default: hub cache)
+    lpips_random: bool = False   # random backbone: for tests only, the values mean nothing
     solver: str = "heun"         # teacher ODE solver in the loss
     N: int = 18                  # EDM grid for t, s, u (Appendix B.2)
     max_ode_steps: int = 17      # teacher solver steps from t to u at most
@@ -246,6 +258,7 @@ class DistillCfg(TrainCfg):
     eval_every: int = 100        # EMA-student trajectory error every so many iterations
     eval_num: int = 256
     eval_steps: list = field(default_factory=lambda: [1, 2, 4])
+    eval: list = field(default_factory=lambda: ["trajectory"])   # and/or [evaluate] metrics
 
 
 def _train_common(s: "Section", seed: int, iterations: int, batch: int, lr: float) -> dict:
@@ -323,8 +336,20 @@ def parse_config(raw: dict, path: Path) -> Config:
             s.fail("stages", f"unknown stage {st!r} (known: {', '.join(STAGES)})")
     if len(set(stages)) != len(stages):
         s.fail("stages", "lists a stage twice")
+    preconds = s._get("preconds", [])
+    if not isinstance(preconds, list) or not all(isinstance(p, dict) and isinstance(
+            p.get("name"), str) for p in preconds):
+        s.fail("preconds", "expected a list of tables with a name, e.g. [{name = \"ctm\"}, "
+                           "{name = \"analytic\", variant = \"backward\"}]")
+    if preconds and "precond" in raw:
+        s.fail("preconds", "give either [precond] or [run] preconds, not both")
+    labels = [p.get("label", p["name"] + ("-" + p["variant"] if "variant" in p else ""))
+              for p in preconds]
+    if len(set(labels)) != len(labels):
+        s.fail("preconds", "two entries share a label; add label = \"...\" to one")
     run = RunCfg(out_dir=out_dir, stages=sorted(stages, key=STAGES.index),
-                 seed=s.int("seed", 0), device=s.str("device", "cpu"))
+                 seed=s.int("seed", 0), device=s.str("device", "cpu"),
+                 preconds=[dict(p, label=lab) for p, lab in zip(preconds, labels)])
 
     s = sec["diffusion"]
     diff = DiffusionCfg(sigma_data=s.float("sigma_data", 0.5, positive=True),
@@ -360,7 +385,9 @@ def parse_config(raw: dict, path: Path) -> Config:
     sample = SampleCfg(sampler=s.str("sampler", "ctm"), steps=s.int("steps", 2, min=1),
                        num=s.int("num", 1000, min=1), batch=s.int("batch", 500, min=1),
                        seed=s.int("seed", run.seed),
-                       timesteps=s.floats("timesteps", None, positive=True))
+                       timesteps=s.floats("timesteps", None, positive=True),
+                       runner=s.str("runner", "python", choices=("python", "ctm_sample")),
+                       binary=s.path("binary", None))
     if sample.timesteps is not None:
         ts = sample.timesteps
         if len(ts) < 2 or any(a <= b for a, b in zip(ts, ts[1:])):
@@ -370,7 +397,14 @@ def parse_config(raw: dict, path: Path) -> Config:
     s = sec["evaluate"]
     ev = EvaluateCfg(steps=s.ints("steps", [1, 2, 3, 5], min=1), num=s.int("num", 1000, min=2),
                      seed=s.int("seed", run.seed + 1), projections=s.int("projections", 256, min=1),
-                     data=s.path("data", None))
+                     data=s.path("data", None), trajectory=s.bool("trajectory", True),
+                     metrics=s.strs("metrics", []),
+                     metric_options=s._get("metric", {}),
+                     sample_num=s.int("sample_num", 10000, min=2),
+                     sample_batch=s.int("sample_batch", 500, min=1),
+                     cache_dir=s.path("cache_dir", "refstats", base=out_dir))
+    if not isinstance(ev.metric_options, dict):
+        s.fail("metric", "must be a table ([evaluate.metric]) of the metric plugins' options")
 
     s = sec["teacher_train"]
     tt = TeacherTrainCfg(**_train_common(s, run.seed, 2000, 256, 1e-3),
@@ -383,11 +417,15 @@ def parse_config(raw: dict, path: Path) -> Config:
                     loss=s.str("loss", "ctm"),
                     distance=s.str("distance", "l2", choices=("l2", "l1", "pseudo_huber",
                                                                "lpips")),
+                    lpips_net=s.str("lpips_net", "vgg", choices=("vgg", "alex")),
+                    lpips_weights=s.path("lpips_weights", None),
+                    lpips_random=s.bool("lpips_random", False),
                     solver=s.str("solver", "heun"), N=s.int("N", 18, min=2),
                     max_ode_steps=s.int("max_ode_steps", 17, min=1),
                     target_ema=s.float("target_ema", 0.999, min=0.0, max=1.0), dsm_weight=dw,
                     eval_every=s.int("eval_every", 100, min=1), eval_num=s.int("eval_num", 256, min=2),
-                    eval_steps=s.ints("eval_steps", [1, 2, 4], min=1))
+                    eval_steps=s.ints("eval_steps", [1, 2, 4], min=1),
+                    eval=s.strs("eval", ["trajectory"]))
 
     teacher, precond = sec["teacher"], sec["precond"]
     if "kind" not in teacher.data:
@@ -408,3 +446,23 @@ def parse_config(raw: dict, path: Path) -> Config:
                   teacher_train=tt, distill=ds, data=sec["data"], network=sec["network"],
                   teacher=teacher, precond=precond, sampler_options=sec["sample"], raw=raw,
                   sections=sec)
+
+
+def for_precond(cfg: Config, entry: dict, own_dir: bool = True) -> Config:
+    """The config of one entry of ``[run] preconds``: its own out_dir (``<out_dir>/<label>``,
+    unless `own_dir` is false) and [precond] table, sharing the teacher, the coefficient store
+    and the metrics' reference statistics of the parent run."""
+    import copy
+
+    raw = copy.deepcopy(cfg.raw)
+    run = raw.setdefault("run", {})
+    run.pop("preconds", None)
+    run["out_dir"] = str(cfg.run.out_dir / entry["label"] if own_dir else cfg.run.out_dir)
+    raw["precond"] = {k: v for k, v in entry.items() if k != "label"}
+    raw.setdefault("coefficients", {})["path"] = str(cfg.coefficients.path)
+    raw.setdefault("evaluate", {})["cache_dir"] = str(cfg.evaluate.cache_dir)
+    teacher = raw.setdefault("teacher", {})
+    if teacher.get("kind") == "network":
+        teacher["path"] = str(Section("teacher", dict(teacher), str(cfg.path), cfg.base_dir)
+                              .path("path", "teacher.pt", base=cfg.run.out_dir))
+    return parse_config(raw, cfg.path)

@@ -59,15 +59,27 @@ def load_arrays(path: Path, shape: tuple) -> tuple[torch.Tensor, torch.Tensor | 
 
 
 class DataSource:
-    """The `[data]` section: x_0 from an array file or an analytic Gaussian mixture."""
+    """The `[data]` section: x_0 from a dataset plugin (``format = "idx"``, ``"folder"``, ...; see
+    plugins/datasets.py), a plain array file (``path`` alone: vectors, used as they are) or an
+    analytic Gaussian mixture (``gmm = {...}``)."""
 
-    def __init__(self, section):
+    def __init__(self, section, ctx=None):
         self.section = section
+        self.dataset, self.gmm = None, None
+        if section.has("format"):
+            from types import SimpleNamespace
+
+            from core.datasets import load
+            self.dataset = load(section, ctx or SimpleNamespace(base_dir=section.base_dir))
+            self.path, self.shape = None, self.dataset.shape
+            self.x, self.y = self.dataset.x, self.dataset.y
+            self._loaded = True
+            return
         self.path = section.path("path", None)
         gmm = section._get("gmm", None)
         if (self.path is None) == (gmm is None):
-            section.fail("path", "give exactly one of path = \"x0.npy\" or gmm = {weights, "
-                         "means, stds}")
+            section.fail("path", "give exactly one of path = \"x0.npy\" (with format = ... for "
+                         "image datasets) or gmm = {weights, means, stds}")
         if gmm is not None:
             from core.config import Section
             from plugins.teachers.gmm import GMMTeacher
@@ -76,7 +88,6 @@ class DataSource:
                                                        section.base_dir))
             self.shape, self.x, self.y = self.gmm.shape, None, None
         else:
-            self.gmm = None
             self.shape = tuple(section.ints("shape", None, min=1) or ())
         section.finish()
         self._loaded = False
@@ -87,8 +98,16 @@ class DataSource:
         from core.config import Section
         return cls(Section("data", {"path": str(path)}, str(path), Path("."))).load(shape)
 
+    @property
+    def is_image(self) -> bool:
+        return len(self.shape) == 3
+
     def load(self, shape=None):
-        if self.gmm is None and not self._loaded:
+        if self.dataset is not None:
+            if shape is not None and tuple(shape) != tuple(self.shape):
+                raise UserError(f"{self.section.where('path')}: the data has shape "
+                                f"{list(self.shape)} but the teacher expects {list(shape)}")
+        elif self.gmm is None and not self._loaded:
             if shape is None and not self.shape:
                 probe = np.load(self.path, mmap_mode="r") if self.path.suffix == ".npy" else None
                 shape = tuple(probe.shape[1:]) if probe is not None else None
@@ -101,18 +120,36 @@ class DataSource:
 
     @property
     def num_classes(self) -> int:
+        if self.gmm is not None:
+            return self.gmm.num_classes
         self.load()
         return 0 if self.y is None else int(self.y.max()) + 1
 
     def sample(self, n: int, generator: torch.Generator):
         if self.gmm is not None:
             return self.gmm.sample_data(n, generator)
+        if self.dataset is not None:
+            return self.dataset.sample(n, generator)
         self.load()
         idx = torch.randint(0, len(self.x), (n,), generator=generator)
         return self.x[idx], (self.y[idx] if self.y is not None else None)
 
+    def as_dataset(self):
+        """The examples as a `core.datasets.Dataset` (the reference set of the metrics)."""
+        from core.datasets import Dataset
+
+        if self.dataset is not None:
+            return self.dataset
+        if self.gmm is not None:
+            raise UserError(f"{self.section.where('gmm')}: an analytic mixture has no finite "
+                            f"set of examples for image metrics")
+        self.load()
+        return Dataset(self.x.float(), self.y, self.fingerprint())
+
     def fingerprint(self) -> str:
         if self.gmm is not None:
             return self.gmm.fingerprint()
+        if self.dataset is not None:
+            return self.dataset.fingerprint()
         import hashlib
         return "file:" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:32]

@@ -85,15 +85,12 @@ def fingerprint(run, precond_desc: dict) -> str:
 def distill(run) -> None:
     from core.evaluate import trajectory_errors
     from core.jumper import Jumper
-    from plugins.losses import DISTANCES, DSMLoss
+    from plugins.losses import DSMLoss, make_distance
 
     cfg, d, diff = run.cfg, run.cfg.distill, run.cfg.diffusion
     world, device = dist.world(), run.device
     sl = dist.local_slice(d.batch_size, f"{cfg.path}: [distill]")
     local = sl.stop - sl.start
-    if d.distance == "lpips":
-        raise UserError(f"{cfg.path}: [distill] distance = \"lpips\" needs image support, which "
-                        f"this version does not have yet")
     precision = d.precision if device.startswith("cuda") else "fp32"
     if precision != d.precision and dist.is_main():
         print(f"[ctmkit] distill: precision {d.precision} needs a GPU; training in fp32 on CPU")
@@ -105,7 +102,7 @@ def distill(run) -> None:
     loss = plugins.create("loss", cfg.sections["distill"], run.ctx, "loss", d.loss)
     dsm = loss if isinstance(loss, DSMLoss) else DSMLoss()
     dsm_on = not isinstance(loss, DSMLoss) and d.dsm_weight != 0.0
-    distance = DISTANCES[d.distance]
+    distance = make_distance(d, device)
 
     student = build_student(run).to(device)
     target = EMA(student, d.target_ema)                                   # sg(theta), Eqn. (28)
@@ -138,14 +135,42 @@ def distill(run) -> None:
                 else contextlib.nullcontext())
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
+    unknown = [n for n in d.eval if n != "trajectory" and n not in cfg.evaluate.metrics]
+    if unknown:
+        raise UserError(f"{cfg.path}: [distill] eval lists {unknown[0]!r}, which is neither "
+                        f"\"trajectory\" nor one of [evaluate] metrics")
+    quality = None
+    if dist.is_main() and len(d.eval) > ("trajectory" in d.eval):
+        from core.quality import metric_objects
+        from plugins.samplers import CTMSampler
+
+        ref = run.data_for(cfg.evaluate.data, "evaluate")
+        if ref is None:
+            raise UserError(f"{cfg.path}: [distill] eval metrics need a dataset ([data])")
+        quality = dict(metrics=metric_objects(cfg, run.ctx, [n for n in d.eval
+                                                             if n != "trajectory"]),
+                       reference=ref.as_dataset(), sampler=CTMSampler(0.0),
+                       meta={"shape": list(teacher.shape), "dtype": "float32",
+                             "num_classes": teacher.num_classes, "t_min": diff.t_min,
+                             "t_max": diff.t_max, "rho": diff.rho})
+
     def evaluate(it: int) -> None:
+        """The EMA student's trajectory error and/or sample metrics at d.eval_steps jumps."""
         if not dist.is_main():
             return
         jumper = Jumper(emas[0].model, precond, diff.sigma_data).eval()
-        errs = trajectory_errors(jumper, teacher, d.eval_steps, d.eval_num, cfg.evaluate.seed,
-                                 diff.t_min, diff.t_max, diff.rho, torch.float32,
-                                 reference_cache=ref_cache, device=device)
-        log.add(it, {f"traj_err_{k}": v["final_rmse"] for k, v in errs.items()})
+        if "trajectory" in d.eval:
+            errs = trajectory_errors(jumper, teacher, d.eval_steps, d.eval_num,
+                                     cfg.evaluate.seed, diff.t_min, diff.t_max, diff.rho,
+                                     torch.float32, reference_cache=ref_cache, device=device)
+            log.add(it, {f"traj_err_{k}": v["final_rmse"] for k, v in errs.items()})
+        if quality is not None:
+            from core.quality import sample_quality
+            q = sample_quality(jumper, quality["meta"], quality["sampler"], d.eval_steps,
+                               d.eval_num, cfg.evaluate.sample_batch, cfg.evaluate.seed, device,
+                               quality["metrics"], quality["reference"], cfg.evaluate.cache_dir,
+                               grid_dir=run.out_dir, grid_name="distill_samples")
+            log.add(it, {f"{name}_{k}": v for k, vals in q.items() for name, v in vals.items()})
 
     if start == 0:
         evaluate(0)
@@ -233,7 +258,8 @@ def distill(run) -> None:
                     f"distill: {d.loss} loss, {precond.name} preconditioning")
         final = {k: v for k, v in (log.rows[-1].items() if log.rows else [])}
         print(f"[ctmkit] distill: {d.iterations} iterations -> {run.out_dir / 'student.pt'}"
-              + "".join(f"  {k} {final[k]}" for k in final if k.startswith("traj_err")))
+              + "".join(f"  {k} {final[k]}" for k in final
+                        if k.startswith(("traj_err", "fid", "kid"))))
     dist.barrier()
 
 

@@ -50,9 +50,12 @@ def trajectory_errors(jumper, teacher, steps: list[int], num: int, seed: int, t_
     """{K: {"final_rmse", "path_rmse"}}: RMS per dimension of the jumper's states minus the
     teacher ODE's, at t_min (final) and over all K landing times (path). Pass the same
     `reference_cache` dict to compare several jumpers without re-solving the teacher ODE.
-    The jumper runs on `device`; the teacher's reference solution is computed on the CPU."""
+    The jumper runs on `device`; the teacher's reference solution is computed on the CPU.
+    A class-conditional teacher without `class_labels` gets uniformly random labels."""
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn((num, *teacher.shape), generator=gen, dtype=torch.float64) * t_max
+    if class_labels is None and teacher.num_classes > 0:      # a conditional teacher: random
+        class_labels = torch.randint(0, teacher.num_classes, (num,), generator=gen)
     d = teacher.dim
     out = {}
     for K in steps:

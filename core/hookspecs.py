@@ -95,6 +95,25 @@ def ctmkit_networks() -> dict:
     """
 
 
+@hookspec
+def ctmkit_datasets() -> dict:
+    """Datasets of x_0 (images or vectors). Each factory is called as ``factory(options, ctx)``
+    with the ``[data]`` section (its ``format`` key names the plugin) and returns a
+    ``core.datasets.Dataset``: float32 ``x`` [N, *shape] (images [N, C, H, W] in [-1, 1]),
+    int64 ``y`` [N] or None, and ``fingerprint()``. Example::
+
+        @hookimpl
+        def ctmkit_datasets():
+            return {"my_format": lambda options, ctx: Dataset(load(options.path("path")))}
+    """
+
+
+@hookspec
+def ctmkit_metrics() -> dict:
+    """Sample-quality metrics. Each factory is called as ``factory(options, ctx)`` and returns
+    a ``core.metrics.Metric`` (``name``, ``compute(samples, reference) -> dict``)."""
+
+
 #: hook name -> the KIND printed by ``--list-plugins``
 KINDS = {
     "ctmkit_teachers": "teacher",
@@ -103,4 +122,6 @@ KINDS = {
     "ctmkit_losses": "loss",
     "ctmkit_samplers": "sampler",
     "ctmkit_networks": "network",
+    "ctmkit_datasets": "dataset",
+    "ctmkit_metrics": "metric",
 }

@@ -19,6 +19,27 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+#: stages that a comparison of several [run] preconds runs once, in the parent out_dir
+SHARED_STAGES = ("teacher", "coefficients")
+
+
+def _run_stage(run, name: str) -> None:
+    from core import distributed as dist
+    from core.stages import DISTRIBUTED_STAGES, STAGE_FUNCTIONS
+
+    if name in DISTRIBUTED_STAGES or dist.world() == 1:
+        STAGE_FUNCTIONS[name](run)
+    else:                      # rank 0 works, the others wait; an error stops all
+        err = None
+        if dist.is_main():
+            try:
+                STAGE_FUNCTIONS[name](run)
+            except UserError as e:
+                err = str(e)
+        dist.broadcast_error(err)
+    dist.barrier()
+
+
 def main(argv=None) -> int:
     p = _Parser(prog="python -m core.run", description="ctmkit: distill a diffusion teacher "
                 "into a few-step consistency (trajectory) model.")
@@ -37,7 +58,7 @@ def main(argv=None) -> int:
         if not args.config:
             p.error("a config file is required (or --list-plugins)")
         from core.config import STAGES, load_config
-        from core.stages import STAGE_FUNCTIONS, Run, log
+        from core.stages import Run, log
 
         cfg = load_config(args.config)
         stages = cfg.run.stages
@@ -47,25 +68,31 @@ def main(argv=None) -> int:
             if bad:
                 raise UserError(f"--stages: unknown stage {bad[0]!r} (known: {', '.join(STAGES)})")
         from core import distributed as dist
-        from core.stages import DISTRIBUTED_STAGES
 
-        run = Run(cfg, progress=not args.no_progress)
-        dist.init(run.device)
-        run.validate(stages)
-        for name in stages:
-            if dist.is_main():
-                log(f"stage {name}")
-            if name in DISTRIBUTED_STAGES or dist.world() == 1:
-                STAGE_FUNCTIONS[name](run)
-            else:                      # rank 0 works, the others wait; an error stops all
-                err = None
+        runs = [(cfg, stages)]
+        if cfg.run.preconds:          # shared stages once, the rest once per preconditioning
+            from core.config import for_precond
+            shared = [s for s in stages if s in SHARED_STAGES]
+            runs = [(for_precond(cfg, e), [s for s in stages if s not in SHARED_STAGES])
+                    for e in cfg.run.preconds]
+            runs.insert(0, (for_precond(cfg, cfg.run.preconds[0], own_dir=False), shared))
+        prepared = []
+        for i, (c, st) in enumerate(runs):
+            r = Run(c, progress=not args.no_progress)
+            if i == 0:
+                dist.init(r.device)
+            r.validate(stages)
+            prepared.append((r, st))
+        for r, st in prepared:
+            for name in st:
                 if dist.is_main():
-                    try:
-                        STAGE_FUNCTIONS[name](run)
-                    except UserError as e:
-                        err = str(e)
-                dist.broadcast_error(err)
-            dist.barrier()
+                    label = f" ({r.out_dir.name})" if cfg.run.preconds and name not in \
+                        SHARED_STAGES else ""
+                    log(f"stage {name}{label}")
+                _run_stage(r, name)
+        if cfg.run.preconds and dist.is_main():
+            from core.compare import summarise
+            summarise(cfg, [r for r, _ in prepared[1:]])
         dist.shutdown()
         return 0
     except UserError as e:

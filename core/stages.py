@@ -80,7 +80,7 @@ class Run:
         """The [data] section as a DataSource, or None when the config has none."""
         if self._data is None and self.cfg.data.data:
             from core.data import DataSource
-            self._data = DataSource(self.cfg.data)
+            self._data = DataSource(self.cfg.data, self.ctx)
         return self._data
 
     def data_fingerprint(self) -> str:
@@ -231,22 +231,60 @@ def sample(run: Run) -> None:
         raise UserError(f"{cfg.path}: [sample] timesteps must lie in [{meta['t_min']}, "
                         f"{meta['t_max']}]")
     t0 = time.perf_counter()
-    x, labels = draw(jumper, meta, sampler, ts, s.num, s.batch, s.seed, run.device,
-                     progress=run.progress)
-    if not np.all(np.isfinite(x)):
-        raise UserError("sample: the jumper produced NaN/Inf; samples.npy was not written")
-    save_npy(run.out_dir / "samples.npy", x)
-    if labels is not None:
-        save_npy(run.out_dir / "samples.labels.npy", labels)
-    from core.plots import plot_samples
-    ref = None
-    if run.teacher.can_sample_data:
-        ref = run.teacher.sample_data(len(x), torch.Generator().manual_seed(s.seed))[0].numpy()
+    out = run.out_dir / "samples.npy"
+    if s.runner == "ctm_sample":
+        x, labels = _ctm_sample(run, sampler, ts, out)
+    else:
+        x, labels = draw(jumper, meta, sampler, ts, s.num, s.batch, s.seed, run.device,
+                         progress=run.progress)
+        if not np.all(np.isfinite(x)):
+            raise UserError("sample: the jumper produced NaN/Inf; samples.npy was not written")
+        save_npy(out, x)
+        if labels is not None:
+            save_npy(run.out_dir / "samples.labels.npy", labels)
     title = f"{meta['precond']}{'/' + meta['variant'] if meta['variant'] else ''} jumper, " \
             f"{len(ts) - 1} steps"
-    plot_samples(x, run.out_dir / "samples.png", title, ref)
-    log(f"sample: {s.num} samples, {len(ts) - 1} steps, {time.perf_counter() - t0:.1f}s "
-        f"-> {run.out_dir / 'samples.npy'}")
+    if len(meta["shape"]) == 3:
+        from core.metrics import save_grid
+        save_grid(torch.from_numpy(x[:64]), run.out_dir / "samples.png",
+                  labels=None if labels is None else labels[:64])
+    else:
+        from core.plots import plot_samples
+        ref = None
+        if run.teacher.can_sample_data:
+            ref = run.teacher.sample_data(len(x), torch.Generator().manual_seed(s.seed))[0]
+            ref = ref.numpy()
+        plot_samples(x, run.out_dir / "samples.png", title, ref)
+    log(f"sample: {s.num} samples, {len(ts) - 1} steps, {s.runner}, "
+        f"{time.perf_counter() - t0:.1f}s -> {out}")
+
+
+def _ctm_sample(run: Run, sampler, ts: list, out: Path):
+    """Run the C++ sampler on the exported file (it writes samples.npy, .labels.npy and the
+    grid atomically); returns what it wrote."""
+    import subprocess
+
+    from plugins.samplers import CTMSampler
+
+    cfg, s = run.cfg, run.cfg.sample
+    if not isinstance(sampler, CTMSampler):
+        raise UserError(f"{cfg.path}: [sample] runner = \"ctm_sample\" implements the ctm "
+                        f"sampler only, not {s.sampler!r}")
+    binary = s.binary or Path(__file__).resolve().parent.parent / "build" / "ctm_sample"
+    if not binary.is_file():
+        raise UserError(f"{binary}: ctm_sample not found; build it with python "
+                        f"tools/build_cpp.py or set [sample] binary")
+    cmd = [str(binary), "--model", str(cfg.export.path), "--out", str(out),
+           "--timesteps", ",".join(repr(float(t)) for t in ts), "--num", str(s.num),
+           "--batch", str(s.batch), "--seed", str(s.seed), "--gamma", repr(sampler.gamma),
+           "--device", run.device, "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise UserError(f"sample: ctm_sample failed (status {proc.returncode}): {last}")
+    x = np.load(out)
+    lab = out.with_name("samples.labels.npy")
+    return x, (np.load(lab) if lab.is_file() else None)
 
 
 # --- evaluate --------------------------------------------------------------------------------
@@ -260,10 +298,29 @@ def evaluate(run: Run) -> None:
     if meta.get("teacher_fingerprint") not in (None, teacher.fingerprint()):
         raise UserError(f"{cfg.export.path}: exported for another teacher; rerun 'export'")
     dtype = DTYPES.get(meta["dtype"], torch.float32)
-    traj = trajectory_errors(jumper, teacher, e.steps, e.num, e.seed, meta["t_min"],
-                             meta["t_max"], meta["rho"], dtype, device=run.device)
-    metrics = {"precond": meta["precond"], "variant": meta["variant"],
-               "trajectory_error": {str(k): v for k, v in traj.items()}}
+    metrics = {"precond": meta["precond"], "variant": meta["variant"]}
+    if e.trajectory:
+        traj = trajectory_errors(jumper, teacher, e.steps, e.num, e.seed, meta["t_min"],
+                                 meta["t_max"], meta["rho"], dtype, device=run.device)
+        metrics["trajectory_error"] = {str(k): v for k, v in traj.items()}
+        for k, v in traj.items():
+            log(f"evaluate: {k}-step trajectory error  final {v['final_rmse']:.4g}  "
+                f"path {v['path_rmse']:.4g}")
+    if e.metrics:
+        from core.quality import compute_metrics, metric_objects, sample_quality
+
+        objs = metric_objects(cfg, run.ctx)
+        reference = run.data_for(e.data, "evaluate")
+        if reference is None:
+            raise UserError(f"{cfg.path}: [evaluate] metrics need a dataset ([data] or "
+                            f"[evaluate] data)")
+        reference = reference.as_dataset()
+        q = sample_quality(jumper, meta, run.sampler(), e.steps, e.sample_num, e.sample_batch,
+                           e.seed, run.device, objs, reference, e.cache_dir,
+                           grid_dir=run.out_dir, progress=run.progress)
+        metrics["quality"] = {str(k): v for k, v in q.items()}
+        for k, v in q.items():
+            log(f"evaluate: {k}-step " + "  ".join(f"{n} {x:.4g}" for n, x in v.items()))
     samples_path = run.out_dir / "samples.npy"
     if samples_path.is_file():
         try:
@@ -273,16 +330,17 @@ def evaluate(run: Run) -> None:
         if x.shape[1:] != tuple(teacher.shape):
             raise UserError(f"{samples_path}: shape {x.shape} does not match the teacher's "
                             f"{tuple(teacher.shape)}")
-        ref, _ = run.data_sampler(e.data, "evaluate")(len(x), torch.Generator().manual_seed(
-            e.seed + 7919))
-        name, value = distribution_distance(x, ref.numpy(), e.projections, e.seed)
-        metrics["samples"] = {"num": int(len(x)), name: value}
-    save_json(run.out_dir / "metrics.json", metrics)
-    for k, v in traj.items():
-        log(f"evaluate: {k}-step trajectory error  final {v['final_rmse']:.4g}  "
-            f"path {v['path_rmse']:.4g}")
-    if "samples" in metrics:
+        if e.metrics:
+            metrics["samples"] = {"num": int(len(x)),
+                                  **compute_metrics(objs, torch.from_numpy(x), reference,
+                                                    e.cache_dir)}
+        else:
+            ref, _ = run.data_sampler(e.data, "evaluate")(len(x), torch.Generator().manual_seed(
+                e.seed + 7919))
+            name, value = distribution_distance(x, ref.numpy(), e.projections, e.seed)
+            metrics["samples"] = {"num": int(len(x)), name: value}
         log(f"evaluate: samples {json.dumps(metrics['samples'])}")
+    save_json(run.out_dir / "metrics.json", metrics)
     log(f"evaluate: -> {run.out_dir / 'metrics.json'}")
 
 

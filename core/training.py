@@ -163,7 +163,7 @@ def plot_curves(log: MetricsLog, path: Path, title: str) -> None:
 
     plt = _plt()
     loss_cols = [f for f in log.fields if f.startswith("loss")]
-    err_cols = [f for f in log.fields if f.startswith("traj_err")]
+    err_cols = [f for f in log.fields if f.startswith(("traj_err", "fid", "kid"))]
     fig, axes = plt.subplots(1, 2 if err_cols else 1, figsize=(11 if err_cols else 6, 3.8),
                              squeeze=False)
     for c in loss_cols:
@@ -178,7 +178,8 @@ def plot_curves(log: MetricsLog, path: Path, title: str) -> None:
     if err_cols:
         axes[0, 1].set_yscale("log")
         axes[0, 1].set_xlabel("iteration")
-        axes[0, 1].set_title("EMA student vs teacher ODE (RMSE)", fontsize=9)
+        axes[0, 1].set_title("EMA student: trajectory RMSE vs the teacher ODE / sample "
+                             "metrics (_K = jumps)", fontsize=9)
         axes[0, 1].legend(fontsize=8)
     fig.suptitle(title)
     _save(fig, path)

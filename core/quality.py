@@ -1,0 +1,56 @@
+"""Sample quality of a jumper: draw samples with K jumps, save PNG grids, run the metric plugins
+(FID, KID, ... of ``[evaluate] metrics``) against the reference dataset. Used by the `evaluate`
+stage and by `distill`'s periodic evaluation (the paper's Fig. 3 curves)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core import plugins
+
+
+def metric_objects(cfg, ctx, names=None) -> list:
+    """The metric plugins named in [evaluate] metrics, built from [evaluate.metric]."""
+    from core.config import Section
+
+    out = []
+    for name in (cfg.evaluate.metrics if names is None else names):
+        options = Section("evaluate.metric", dict(cfg.evaluate.metric_options), str(cfg.path),
+                          cfg.base_dir)
+        plugin = plugins.get("metric", name, f"{cfg.path}: [evaluate] metrics")
+        out.append(plugin.factory(options, ctx))
+        options.finish()
+    return out
+
+
+def compute_metrics(metrics: list, samples, reference, cache_dir: Path) -> dict:
+    out: dict = {}
+    for m in metrics:
+        out.update(m.compute(samples, reference, cache_dir))
+    return out
+
+
+@torch.no_grad()
+def sample_quality(jumper, meta: dict, sampler, steps: list[int], num: int, batch: int,
+                   seed: int, device: str, metrics: list, reference, cache_dir: Path,
+                   grid_dir: Path | None = None, grid_name: str = "samples",
+                   progress: bool = False) -> dict:
+    """{K: {metric: value}} for K-jump sampling of `num` images from the same seed; writes
+    `<grid_dir>/<grid_name>_<K>step.png` (the first 64 samples) when grid_dir is given."""
+    from core.metrics import save_grid
+    from core.sampling import draw
+
+    out = {}
+    for K in steps:
+        ts = sampler.timesteps(K, meta["t_min"], meta["t_max"], meta["rho"])
+        x, labels = draw(jumper, meta, sampler, ts, num, batch, seed, device, progress=progress)
+        if not np.all(np.isfinite(x)):
+            out[K] = {m.name: float("nan") for m in metrics}
+            continue
+        if grid_dir is not None:
+            save_grid(torch.from_numpy(x[:64]), grid_dir / f"{grid_name}_{K}step.png")
+        out[K] = compute_metrics(metrics, torch.from_numpy(x), reference, cache_dir)
+    return out

@@ -1,0 +1,559 @@
+"""Dataset plugins: x_0 from image folders, array files, MNIST-style IDX files and CIFAR-10.
+
+The ``[data]`` section picks a loader with ``format``; the loader reads the rest of the
+section, and a key no loader reads is reported as unknown. Relative paths resolve against the
+config's folder. Images come out as float32 [N, C, H, W] scaled to [-1, 1]; labels as int64
+[N] (0..K-1) or none.
+
+Options every format reads:
+
+=============  ========  ==================================================================
+key            default   meaning
+=============  ========  ==================================================================
+path           required  the file or folder to read
+hflip          false     flip each drawn example left-right with probability 1/2
+limit          all       keep only the first N examples (N >= 1)
+conditional    true      false drops the labels (an unconditional dataset)
+=============  ========  ==================================================================
+
+``format = "folder"``: PNG / JPEG images read with Pillow. ``path`` is a folder; when it holds
+sub-folders, each one (in sorted name order, searched recursively) is a class and its images get
+labels 0..K-1; otherwise the images directly in ``path`` are read, without labels. Entries
+whose names start with "." are skipped.
+
+=============  ========  ==================================================================
+channels       3         1: convert to grayscale ("L"), 3: convert to RGB (alpha dropped)
+resolution     none      resize every image to resolution x resolution (bicubic); without
+                         it all images must share one size
+=============  ========  ==================================================================
+
+``format = "array"``: ``.npy``, ``.npz`` or ``.h5`` / ``.hdf5``. The examples are the array (or
+dataset) named ``x``, ``data``, ``images`` or ``arr_0``; labels, if any, ``y`` or ``labels``.
+A 2-D array [N, d] is a set of vectors; a 3-D array [N, H, W] holds grayscale images (read as
+[N, 1, H, W]); a 4-D array holds images.
+
+=============  ========  ==================================================================
+layout         "auto"    "NCHW", "NHWC", or "auto": NHWC when the last axis has 1 or 3
+                         entries and axis 1 does not, NCHW otherwise
+range          "auto"    how stored values map to [-1, 1]. "auto": integer images must be
+                         0..255 and are scaled x / 127.5 - 1, float images must already lie
+                         in [-1, 1], vectors are kept as they are. "unit": values in [0, 1],
+                         scaled 2x - 1. "byte": values in [0, 255], scaled x / 127.5 - 1
+=============  ========  ==================================================================
+
+``format = "idx"``: MNIST / Fashion-MNIST IDX files, gzipped or not. ``path`` is the images
+file (e.g. ``train-images-idx3-ubyte.gz``) or the folder holding the files. The labels are the
+file named like the images with ``images-idx3`` replaced by ``labels-idx1`` (gzipped or not);
+without such a file the dataset has no labels.
+
+=============  ========  ==================================================================
+split          "train"   when ``path`` is a folder: "train" reads train-images-idx3-ubyte[.gz],
+                         "test" reads t10k-images-idx3-ubyte[.gz]
+labels         derived   the labels file, when it is not named as above
+=============  ========  ==================================================================
+
+``format = "cifar10"``: the CIFAR-10 "python version". ``path`` is the extracted
+``cifar-10-batches-py`` folder (or the folder that holds it). Images are [N, 3, 32, 32].
+
+=============  ========  ==================================================================
+split          "train"   "train": data_batch_1 .. data_batch_5 (50000 images),
+                         "test": test_batch (10000 images)
+=============  ========  ==================================================================
+
+The CIFAR-10 batches are Python pickles: use only files from a source you trust. They are
+unpickled with a loader that resolves nothing but the numpy array constructors such a batch
+needs, and refuses any other global, but pickle is not a safe format for untrusted input.
+
+Every dataset's fingerprint is a digest of its format, the SHA-256 of the bytes it read (for a
+folder: each image's relative name and bytes) and the settings that change the data (channels,
+resolution, layout, range, split, limit, conditional); ``hflip`` is added by ``Dataset``.
+Any bad input -- a missing or truncated file, a wrong magic number, a corrupt pickle or image,
+mismatched label counts, values out of range, NaN -- is a one-line ``UserError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+import re
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from core.data import X_KEYS, Y_KEYS
+from core.datasets import Dataset, digest
+from core.errors import UserError
+from core.hookspecs import hookimpl
+
+#: uint8 value -> its float32 image value in [-1, 1] (computed once in float64, then rounded)
+_BYTE_TO_UNIT = (np.arange(256, dtype=np.float64) / 127.5 - 1.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options every format reads, and the Dataset they build
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Common:
+    hflip: bool
+    limit: Optional[int]
+    conditional: bool
+
+
+def _optional_int(options, key: str, min: int) -> Optional[int]:
+    return options.int(key, min=min) if options.has(key) else None
+
+
+def _common(options) -> Common:
+    return Common(hflip=options.bool("hflip", False), limit=_optional_int(options, "limit", 1),
+                  conditional=options.bool("conditional", True))
+
+
+def _take(a, limit: Optional[int]):
+    return a if a is None or limit is None else a[:limit]
+
+
+def _dataset(fmt: str, x: torch.Tensor, y: Optional[np.ndarray], common: Common,
+             hashes: list[str], settings: dict, name: str) -> Dataset:
+    """The Dataset for already scaled (and limited) x; y is dropped unless conditional."""
+    settings = dict(settings, limit=common.limit, conditional=common.conditional)
+    described = ";".join(f"{k}={settings[k]}" for k in sorted(settings))
+    labels = torch.from_numpy(y.astype(np.int64)) if y is not None and common.conditional else None
+    return Dataset(x.contiguous(), labels, digest(fmt, *hashes, described), hflip=common.hflip,
+                   name=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files, hashes and checks shared by the loaders
+# ---------------------------------------------------------------------------------------------
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
+
+
+def _read_bytes(path: Path, what: str = "file") -> bytes:
+    if not path.exists():
+        raise UserError(f"{path}: {what} not found")
+    if not path.is_file():
+        raise UserError(f"{path}: expected a {what}, found a folder")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read {what} ({_one_line(e)})") from None
+
+
+def _sha256(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_labels(y, n: int, path: Path) -> np.ndarray:
+    """`y` as n non-negative integers, or a one-line error naming `path`."""
+    try:
+        y = np.asarray(y)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: labels are not an array of integers ({_one_line(e)})") from None
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise UserError(f"{path}: labels must be a 1-D array of integers, got {y.dtype} "
+                        f"{list(y.shape)}")
+    if len(y) != n:
+        raise UserError(f"{path}: {len(y)} labels for {n} examples")
+    if n and y.min() < 0:
+        raise UserError(f"{path}: labels must be >= 0, got {y.min()}")
+    return y
+
+
+def _bytes_to_unit(u8: np.ndarray) -> torch.Tensor:
+    """uint8 images -> float32 x / 127.5 - 1 (exactly the float64 value, rounded once)."""
+    return torch.from_numpy(_BYTE_TO_UNIT[u8])
+
+
+def _span(x: np.ndarray) -> str:
+    return f"[{x.min():g}, {x.max():g}]"
+
+
+# ---------------------------------------------------------------------------------------------
+# format = "folder"
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+
+
+def _visible(root: Path, p: Path) -> bool:
+    return not any(part.startswith(".") for part in p.relative_to(root).parts)
+
+
+def _folder_files(root: Path) -> tuple[list[Path], Optional[list[int]]]:
+    """The image files under `root` in load order, and their class labels (or None)."""
+    if not root.is_dir():
+        raise UserError(f"{root}: " + ("expected a folder of images, found a file"
+                                       if root.exists() else "image folder not found"))
+    entries = sorted(p for p in root.iterdir() if _visible(root, p))
+    classes = [p for p in entries if p.is_dir()]
+    images = [p for p in entries if _is_image(p)]
+    if not classes:
+        if not images:
+            raise UserError(f"{root}: no PNG or JPEG images in this folder")
+        return images, None
+    if images:
+        raise UserError(f"{root}: holds both images ({images[0].name}) and class sub-folders; "
+                        f"move the images into a sub-folder")
+    files, labels = [], []
+    for k, folder in enumerate(classes):
+        found = sorted(p for p in folder.rglob("*") if _is_image(p) and _visible(root, p))
+        if not found:
+            raise UserError(f"{folder}: class folder holds no PNG or JPEG images")
+        files += found
+        labels += [k] * len(found)
+    return files, labels
+
+
+def _decode_image(raw: bytes, path: Path, mode: str, resolution: Optional[int]) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            im = im.convert(mode)
+            if resolution is not None:
+                im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
+            return np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # whatever Pillow raises on a bad file, the file is to blame
+        raise UserError(f"{path}: unreadable image ({_one_line(e)})") from None
+
+
+def _folder(options, ctx) -> Dataset:
+    root = options.path("path")
+    channels = options.int("channels", 3)
+    if channels not in (1, 3):
+        options.fail("channels", f"must be 1 or 3, got {channels}")
+    resolution = _optional_int(options, "resolution", 1)
+    common = _common(options)
+
+    files, labels = _folder_files(root)
+    files, labels = _take(files, common.limit), _take(labels, common.limit)
+    h, first, out = hashlib.sha256(), None, None
+    for i, path in enumerate(files):
+        raw = _read_bytes(path, "image")
+        h.update(path.relative_to(root).as_posix().encode() + b"\0"
+                 + len(raw).to_bytes(8, "little") + raw)
+        img = _decode_image(raw, path, "L" if channels == 1 else "RGB", resolution)
+        img = img.reshape(img.shape[0], img.shape[1], channels)
+        if out is None:
+            first, out = path, np.empty((len(files),) + img.shape, np.uint8)
+        elif img.shape != out.shape[1:]:
+            raise UserError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but {first.name} is "
+                            f"{out.shape[2]}x{out.shape[1]}; set resolution to resize all images")
+        out[i] = img
+    x = _bytes_to_unit(out).permute(0, 3, 1, 2)
+    y = None if labels is None else np.asarray(labels, np.int64)
+    return _dataset("folder", x, y, common, [h.hexdigest()],
+                    dict(channels=channels, resolution=resolution), f"folder:{root.name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# format = "array"
+# ---------------------------------------------------------------------------------------------
+
+def _pick(names, keys) -> Optional[str]:
+    return next((k for k in keys if k in names), None)
+
+
+def _read_array_file(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    _read_check(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz", ".h5", ".hdf5"):
+        raise UserError(f"{path}: unsupported array file (use .npy, .npz, .h5 or .hdf5)")
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False), None
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                xk, yk = _pick(z.files, X_KEYS), _pick(z.files, Y_KEYS)
+                if xk is None:
+                    raise UserError(f"{path}: no array named {' / '.join(X_KEYS)}")
+                return z[xk], (z[yk] if yk else None)
+        return _read_h5(path)
+    except UserError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: unreadable array file ({_one_line(e)})") from None
+
+
+def _read_check(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"{path}: data file not found")
+    if not path.is_file():
+        raise UserError(f"{path}: expected a data file, found a folder")
+
+
+def _read_h5(path: Path):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        xk, yk = _pick(f, X_KEYS), _pick(f, Y_KEYS)
+        if xk is None:
+            raise UserError(f"{path}: no dataset named {' / '.join(X_KEYS)}")
+        for k in (xk, yk):
+            if k is not None and not isinstance(f[k], h5py.Dataset):
+                raise UserError(f"{path}: {k!r} is a group, not a dataset")
+        return f[xk][()], (f[yk][()] if yk else None)
+
+
+def _as_images(x: np.ndarray, layout: str, path: Path) -> np.ndarray:
+    """[N, d] stays; [N, H, W] -> [N, 1, H, W]; 4-D -> NCHW following `layout`."""
+    if x.ndim == 2:
+        return x
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim != 4:
+        raise UserError(f"{path}: expected [N, d] vectors or [N, H, W], [N, C, H, W] or "
+                        f"[N, H, W, C] images; got shape {list(x.shape)}")
+    if layout == "auto":
+        layout = "NHWC" if x.shape[3] in (1, 3) and x.shape[1] not in (1, 3) else "NCHW"
+    return x.transpose(0, 3, 1, 2) if layout == "NHWC" else x
+
+
+def _scale(x: np.ndarray, value_range: str, path: Path) -> torch.Tensor:
+    """Values -> float32 per `value_range` (see the module docstring), checked first."""
+    is_int = x.dtype.kind in "iu"
+    if not is_int and not np.isfinite(x).all():
+        raise UserError(f"{path}: data holds NaN or infinite values")
+    if value_range == "auto" and x.ndim == 2:
+        return torch.from_numpy(x.astype(np.float32))
+    if value_range == "auto":
+        value_range = "byte" if is_int else "signed"
+    lo, hi, what = {"signed": (-1, 1, "float images must be in [-1, 1]"),
+                    "unit": (0, 1, 'values must be in [0, 1] for range = "unit"'),
+                    "byte": (0, 255, "integer images must be in 0..255" if is_int else
+                             'values must be in [0, 255] for range = "byte"')}[value_range]
+    if x.min() < lo or x.max() > hi:
+        hint = ' (set range = "unit" for [0, 1] or "byte" for 0..255 data)' \
+            if value_range == "signed" else ""
+        raise UserError(f"{path}: {what}; got {_span(x)}{hint}")
+    if value_range == "byte" and is_int:
+        return _bytes_to_unit(x.astype(np.uint8))
+    y = x.astype(np.float32)
+    if value_range == "unit":
+        y *= 2
+        y -= 1
+    elif value_range == "byte":
+        y /= np.float32(127.5)
+        y -= 1
+    return torch.from_numpy(y)
+
+
+def _array(options, ctx) -> Dataset:
+    path = options.path("path")
+    layout = options.str("layout", "auto", choices=("auto", "NCHW", "NHWC"))
+    value_range = options.str("range", "auto", choices=("auto", "unit", "byte"))
+    common = _common(options)
+
+    x, y = _read_array_file(path)
+    x = np.asarray(x)
+    if x.dtype.kind not in "iuf":
+        raise UserError(f"{path}: data must be integers or floats, got {x.dtype}")
+    if x.ndim < 1 or len(x) == 0:
+        raise UserError(f"{path}: holds no examples (shape {list(x.shape)})")
+    if y is not None:
+        y = _check_labels(y, len(x), path)
+    x, y = _as_images(_take(x, common.limit), layout, path), _take(y, common.limit)
+    return _dataset("array", _scale(x, value_range, path), y, common, [_sha256_file(path)],
+                    dict(layout=layout, range=value_range), f"array:{path.name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# format = "idx" (MNIST, Fashion-MNIST)
+# ---------------------------------------------------------------------------------------------
+
+IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801
+_IDX_KIND = {IDX_IMAGES: "images", IDX_LABELS: "labels"}
+
+
+def _gunzip(raw: bytes, path: Path) -> bytes:
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: corrupt or truncated gzip data ({_one_line(e)})") from None
+
+
+def _parse_idx(data: bytes, magic: int, path: Path) -> np.ndarray:
+    """The uint8 array of an IDX file whose magic number must be `magic`."""
+    kind = _IDX_KIND[magic]
+    if len(data) < 4:
+        raise UserError(f"{path}: truncated IDX file ({len(data)} bytes)")
+    got = int.from_bytes(data[:4], "big")
+    if got != magic:
+        other = f", an IDX {_IDX_KIND[got]} file" if got in _IDX_KIND else ""
+        raise UserError(f"{path}: not an IDX {kind} file (magic number 0x{got:08x}{other}; "
+                        f"expected 0x{magic:08x})")
+    ndim, header = magic & 0xFF, 4 + 4 * (magic & 0xFF)
+    if len(data) < header:
+        raise UserError(f"{path}: truncated IDX header ({len(data)} of {header} bytes)")
+    dims = [int(d) for d in np.frombuffer(data, ">u4", ndim, 4)]
+    size, body = int(np.prod(dims)), len(data) - header
+    shape = "x".join(map(str, dims))
+    if size == 0:
+        raise UserError(f"{path}: IDX header describes an empty array ({shape})")
+    if body != size:
+        state = "truncated" if body < size else "has trailing bytes"
+        raise UserError(f"{path}: {state}: the header describes {shape} = {size} bytes of "
+                        f"{kind}, the file holds {body}")
+    return np.frombuffer(data, np.uint8, size, header).reshape(dims)
+
+
+def _read_idx(path: Path, magic: int) -> tuple[np.ndarray, str]:
+    raw = _read_bytes(path, f"IDX {_IDX_KIND[magic]} file")
+    return _parse_idx(_gunzip(raw, path), magic, path), _sha256(raw)
+
+
+def _idx_images_path(options, path: Path, split: str) -> Path:
+    if not path.is_dir():
+        if options.has("split"):
+            options.fail("split", "only applies when path is a folder")
+        return path
+    stem = "train" if split == "train" else "t10k"
+    for name in (f"{stem}-images-idx3-ubyte.gz", f"{stem}-images-idx3-ubyte"):
+        if (path / name).is_file():
+            return path / name
+    raise UserError(f"{path}: no {stem}-images-idx3-ubyte[.gz] in this folder (split = "
+                    f"{split!r})")
+
+
+def _derived_labels(images: Path) -> Optional[Path]:
+    """images-idx3 -> labels-idx1 in the name, gzipped or not; None when no such file."""
+    name = re.sub(r"images([-.])idx3", r"labels\1idx1", images.name)
+    if name == images.name:
+        return None
+    plain = name[:-3] if name.endswith(".gz") else name
+    for candidate in (name, plain, plain + ".gz"):
+        if (images.parent / candidate).is_file():
+            return images.parent / candidate
+    return None
+
+
+def _idx(options, ctx) -> Dataset:
+    path = options.path("path")
+    split = options.str("split", "train", choices=("train", "test"))
+    labels_path = options.path("labels", None)
+    common = _common(options)
+
+    images = _idx_images_path(options, path, split)
+    x, x_hash = _read_idx(images, IDX_IMAGES)
+    hashes, y = [x_hash], None
+    if common.conditional:
+        labels_path = labels_path or _derived_labels(images)
+    if common.conditional and labels_path is not None:
+        y, y_hash = _read_idx(labels_path, IDX_LABELS)
+        if len(y) != len(x):
+            raise UserError(f"{labels_path}: {len(y)} labels for the {len(x)} images of "
+                            f"{images.name}")
+        hashes.append(y_hash)
+    x, y = _take(x, common.limit), _take(y, common.limit)
+    settings = dict(split=split if path.is_dir() else None)
+    return _dataset("idx", _bytes_to_unit(x)[:, None], y, common, hashes, settings,
+                    f"idx:{images.name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# format = "cifar10" (python version)
+# ---------------------------------------------------------------------------------------------
+
+CIFAR_SPLITS = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+_NUMPY_CORE = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
+#: the only globals a pickled batch (a dict of bytes, lists and numpy arrays) refers to;
+#: _codecs.encode is how Python 3 writes bytes into a protocol-2 pickle
+_PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+                   (_NUMPY_CORE + ".multiarray", "_reconstruct"),
+                   (_NUMPY_CORE + ".multiarray", "scalar"),
+                   (_NUMPY_CORE + ".numeric", "_frombuffer")}
+
+
+class _Forbidden(Exception):
+    pass
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Resolves only numpy's array constructors; any other global is refused."""
+
+    def find_class(self, module: str, name: str):
+        resolved = re.sub(r"^numpy\.(_?core)\b", _NUMPY_CORE, module)
+        if (resolved, name) not in _PICKLE_GLOBALS:
+            raise _Forbidden(f"{module}.{name}")
+        return super().find_class(resolved, name)
+
+
+def _unpickle_batch(raw: bytes, path: Path) -> dict:
+    try:
+        batch = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except _Forbidden as e:
+        raise UserError(f"{path}: the pickle refers to {e}, which a CIFAR-10 batch never does; "
+                        f"refusing to load it") from None
+    except Exception as e:  # a corrupt pickle can fail in any way; the file is to blame
+        raise UserError(f"{path}: not a readable CIFAR-10 batch ({_one_line(e)})") from None
+    if not isinstance(batch, dict):
+        raise UserError(f"{path}: not a CIFAR-10 batch (a pickled {type(batch).__name__}, "
+                        f"expected a dict)")
+    return batch
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    raw = _read_bytes(path, "CIFAR-10 batch")
+    batch = _unpickle_batch(raw, path)
+    data, labels = (batch.get(k, batch.get(k.decode())) for k in (b"data", b"labels"))
+    if data is None or labels is None:
+        raise UserError(f"{path}: CIFAR-10 batch lacks b'data' or b'labels'")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3072:
+        what = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) \
+            else type(data).__name__
+        raise UserError(f"{path}: b'data' must be a uint8 array [N, 3072], got {what}")
+    return data.reshape(-1, 3, 32, 32), _check_labels(labels, len(data), path), _sha256(raw)
+
+
+def _cifar10(options, ctx) -> Dataset:
+    root = options.path("path")
+    split = options.str("split", "train", choices=("train", "test"))
+    common = _common(options)
+
+    if not root.is_dir():
+        raise UserError(f"{root}: " + ("expected the cifar-10-batches-py folder, found a file"
+                                       if root.exists() else "CIFAR-10 folder not found"))
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    xs, ys, hashes = [], [], []
+    for name in CIFAR_SPLITS[split]:
+        if common.limit is not None and sum(map(len, xs)) >= common.limit:
+            break
+        x, y, h = _cifar_batch(root / name)
+        xs.append(x)
+        ys.append(y)
+        hashes.append(h)
+    x, y = _take(np.concatenate(xs), common.limit), _take(np.concatenate(ys), common.limit)
+    return _dataset("cifar10", _bytes_to_unit(x), y, common, hashes, dict(split=split),
+                    f"cifar10:{split}")
+
+
+@hookimpl
+def ctmkit_datasets():
+    return {"folder": _folder, "array": _array, "idx": _idx, "cifar10": _cifar10}

@@ -147,8 +147,10 @@ def distill(run) -> None:
         ref = run.data_for(cfg.evaluate.data, "evaluate")
         if ref is None:
             raise UserError(f"{cfg.path}: [distill] eval metrics need a dataset ([data])")
-        quality = dict(metrics=metric_objects(cfg, run.ctx, [n for n in d.eval
-                                                             if n != "trajectory"]),
+        import dataclasses
+        quiet = dataclasses.replace(run.ctx, progress=False)     # no bars inside the loop
+        quality = dict(metrics=metric_objects(cfg, quiet, [n for n in d.eval
+                                                           if n != "trajectory"]),
                        reference=ref.as_dataset(), sampler=CTMSampler(0.0),
                        meta={"shape": list(teacher.shape), "dtype": "float32",
                              "num_classes": teacher.num_classes, "t_min": diff.t_min,

@@ -169,6 +169,10 @@ class FeatureNetExtractor(FeatureExtractor):
 
     def __call__(self, x: Tensor) -> Tensor:
         x = x.to(self.device, torch.float32)
+        if self.shape is not None and tuple(x.shape[-2:]) != tuple(self.shape[-2:]):
+            raise UserError(f"feature net {self.name} takes {self.shape[-2]}x{self.shape[-1]} "
+                            f"images, got {x.shape[-2]}x{x.shape[-1]} (with clean-fid, pass "
+                            f"custom_fn_resize=extractor.resize: its default resizes to 299)")
         if x.shape[1] != self.channels:
             if self.channels == 1 and x.shape[1] == 3:
                 if torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]):
@@ -203,7 +207,9 @@ def inception(path=None, device="cpu") -> InceptionExtractor:
                         f"there (or anywhere and set inception = \"/path/to/{INCEPTION_FILE}\" "
                         f"in the metric's options); nothing is downloaded automatically")
     try:
-        model = _load_inception_v3w(file)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)   # TorchScript is deprecated in 2.14
+            model = _load_inception_v3w(file)
     except Exception as e:  # truncated or foreign file
         raise UserError(f"{file}: unreadable Inception weights ({_first_line(e)})") from None
     return InceptionExtractor(model.to(device).eval(), device)
@@ -236,7 +242,9 @@ def feature_net(path, device="cpu") -> FeatureNetExtractor:
     data = file.read_bytes()
     extra = {"meta.json": ""}
     try:
-        module = torch.jit.load(io.BytesIO(data), map_location=device, _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)   # TorchScript is deprecated in 2.14
+            module = torch.jit.load(io.BytesIO(data), map_location=device, _extra_files=extra)
     except Exception as e:
         raise UserError(f"{file}: unreadable feature net ({_first_line(e)})") from None
     meta = None
@@ -323,7 +331,8 @@ def reference_stats(dataset, extractor, num: int, cache_dir, seed: int = 0, batc
     path = Path(cache_dir) / _cache_name(extractor.name, fp, n)
     if path.exists():
         try:
-            with np.load(path, allow_pickle=False) as z:
+            # our own handle: np.load leaks the one it opens when the file is not an archive
+            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
                 ok = (str(z["extractor"]) == extractor.name and str(z["fingerprint"]) == fp
                       and int(z["num"]) == n and (n == len(dataset) or int(z["seed"]) == seed))
                 if ok:
@@ -334,7 +343,8 @@ def reference_stats(dataset, extractor, num: int, cache_dir, seed: int = 0, batc
                             and ref["sigma"].shape == (f, f)):
                         return ref
                 why = "made for other settings"
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError,
+                zipfile.BadZipFile) as e:
             why = f"unreadable: {_first_line(e)}"
         print(f"reference statistics {path} {why}; recomputing", file=sys.stderr)
 

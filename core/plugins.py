@@ -22,7 +22,10 @@ BUILTIN_MODULES = (
     "plugins.solvers",
     "plugins.samplers",
     "plugins.networks",
+    "plugins.unet",
     "plugins.losses",
+    "plugins.datasets",
+    "plugins.metrics",
 )
 
 
@@ -41,6 +44,7 @@ class Context:
     device: str = "cpu"
     base_dir: Any = None                   # folder relative paths resolve against
     out_dir: Any = None                    # the run's output folder
+    progress: bool = True                  # show progress bars
     coefficients_loader: Callable | None = field(default=None, repr=False)
 
     def coefficients(self):

@@ -48,6 +48,7 @@ class Run:
         self.out_dir = cfg.run.out_dir
         self.ctx = plugins.Context(diffusion=cfg.diffusion, device=self.device,
                                    base_dir=cfg.base_dir, out_dir=self.out_dir,
+                                   progress=progress,
                                    coefficients_loader=self.coefficient_table)
         self._data = None
 
@@ -348,6 +349,31 @@ def teacher(run: Run) -> None:
     from core.teacher_training import train_teacher
     train_teacher(run)
     run.__dict__.pop("teacher", None)      # rebuild from the new file when next needed
+    from core import distributed as dist
+    if dist.is_main() and len(run.teacher.shape) == 3:
+        teacher_grid(run)
+
+
+@torch.no_grad()
+def teacher_grid(run: Run, rows: int = 8, steps: int = 18) -> None:
+    """teacher_samples.png: images from the teacher's PF-ODE (EDM's Heun sampler, `steps`
+    steps on the rho grid); a conditional teacher gets one class per grid column."""
+    from core.metrics import save_grid
+    from core.schedules import rho_grid
+    from plugins.solvers import HeunSolver
+
+    d, teacher = run.cfg.diffusion, run.teacher
+    gen = torch.Generator().manual_seed(run.cfg.sample.seed)
+    cols = teacher.num_classes or 8
+    n = rows * cols
+    x = torch.randn((n, *teacher.shape), generator=gen) * d.t_max
+    labels = torch.arange(n) % teacher.num_classes if teacher.num_classes else None
+    D = teacher.denoiser(torch.float32, run.device)
+    x = HeunSolver().solve(lambda x_, t_: D(x_, t_, labels if labels is None else
+                                            labels.to(run.device)),
+                           x.to(run.device), rho_grid(steps, d.t_min, d.t_max, d.rho))
+    save_grid(x.cpu(), run.out_dir / "teacher_samples.png", nrow=cols)
+    log(f"teacher: {n} samples ({steps} Heun steps) -> {run.out_dir / 'teacher_samples.png'}")
 
 
 def distill(run: Run) -> None:

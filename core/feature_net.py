@@ -57,6 +57,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> float
     return correct / len(x)
 
 
+@torch.enable_grad()          # also when called from a no_grad evaluation
 def train(x: Tensor, y: Tensor, num_classes: int, epochs: int = 2, batch: int = 128,
           seed: int = 0, lr: float = 2e-3, progress: bool = True) -> FeatureNet:
     from tqdm.auto import tqdm

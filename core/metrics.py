@@ -377,6 +377,10 @@ def fid(feats: np.ndarray, ref: dict) -> float:
     with warnings.catch_warnings():
         # clean-fid 0.1.35 passes scipy.linalg.sqrtm(disp=False), deprecated from SciPy 1.16 on
         warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)
+        # fewer samples than feature dimensions give a singular covariance; clean-fid then
+        # adds eps to the diagonals itself (its documented fallback), so the warning is noise
+        from scipy.linalg import LinAlgWarning
+        warnings.filterwarnings("ignore", category=LinAlgWarning)
         return float(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
 
 

@@ -104,6 +104,14 @@ class Run:
         plugins.get("loss", self.cfg.distill.loss, self.cfg.sections["distill"].where("loss"))
         plugins.get("solver", self.cfg.distill.solver,
                     self.cfg.sections["distill"].where("solver"))
+        if "sample" in stages and self.cfg.sample.runner == "ctm_sample":
+            if self.cfg.sample.sampler != "ctm":
+                raise UserError(f"{self.cfg.path}: [sample] runner = \"ctm_sample\" implements "
+                                f"the ctm sampler only, not {self.cfg.sample.sampler!r}")
+            ctm_sample_binary(self.cfg)
+        if self.cfg.evaluate.metrics:          # e.g. a missing Inception file, before training
+            from core.quality import metric_objects
+            metric_objects(self.cfg, self.ctx)
         dry = plugins.Context(diffusion=self.cfg.diffusion, device=self.device,
                               base_dir=self.cfg.base_dir, coefficients_loader=_deferred)
         for kind, section, key, name in (
@@ -260,6 +268,14 @@ def sample(run: Run) -> None:
         f"{time.perf_counter() - t0:.1f}s -> {out}")
 
 
+def ctm_sample_binary(cfg) -> Path:
+    binary = cfg.sample.binary or Path(__file__).resolve().parent.parent / "build" / "ctm_sample"
+    if not binary.is_file():
+        raise UserError(f"{binary}: ctm_sample not found; build it with python "
+                        f"tools/build_cpp.py or set [sample] binary")
+    return binary
+
+
 def _ctm_sample(run: Run, sampler, ts: list, out: Path):
     """Run the C++ sampler on the exported file (it writes samples.npy, .labels.npy and the
     grid atomically); returns what it wrote."""
@@ -271,10 +287,7 @@ def _ctm_sample(run: Run, sampler, ts: list, out: Path):
     if not isinstance(sampler, CTMSampler):
         raise UserError(f"{cfg.path}: [sample] runner = \"ctm_sample\" implements the ctm "
                         f"sampler only, not {s.sampler!r}")
-    binary = s.binary or Path(__file__).resolve().parent.parent / "build" / "ctm_sample"
-    if not binary.is_file():
-        raise UserError(f"{binary}: ctm_sample not found; build it with python "
-                        f"tools/build_cpp.py or set [sample] binary")
+    binary = ctm_sample_binary(cfg)
     cmd = [str(binary), "--model", str(cfg.export.path), "--out", str(out),
            "--timesteps", ",".join(repr(float(t)) for t in ts), "--num", str(s.num),
            "--batch", str(s.batch), "--seed", str(s.seed), "--gamma", repr(sampler.gamma),
@@ -290,6 +303,11 @@ def _ctm_sample(run: Run, sampler, ts: list, out: Path):
 
 # --- evaluate --------------------------------------------------------------------------------
 
+#: teacher ODE solutions shared by the evaluations of one process (a [run] preconds comparison
+#: solves the teacher's ODE once for all of its preconditionings)
+_REFERENCE_ODE: dict = {}
+
+
 def evaluate(run: Run) -> None:
     from core.evaluate import distribution_distance, trajectory_errors
 
@@ -302,7 +320,9 @@ def evaluate(run: Run) -> None:
     metrics = {"precond": meta["precond"], "variant": meta["variant"]}
     if e.trajectory:
         traj = trajectory_errors(jumper, teacher, e.steps, e.num, e.seed, meta["t_min"],
-                                 meta["t_max"], meta["rho"], dtype, device=run.device)
+                                 meta["t_max"], meta["rho"], dtype, device=run.device,
+                                 reference_cache=_REFERENCE_ODE.setdefault(
+                                     teacher.fingerprint(), {}))
         metrics["trajectory_error"] = {str(k): v for k, v in traj.items()}
         for k, v in traj.items():
             log(f"evaluate: {k}-step trajectory error  final {v['final_rmse']:.4g}  "

@@ -135,12 +135,13 @@ def distill(run) -> None:
                 else contextlib.nullcontext())
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
-    unknown = [n for n in d.eval if n != "trajectory" and n not in cfg.evaluate.metrics]
+    metric_names = [n for n in d.eval if n != "trajectory"]
+    unknown = [n for n in metric_names if n not in cfg.evaluate.metrics]
     if unknown:
         raise UserError(f"{cfg.path}: [distill] eval lists {unknown[0]!r}, which is neither "
                         f"\"trajectory\" nor one of [evaluate] metrics")
     quality = None
-    if dist.is_main() and len(d.eval) > ("trajectory" in d.eval):
+    if dist.is_main() and metric_names:
         from core.quality import metric_objects
         from plugins.samplers import CTMSampler
 
@@ -149,8 +150,7 @@ def distill(run) -> None:
             raise UserError(f"{cfg.path}: [distill] eval metrics need a dataset ([data])")
         import dataclasses
         quiet = dataclasses.replace(run.ctx, progress=False)     # no bars inside the loop
-        quality = dict(metrics=metric_objects(cfg, quiet, [n for n in d.eval
-                                                           if n != "trajectory"]),
+        quality = dict(metrics=metric_objects(cfg, quiet, metric_names),
                        reference=ref.as_dataset(), sampler=CTMSampler(0.0),
                        meta={"shape": list(teacher.shape), "dtype": "float32",
                              "num_classes": teacher.num_classes, "t_min": diff.t_min,

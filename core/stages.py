@@ -277,8 +277,9 @@ def ctm_sample_binary(cfg) -> Path:
 
 
 def _ctm_sample(run: Run, sampler, ts: list, out: Path):
-    """Run the C++ sampler on the exported file (it writes samples.npy, .labels.npy and the
-    grid atomically); returns what it wrote."""
+    """Run the C++ sampler on the exported file into a scratch name beside `out`; only finite
+    samples are renamed into place (with their labels). Returns (samples, labels or None)."""
+    import os
     import subprocess
 
     from plugins.samplers import CTMSampler
@@ -288,17 +289,30 @@ def _ctm_sample(run: Run, sampler, ts: list, out: Path):
         raise UserError(f"{cfg.path}: [sample] runner = \"ctm_sample\" implements the ctm "
                         f"sampler only, not {s.sampler!r}")
     binary = ctm_sample_binary(cfg)
-    cmd = [str(binary), "--model", str(cfg.export.path), "--out", str(out),
+    scratch = out.with_name(f".{out.stem}.ctm_sample.npy")
+    # ctm_sample writes <stem>.npy, <stem>.labels.npy (conditional) and <stem>.png (images)
+    made = [scratch, scratch.with_name(scratch.stem + ".labels.npy"),
+            scratch.with_suffix(".png")]
+    cmd = [str(binary), "--model", str(cfg.export.path), "--out", str(scratch),
            "--timesteps", ",".join(repr(float(t)) for t in ts), "--num", str(s.num),
            "--batch", str(s.batch), "--seed", str(s.seed), "--gamma", repr(sampler.gamma),
            "--device", run.device, "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise UserError(f"sample: ctm_sample failed (status {proc.returncode}): {last}")
-    x = np.load(out)
-    lab = out.with_name("samples.labels.npy")
-    return x, (np.load(lab) if lab.is_file() else None)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise UserError(f"sample: ctm_sample failed (status {proc.returncode}): {last}")
+        x = np.load(scratch)
+        labels = np.load(made[1]) if made[1].is_file() else None
+        if not np.all(np.isfinite(x)):
+            raise UserError("sample: the jumper produced NaN/Inf; samples.npy was not written")
+        os.replace(scratch, out)
+        if labels is not None:
+            os.replace(made[1], out.with_name(out.stem + ".labels.npy"))
+        return x, labels
+    finally:
+        for f in made:
+            f.unlink(missing_ok=True)
 
 
 # --- evaluate --------------------------------------------------------------------------------

@@ -94,9 +94,14 @@ class DataSource:
 
     @classmethod
     def from_file(cls, path: Path, shape: tuple) -> "DataSource":
-        """A source reading `path` (a stage's own `data` key) for samples of `shape`."""
+        """A source reading `path` (a stage's own `data` key) for samples of `shape`: images
+        ([C, H, W]) through the `array` dataset plugin (scaled to [-1, 1] like [data]), vectors
+        as stored."""
         from core.config import Section
-        return cls(Section("data", {"path": str(path)}, str(path), Path("."))).load(shape)
+        options = {"path": str(path)}
+        if len(shape) == 3:
+            options["format"] = "array"
+        return cls(Section("data", options, str(path), Path("."))).load(shape)
 
     @property
     def is_image(self) -> bool:

@@ -79,3 +79,18 @@ def test_fig3_tool_draws_a_metric_per_step_count(tmp_path):
                            str(tmp_path / "ctm"), "--metric", "kid", "--out", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "kid" in proc.stderr
+
+
+def test_a_stage_data_file_of_images_is_scaled_like_the_data_section(tmp_path):
+    import numpy as np
+
+    from core.data import DataSource
+    x = np.zeros((4, 1, 3, 3), np.uint8)
+    x[:, :, 1, 1] = 255
+    np.save(tmp_path / "ref.npy", x)
+    src = DataSource.from_file(tmp_path / "ref.npy", (1, 3, 3))
+    assert src.x.dtype.is_floating_point and float(src.x.min()) == -1.0
+    assert float(src.x.max()) == 1.0
+    from core.errors import UserError
+    with pytest.raises(UserError, match="teacher expects"):
+        DataSource.from_file(tmp_path / "ref.npy", (3, 3, 3))

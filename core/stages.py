@@ -149,7 +149,7 @@ def coefficients(run: Run) -> None:
     teacher = run.teacher
     settings = {"grid": c.grid, "n_timesteps": c.n_timesteps, "n_samples": c.n_samples,
                 "batch": c.batch, "seed": c.seed, "t_min": d.t_min, "t_max": d.t_max,
-                "rho": d.rho if c.grid == "edm" else None}
+                "rho": d.rho if c.grid == "edm" else None, "dtype": c.dtype}
     source = run.data_for(c.data, "coefficients")
     settings["data"] = source.fingerprint() if source is not None else None
     fp = teacher.fingerprint()
@@ -161,14 +161,15 @@ def coefficients(run: Run) -> None:
     from core.coefficients.table import CoefficientTable
 
     ts = coefficient_grid(c.grid, c.n_timesteps, d.t_min, d.t_max, d.rho)
-    den = teacher.denoiser(torch.float64, run.device)
+    dtype = DTYPES[c.dtype]
+    den = teacher.denoiser(dtype, run.device)
     t0 = time.perf_counter()
     n_batches = -(-c.n_samples // c.batch)
     mine = list(range(dist.rank(), n_batches, dist.world()))       # batches shard over ranks
     sample_x0 = source.sample if source is not None else teacher.sample_data
     stats = collect(lambda x, t, y: den(x, t, y), sample_x0, ts,
                     c.n_samples, c.batch, c.seed, run.device, batches=mine,
-                    progress=run.progress and dist.is_main())
+                    progress=run.progress and dist.is_main(), dtype=dtype)
     stats = dist.all_reduce_sum(torch.from_numpy(stats)).numpy()   # other ranks' rows are 0
     if not dist.is_main():
         return

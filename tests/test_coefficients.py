@@ -207,3 +207,23 @@ def test_store_rejects_truncated_foreign_and_inconsistent_files(tmp_path, gaussi
         with pytest.raises(UserError, match=msg):
             store.load(tmp_path / name)
         assert not store.reusable(tmp_path / name, "fp", {"a": 1})
+
+
+def test_a_float32_teacher_gives_the_float64_coefficients_to_rounding():
+    """[coefficients] dtype = "float32": same draws, inner products in float64, so the
+    estimates differ from the float64 ones by float32 rounding only -- also at t_min, where
+    ||g||^2 is a small difference of large products."""
+    from core.coefficients.estimate import finalize
+
+    teacher = GMMTeacher([0.4, 0.6], [[-1.0, 0.5, 0.0], [1.0, 0.0, 0.5]], [0.3, 0.6])
+    ts = log_grid(12, T_MIN, T_MAX)
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        den = teacher.denoiser(dtype)
+        stats = collect(lambda x, t, y: den(x, t, y), teacher.sample_data, ts, 256, 128, 0,
+                        progress=False, dtype=dtype)
+        out[dtype] = finalize(ts, stats, teacher.dim)
+    a, b = out[torch.float64], out[torch.float32]
+    assert np.abs(a.l - b.l).max() < 1e-4
+    assert np.all(np.abs(a.s - b.s) <= 1e-3 * np.maximum(1.0, np.abs(a.s)))
+    assert np.abs(a.s - b.s).max() > 0            # float32 really ran

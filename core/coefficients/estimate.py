@@ -60,14 +60,18 @@ def _jvps_sequential(f: Callable, x, tt, v):
 
 
 def per_sample_stats(denoise: Callable, x0: torch.Tensor, eps: torch.Tensor, v: torch.Tensor,
-                     t: float, labels: Optional[torch.Tensor], batched: bool = True
-                     ) -> torch.Tensor:
-    """[B, len(STATS)] statistics at one time t for one batch (float64)."""
+                     t: float, labels: Optional[torch.Tensor], batched: bool = True,
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[B, len(STATS)] statistics at one time t for one batch (float64). The teacher runs in
+    `dtype`; x_t and the inner products stay float64 (||g||^2 at small t is a small difference
+    of large products)."""
     x = x0 + t * eps
-    tt = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+    xn = x.to(dtype)
+    tt = torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
     f = lambda x_, t_: denoise(x_, t_, labels)
     # D, J v (Hutchinson probe) and dD/dlambda = J (D - x) - t dD/dt (along the PF-ODE)
-    D, Jv, Ddot = (_jvps_batched if batched else _jvps_sequential)(f, x, tt, v)
+    D, Jv, Ddot = (_jvps_batched if batched else _jvps_sequential)(f, xn, tt, v.to(dtype))
+    D, Jv, Ddot = D.double(), Jv.double(), Ddot.double()
     f = lambda a, b: (a * b).flatten(1).sum(1)
     return torch.stack([f(v, Jv), f(D, D), f(D, x), f(x, x), f(D, Ddot), f(x, Ddot)], dim=1)
 
@@ -75,7 +79,7 @@ def per_sample_stats(denoise: Callable, x0: torch.Tensor, eps: torch.Tensor, v: 
 @torch.no_grad()
 def collect(denoise: Callable, sample_x0: Callable, ts: np.ndarray, n_samples: int, batch: int,
             seed: int, device: str = "cpu", batches: Optional[list[int]] = None,
-            progress: bool = True) -> np.ndarray:
+            progress: bool = True, dtype: torch.dtype = torch.float64) -> np.ndarray:
     """Per-sample statistics, shape [n_t, n_samples, len(STATS)] (rows of other ranks' batches
     stay zero when `batches` restricts the work to a shard)."""
     n_batches = -(-n_samples // batch)
@@ -88,19 +92,19 @@ def collect(denoise: Callable, sample_x0: Callable, ts: np.ndarray, n_samples: i
         lo, hi = b * batch, min(n_samples, (b + 1) * batch)
         gen = batch_generator(seed, b)
         x0, labels = sample_x0(hi - lo, gen)
-        x0 = x0.to(device=device, dtype=torch.float64)
+        x0 = x0.to(device=device, dtype=torch.float64)     # float64 draws for every dtype
         eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64).to(device)
         v = (torch.randint(0, 2, x0.shape, generator=gen) * 2 - 1).to(device, torch.float64)
         if labels is not None:
             labels = labels.to(device)
         for i, t in enumerate(ts):
             try:
-                row = per_sample_stats(denoise, x0, eps, v, float(t), labels, batched)
+                row = per_sample_stats(denoise, x0, eps, v, float(t), labels, batched, dtype)
             except RuntimeError:
                 if not batched:
                     raise
                 batched = False       # an op without a vmap batching rule: two plain JVPs
-                row = per_sample_stats(denoise, x0, eps, v, float(t), labels, batched)
+                row = per_sample_stats(denoise, x0, eps, v, float(t), labels, batched, dtype)
             out[i, lo:hi] = row.cpu().numpy()
             bar.update(1)
     bar.close()

@@ -71,8 +71,9 @@ class AutoFeatureNet:
         if not path.is_file():
             print(f"[ctmkit] metrics: training the feature net on the reference data -> {path}",
                   flush=True)
-            acc = train_on(reference, path, progress=self.progress)
-            print(f"[ctmkit] metrics: feature net test accuracy {acc:.4f}", flush=True)
+            meta = train_on(reference, path, progress=self.progress)
+            print(f"[ctmkit] metrics: feature net test accuracy {meta['test_accuracy']:.4f}",
+                  flush=True)
         return _extractor("feature_net", path, self.device)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import _common
 
 from core.errors import UserError
-from core.feature_net import FORMAT, VERSION, accuracy, save, split, train
+from core.feature_net import train_on
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,39 +88,27 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         train_ds = load_dataset(args.data, args.format, args.limit)
-        x, y = train_ds.x, train_ds.y
+        test_ds = None
         if args.test_data is not None:
             test_ds = load_dataset(args.test_data, args.format)
             if test_ds.shape != train_ds.shape:
                 raise UserError(f"{args.test_data}: test images are {list(test_ds.shape)}, "
                                 f"training images {list(train_ds.shape)}")
-            xt, yt, test_fp = test_ds.x, test_ds.y, test_ds.fingerprint()
-        else:
-            x, y, xt, yt = split(x, y, args.seed)
-            test_fp = "held-out 10%"
-        num_classes = int(max(int(y.max()), int(yt.max()))) + 1
-        if num_classes < 2:
-            raise UserError(f"{args.data}: a classifier needs at least 2 classes")
         t_load = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        model = train(x, y, num_classes, args.epochs, args.batch, args.seed,
-                      progress=not args.no_progress)
-        t_train = time.perf_counter() - t1
-        acc = accuracy(model, xt, yt)
-        meta = {"format": FORMAT, "version": VERSION,
-                "dataset_fingerprint": train_ds.fingerprint(), "test_fingerprint": test_fp,
-                "shape": list(train_ds.shape), "num_classes": num_classes,
-                "test_accuracy": round(acc, 6), "feature_dim": model.feature_dim,
-                "train_examples": len(x), "test_examples": len(xt), "epochs": args.epochs,
-                "batch": args.batch, "seed": args.seed, "command": _common.command_line()}
         out = Path(args.out)
-        save(model, out, meta)
+        meta = train_on(train_ds, out, args.epochs, args.batch, args.seed,
+                        progress=not args.no_progress, test=test_ds,
+                        extra_meta={"command": _common.command_line()})
+        t_train = time.perf_counter() - t1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"test accuracy {acc:.4f} on {len(xt)} images ({len(x)} training images, "
-          f"{args.epochs} epoch(s), {t_train:.1f} s training, {t_load:.1f} s loading); "
+    print(f"test accuracy {meta['test_accuracy']:.4f} on {meta['test_examples']} images "
+          f"({meta['train_examples']} training images, "
+          f"{args.epochs} epoch(s), {t_train:.1f} s training and testing, {t_load:.1f} s "
+          f"loading); "
           f"wrote {out}")
     return 0
 

@@ -104,11 +104,6 @@ class Run:
         plugins.get("loss", self.cfg.distill.loss, self.cfg.sections["distill"].where("loss"))
         plugins.get("solver", self.cfg.distill.solver,
                     self.cfg.sections["distill"].where("solver"))
-        if "sample" in stages and self.cfg.sample.runner == "ctm_sample":
-            if self.cfg.sample.sampler != "ctm":
-                raise UserError(f"{self.cfg.path}: [sample] runner = \"ctm_sample\" implements "
-                                f"the ctm sampler only, not {self.cfg.sample.sampler!r}")
-            ctm_sample_binary(self.cfg)
         if self.cfg.evaluate.metrics:          # e.g. a missing Inception file, before training
             from core.quality import metric_objects
             metric_objects(self.cfg, self.ctx)
@@ -118,9 +113,11 @@ class Run:
                 ("precond", self.cfg.precond, "name", self.cfg.precond_name),
                 ("sampler", self.cfg.sampler_options, "sampler", self.cfg.sample.sampler)):
             try:
-                plugins.create(kind, section, dry, key, name)
+                built = plugins.create(kind, section, dry, key, name)
             except _Deferred:
-                pass
+                continue
+            if kind == "sampler" and "sample" in stages and self.cfg.sample.runner == "ctm_sample":
+                ctm_sample_binary(self.cfg, built)
 
     def data_for(self, path: Path | None, what: str):
         """The x_0 source of a stage: the file `path` (a stage's own `data` key), else [data],
@@ -269,7 +266,13 @@ def sample(run: Run) -> None:
         f"{time.perf_counter() - t0:.1f}s -> {out}")
 
 
-def ctm_sample_binary(cfg) -> Path:
+def ctm_sample_binary(cfg, sampler) -> Path:
+    """The C++ sampler for [sample] runner = "ctm_sample" (which implements CTM's sampler)."""
+    from plugins.samplers import CTMSampler
+
+    if not isinstance(sampler, CTMSampler):
+        raise UserError(f"{cfg.path}: [sample] runner = \"ctm_sample\" implements the ctm "
+                        f"sampler only, not {cfg.sample.sampler!r}")
     binary = cfg.sample.binary or Path(__file__).resolve().parent.parent / "build" / "ctm_sample"
     if not binary.is_file():
         raise UserError(f"{binary}: ctm_sample not found; build it with python "
@@ -283,13 +286,8 @@ def _ctm_sample(run: Run, sampler, ts: list, out: Path):
     import os
     import subprocess
 
-    from plugins.samplers import CTMSampler
-
     cfg, s = run.cfg, run.cfg.sample
-    if not isinstance(sampler, CTMSampler):
-        raise UserError(f"{cfg.path}: [sample] runner = \"ctm_sample\" implements the ctm "
-                        f"sampler only, not {s.sampler!r}")
-    binary = ctm_sample_binary(cfg)
+    binary = ctm_sample_binary(cfg, sampler)
     scratch = out.with_name(f".{out.stem}.ctm_sample.npy")
     # ctm_sample writes <stem>.npy, <stem>.labels.npy (conditional) and <stem>.png (images)
     made = [scratch, scratch.with_name(scratch.stem + ".labels.npy"),

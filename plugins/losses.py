@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor
 
+from core.errors import UserError
 from core.hookspecs import hookimpl
 
 
@@ -54,7 +55,6 @@ class LPIPS(torch.nn.Module):
         from pathlib import Path
 
         import lpips
-        from core.errors import UserError
 
         if net not in self.FILES:
             raise UserError(f"lpips: net must be one of {', '.join(self.FILES)}, got {net!r}")
@@ -81,7 +81,6 @@ class LPIPS(torch.nn.Module):
         try:
             tv.load_state_dict(torch_load(file, "LPIPS backbone weights"))
         except RuntimeError as e:
-            from core.errors import UserError
             raise UserError(f"{file}: not torchvision's {net} weights "
                             f"({str(e).splitlines()[0][:100]})") from None
         slices = [m for name, m in self.model.net.named_children() if name.startswith("slice")]
@@ -91,7 +90,6 @@ class LPIPS(torch.nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if a.dim() != 4:
-            from core.errors import UserError
             raise UserError("the lpips distance needs image data [B, C, H, W]")
         if a.shape[1] == 1:
             a, b = a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)

@@ -119,9 +119,8 @@ class KIDMetric(FeatureMetric):
 def _options(options, ctx) -> dict:
     features = options.str("features", "inception", choices=("inception", "feature_net"))
     inception = options.path("inception", None)
-    auto = options.data.get("feature_net") == "auto"
+    auto = options.str("feature_net", None) == "auto"
     net = None if auto else options.path("feature_net", None)
-    options._read.add("feature_net")
     num = options.int("num", 10000, min=2)
     seed = options.int("seed", 0)
     batch = options.int("batch", 100, min=1)

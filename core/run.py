@@ -78,7 +78,9 @@ def main(argv=None) -> int:
             runs.insert(0, (for_precond(cfg, cfg.run.preconds[0], own_dir=False), shared))
         prepared = []
         for i, (c, st) in enumerate(runs):
-            r = Run(c, progress=not args.no_progress)
+            # for_precond keeps [data] as it is: the runs share one loaded dataset
+            r = Run(c, progress=not args.no_progress,
+                    data=prepared[0][0].data_source() if prepared else None)
             if i == 0:
                 dist.init(r.device)
             r.validate(stages)

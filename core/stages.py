@@ -36,7 +36,9 @@ def _deferred():
 class Run:
     """What the stages share: the config, the teacher, the plugin context."""
 
-    def __init__(self, cfg: Config, progress: bool = True):
+    def __init__(self, cfg: Config, progress: bool = True, data=None):
+        """`data`: an already loaded DataSource of the same [data] section (the runs of one
+        [run] preconds comparison share theirs)."""
         self.cfg, self.progress = cfg, progress
         self.device = cfg.run.device
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -50,7 +52,7 @@ class Run:
                                    base_dir=cfg.base_dir, out_dir=self.out_dir,
                                    progress=progress,
                                    coefficients_loader=self.coefficient_table)
-        self._data = None
+        self._data = data
 
     @functools.cached_property
     def teacher(self):

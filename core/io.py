@@ -1,8 +1,20 @@
-"""Crash-safe file writing: every output goes to a temporary name and is renamed into place."""
+"""Crash-safe, deterministic, checked file writing and reading.
+
+* Every output is serialised in memory first, written to a temporary name with Python's own
+  checked I/O (a full disk is an ``OSError``, never an abort inside a C++ library), fsynced and
+  renamed into place: a crash or kill -9 leaves the old file (or none), never half of one.
+* Bytes are deterministic: the same content gives the same file (``torch.save`` into a buffer,
+  not onto a temporary *name*, which torch would write into the archive).
+* Every ``.pt`` file ctmkit writes carries ``sha256``, a digest of its content (tensors with their
+  dtypes and shapes, and all metadata; :func:`content_digest`), checked by :func:`load_torch`:
+  torch itself does not check its archives' CRCs, so a flipped bit would otherwise load.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -11,17 +23,24 @@ from typing import Iterator
 
 import numpy as np
 
+from core.errors import UserError
+
+#: the key under which a ctmkit .pt file stores the digest of the rest of its content
+DIGEST_KEY = "sha256"
+#: temporaries are named ``.<final name>.<random>.tmp`` beside the final file
+_TMP_SUFFIX = ".tmp"
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it onto `path`.
 
     A crash (or kill -9) before the rename leaves `path` untouched; the temporary file is
-    removed on any exception.
+    removed on any exception (a kill -9 leaves it: `remove_stale_temporaries` sweeps those).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     umask = os.umask(0)
@@ -39,29 +58,154 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             finally:
                 os.close(dir_fd)
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
 
 
-def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Atomically replace `path` by `data` (checked writes: ENOSPC / EROFS raise OSError)."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.save(fh, array)
+            fh.write(data)
+            fh.flush()
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.<name>.<random>.tmp`` files that killed runs left under `folder`
+    (call it only while holding the folder's run lock)."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.rglob(f".*{_TMP_SUFFIX}"):
+        if p.is_file() and p.name.count(".") >= 3:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    write_bytes(path, buf.getvalue())
 
 
 def save_json(path: str | os.PathLike, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Strict JSON (NaN / Inf are refused: they are not JSON)."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+                .encode())
+
+
+# --- content digests -----------------------------------------------------------------------
+
+def content_digest(obj) -> str:
+    """SHA-256 of a nested structure of dicts / lists / tuples / str / numbers / None / tensors
+    / numpy arrays: tensors by dtype, shape and raw bytes; dicts in insertion order. Equal
+    content gives an equal digest whatever file (or torch version) it came from."""
+    import torch
+
+    h = hashlib.sha256()
+
+    def tag(t: str, payload: bytes = b"") -> None:
+        h.update(t.encode() + len(payload).to_bytes(8, "little") + payload)
+
+    def walk(o) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            tag("T", f"{t.dtype}|{list(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, np.ndarray):
+            a = np.ascontiguousarray(o)
+            tag("A", f"{a.dtype.str}|{list(a.shape)}".encode())
+            h.update(a.tobytes())
+        elif isinstance(o, dict):
+            tag("D", str(len(o)).encode())
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            tag("L" if isinstance(o, list) else "U", str(len(o)).encode())
+            for v in o:
+                walk(v)
+        elif isinstance(o, str):
+            tag("S", o.encode())
+        elif o is None or isinstance(o, (bool, int, float, np.generic)):
+            tag("V", f"{type(o).__name__}:{o!r}".encode())
+        elif isinstance(o, torch.dtype):
+            tag("Y", str(o).encode())
+        else:
+            raise TypeError(f"content_digest: cannot digest {type(o).__name__}")
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- torch files ---------------------------------------------------------------------------
+
+def torch_bytes(obj) -> bytes:
+    """``torch.save`` into memory: deterministic bytes for equal content."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_torch(path: str | os.PathLike, obj: dict) -> str:
+    """Write a ctmkit .pt file: `obj` plus ``sha256`` (its content digest); returns the digest."""
+    body = {k: v for k, v in obj.items() if k != DIGEST_KEY}
+    digest = content_digest(body)
+    write_bytes(path, torch_bytes({**body, DIGEST_KEY: digest}))
+    return digest
 
 
 def torch_load(path: str | os.PathLike, what: str):
-    """torch.load(weights_only=True) with a one-line UserError for truncated or foreign files."""
+    """torch.load(weights_only=True) of a regular file, with a one-line UserError for missing,
+    truncated or foreign files (no digest check: for files ctmkit did not write)."""
     import torch
 
-    from core.errors import UserError
-
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found" if not path.exists() else
+                        f"{path}: {what} is not a regular file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle rejected by weights_only, ...
         first = str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__
         raise UserError(f"{path}: unreadable {what} ({first})") from None
+
+
+def load_torch(path: str | os.PathLike, what: str, fmt: str | None = None,
+               keys: dict | None = None) -> dict:
+    """Read a ctmkit .pt file: a dict whose ``format`` is `fmt`, whose ``sha256`` matches its
+    content, and which has each of `keys` ({name: type or tuple of types}). One line otherwise.
+    Returns the dict, ``sha256`` included (the file's content fingerprint)."""
+    obj = torch_load(path, what)
+    if not isinstance(obj, dict) or (fmt is not None and obj.get("format") != fmt):
+        raise UserError(f"{path}: not a ctmkit {what}")
+    stored = obj.get(DIGEST_KEY)
+    if not isinstance(stored, str):
+        raise UserError(f"{path}: {what} carries no content checksum (written by an older "
+                        f"ctmkit?); rerun the stage that writes it")
+    body = {k: v for k, v in obj.items() if k != DIGEST_KEY}
+    try:
+        actual = content_digest(body)
+    except TypeError:
+        raise UserError(f"{path}: {what} holds objects ctmkit does not write") from None
+    if actual != stored:
+        raise UserError(f"{path}: {what} is corrupt (SHA-256 of its content does not match "
+                        f"the one stored in it)")
+    for k, types in (keys or {}).items():
+        if not isinstance(body.get(k), types):
+            raise UserError(f"{path}: {what} lacks {k!r} or it has the wrong type")
+    return obj

@@ -9,6 +9,7 @@ what the C++ ``ctm_sample`` loads.
 """
 
 
+import hashlib
 import json
 import math
 import warnings
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from core import __version__
 from core.errors import UserError
-from core.io import atomic_path
+from core.io import write_bytes
 
 FORMAT, VERSION = "ctmkit.jumper", 1
 META_KEYS = ("format", "version", "precond", "variant", "sigma_data", "t_min", "t_max", "rho",
@@ -94,12 +95,39 @@ def script(module: nn.Module):
         return torch.jit.script(module)
 
 
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                torch.bfloat16: "bfloat16", torch.int64: "int64", torch.int32: "int32",
+                torch.uint8: "uint8", torch.int8: "int8", torch.bool: "bool"}
+
+
+def payload_digest(module) -> str:
+    """SHA-256 of a (scripted) module's tensors, ``meta.json``'s ``payload_sha256``: for every
+    parameter and buffer in name order, ``name \n dtype \n d0,d1,.. \n nbytes \n`` and the raw
+    little-endian bytes. ctm_sample (cpp_runtime/integrity.cpp) computes the same."""
+    named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    h = hashlib.sha256()
+    for name in sorted(named):
+        t = named[name].detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        head = f"{name}\n{_DTYPE_NAMES.get(t.dtype, str(t.dtype))}\n" \
+               f"{','.join(map(str, t.shape))}\n{len(raw)}\n"
+        h.update(head.encode())
+        h.update(raw)
+    return h.hexdigest()
+
+
 def export(jumper: Jumper, path: str | Path, meta: dict) -> None:
-    """Script the jumper and save it atomically with ``meta.json`` inside the archive."""
+    """Script the jumper and save it atomically with ``meta.json`` (and the digest of its
+    tensors) inside the archive; serialised in memory first, so a full disk is a clean error."""
+    import io
+
     scripted = script(jumper.eval())
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    meta = {**meta, "payload_sha256": payload_digest(scripted)}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(scripted, str(tmp), _extra_files={"meta.json": json.dumps(meta)})
+        torch.jit.save(scripted, buf, _extra_files={"meta.json": json.dumps(meta)})
+    write_bytes(path, buf.getvalue())
 
 
 def validate_meta(meta: dict, where: str) -> dict:
@@ -140,4 +168,10 @@ def load(path: str | Path, device: str = "cpu"):
         raise UserError(f"{path}: meta.json is not valid JSON") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path}: meta.json is not a JSON object")
-    return module.eval(), validate_meta(meta, str(path))
+    validate_meta(meta, str(path))
+    if meta.get("payload_sha256") != payload_digest(module):
+        raise UserError(f"{path}: jumper is corrupt or altered (SHA-256 of its tensors does not "
+                        f"match meta.json's payload_sha256)" if "payload_sha256" in meta else
+                        f"{path}: meta.json has no payload_sha256 (exported by an older ctmkit?); "
+                        f"rerun 'export'")
+    return module.eval(), meta

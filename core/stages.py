@@ -91,8 +91,8 @@ class Run:
         return src.fingerprint() if src is not None else self.teacher.fingerprint()
 
     def coefficients_digest(self) -> str:
-        import hashlib
-        return hashlib.sha256(self.cfg.coefficients.path.read_bytes()).hexdigest()[:32]
+        """The store's content digest (checked as it is read)."""
+        return str(store.load(self.cfg.coefficients.path).attrs["payload_sha256"])[:32]
 
     def validate(self, stages=()) -> None:
         """Fail fast on misconfiguration, before any stage writes anything: build the teacher

@@ -72,26 +72,24 @@ def trainable(net: nn.Module) -> list:
 
 
 def save_student(path: Path, net: nn.Module, teacher_fingerprint: str) -> None:
-    from core.io import atomic_path
+    from core.io import save_torch
 
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "version": VERSION,
-                    "teacher_fingerprint": teacher_fingerprint,
-                    "state_dict": net.state_dict()}, tmp)
+    save_torch(path, {"format": FORMAT, "version": VERSION,
+                      "teacher_fingerprint": teacher_fingerprint,
+                      "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}})
 
 
 def load_student(run, path: Path) -> nn.Module:
-    from core.io import torch_load
+    from core.io import load_torch
 
-    st = torch_load(path, "student file")
-    if not isinstance(st, dict) or st.get("format") != FORMAT:
-        raise UserError(f"{path}: not a ctmkit student file")
+    st = load_torch(path, "student file", FORMAT,
+                    keys={"teacher_fingerprint": str, "state_dict": dict})
     if st.get("teacher_fingerprint") != run.teacher.fingerprint():
         raise UserError(f"{path}: distilled from another teacher; rerun 'distill'")
     net = build_student(run)
     try:
         net.load_state_dict(st["state_dict"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: weights do not fit the configured student "
                         f"({str(e).splitlines()[0][:120]})") from None
     return net.eval()

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from core import distributed as dist
 from core.errors import UserError
-from core.io import atomic_path
+from core.io import save_torch
 from core.training import (EMA, MetricsLog, iteration_generator, lr_at, make_optimizer,
                            plot_curves, resume, save_checkpoint)
 from plugins.losses import DSMLoss
@@ -91,12 +91,10 @@ def train_teacher(run) -> None:
     if dist.is_main():
         path = cfg.teacher.path("path", "teacher.pt", base=run.out_dir) \
             if cfg.teacher_kind == "network" else run.out_dir / "teacher.pt"
-        with atomic_path(path) as tmp:
-            torch.save({"format": FORMAT, "version": 1, "network": name, "options": options,
-                        "shape": list(shape), "num_classes": num_classes,
-                        "sigma_data": diff.sigma_data,
-                        "state_dict": {k: v.cpu() for k, v in ema.model.state_dict().items()}},
-                       tmp)
+        save_torch(path, {"format": FORMAT, "version": 1, "network": name, "options": options,
+                          "shape": list(shape), "num_classes": num_classes,
+                          "sigma_data": diff.sigma_data,
+                          "state_dict": {k: v.cpu() for k, v in ema.model.state_dict().items()}})
         plot_curves(log, run.out_dir / "teacher_curves.png", "teacher: EDM DSM loss")
         print(f"[ctmkit] teacher: {tt.iterations} iterations in {time.perf_counter() - t0:.0f}s "
               f"-> {path}")

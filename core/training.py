@@ -14,7 +14,7 @@ from torch import nn
 
 from core import distributed as dist
 from core.errors import UserError
-from core.io import atomic_path
+from core.io import atomic_path, save_torch
 
 CKPT_FORMAT, CKPT_VERSION = "ctmkit.checkpoint", 1
 _CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -57,8 +57,7 @@ def save_checkpoint(folder: Path, iteration: int, fingerprint: str, modules: dic
                  "iteration": iteration,
                  "modules": {k: m.state_dict() for k, m in modules.items()},
                  "optimizer": optimizer.state_dict(), "extra": extra or {}}
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        save_torch(path, state)
         for _, old in checkpoints(folder)[:-keep]:
             old.unlink(missing_ok=True)
     dist.barrier()
@@ -66,11 +65,10 @@ def save_checkpoint(folder: Path, iteration: int, fingerprint: str, modules: dic
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> dict:
-    from core.io import torch_load
+    from core.io import load_torch
 
-    state = torch_load(path, "checkpoint (delete it to resume from an earlier one)")
-    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-        raise UserError(f"{path}: not a ctmkit checkpoint")
+    state = load_torch(path, "checkpoint (delete it to resume from an earlier one)", CKPT_FORMAT,
+                       keys={"iteration": int, "modules": dict, "optimizer": dict})
     if state.get("version") != CKPT_VERSION:
         raise UserError(f"{path}: checkpoint version {state.get('version')} is not supported")
     if state.get("fingerprint") != fingerprint:
@@ -79,12 +77,17 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict:
     return state
 
 
-def restore(state: dict, modules: dict, optimizer) -> int:
+def restore(state: dict, modules: dict, optimizer, path: Path | str = "checkpoint") -> int:
     for k, m in modules.items():
         if k not in state["modules"]:
-            raise UserError(f"checkpoint lacks {k!r}")
-        m.load_state_dict(state["modules"][k])
-    optimizer.load_state_dict(state["optimizer"])
+            raise UserError(f"{path}: checkpoint lacks {k!r}")
+    try:
+        for k, m in modules.items():
+            m.load_state_dict(state["modules"][k])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"{path}: checkpoint does not fit the model ({first})") from None
     return int(state["iteration"])
 
 
@@ -93,7 +96,8 @@ def resume(folder: Path, fingerprint: str, modules: dict, optimizer) -> tuple[in
     found = checkpoints(folder)
     if not found:
         return 0, None
-    return restore(load_checkpoint(found[-1][1], fingerprint), modules, optimizer), found[-1][1]
+    path = found[-1][1]
+    return restore(load_checkpoint(path, fingerprint), modules, optimizer, path), path
 
 
 class MetricsLog:

@@ -2,13 +2,15 @@
 
 Root attrs: format = "ctmkit.coefficients", version = 1, t_min, t_max, n_samples, grid,
 teacher_fingerprint, created (+ `settings`, a JSON string of everything that determines the
-numbers, used to decide reuse). Float64 datasets of equal length, ascending lambda:
+numbers, used to decide reuse; `payload_sha256`, the content digest of every dataset and every
+other attribute, checked on load). Float64 datasets of equal length, ascending lambda:
 t, lambda, l, s, L, S, eta, l_stderr, s_stderr (+ s_guarded, uint8).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 from pathlib import Path
 
@@ -18,31 +20,48 @@ import numpy as np
 from core import __version__
 from core.coefficients.table import CoefficientTable
 from core.errors import UserError
-from core.io import atomic_path
+from core.io import content_digest, write_bytes
 
 FORMAT, VERSION = "ctmkit.coefficients", 1
 DATASETS = ("t", "lambda", "l", "s", "L", "S", "eta", "l_stderr", "s_stderr")
+MAX_TIMES = 1_000_000        # far beyond any grid; bounds what a foreign file can allocate
+
+
+_UNDIGESTED = ("created", "payload_sha256")
+
+
+def payload_digest(attrs: dict, arrays: dict) -> str:
+    """The store's content digest: every attribute but `created` and itself, every dataset."""
+    def plain(v):
+        v = v.decode() if isinstance(v, bytes) else v
+        return v.item() if isinstance(v, np.generic) else v
+    return content_digest({"attrs": {k: plain(attrs[k]) for k in sorted(attrs)
+                                     if k not in _UNDIGESTED},
+                           "data": {k: np.asarray(arrays[k]) for k in sorted(arrays)}})
 
 
 def write(path: str | Path, table: CoefficientTable, *, grid: str, n_samples: int,
           teacher_fingerprint: str, settings: dict) -> None:
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h:
-            h.attrs.update({
-                "format": FORMAT, "version": VERSION,
-                "t_min": table.t_min, "t_max": table.t_max, "n_samples": int(n_samples),
-                "grid": grid, "teacher_fingerprint": teacher_fingerprint,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "settings": json.dumps(settings, sort_keys=True),
-                "ctmkit_version": __version__,
-            })
-            arrays = {"t": table.t, "lambda": table.lam, "l": table.l, "s": table.s,
-                      "L": table.L, "S": table.S, "eta": table.eta,
-                      "l_stderr": table.l_stderr, "s_stderr": table.s_stderr}
-            for name in DATASETS:
-                h.create_dataset(name, data=np.asarray(arrays[name], dtype=np.float64))
-            guarded = table.s_guarded if table.s_guarded is not None else np.zeros(len(table.t))
-            h.create_dataset("s_guarded", data=np.asarray(guarded, dtype=np.uint8))
+    """Build the file in memory, then write it atomically with checked I/O."""
+    attrs = {"format": FORMAT, "version": VERSION,
+             "t_min": float(table.t_min), "t_max": float(table.t_max),
+             "n_samples": int(n_samples), "grid": grid,
+             "teacher_fingerprint": teacher_fingerprint,
+             "settings": json.dumps(settings, sort_keys=True), "ctmkit_version": __version__}
+    arrays = {"t": table.t, "lambda": table.lam, "l": table.l, "s": table.s,
+              "L": table.L, "S": table.S, "eta": table.eta,
+              "l_stderr": table.l_stderr, "s_stderr": table.s_stderr}
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
+    guarded = table.s_guarded if table.s_guarded is not None else np.zeros(len(table.t))
+    arrays["s_guarded"] = np.asarray(guarded, dtype=np.uint8)
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as h:
+        h.attrs.update({**attrs, "payload_sha256": payload_digest(attrs, arrays),
+                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(
+                            timespec="seconds")})
+        for name in (*DATASETS, "s_guarded"):
+            h.create_dataset(name, data=arrays[name], track_times=False)
+    write_bytes(path, buf.getvalue())
 
 
 def _attr(h, name, path):
@@ -67,12 +86,24 @@ def load(path: str | Path) -> CoefficientTable:
                 raise UserError(f"{path}: coefficient file version {version} is not supported "
                                 f"(this ctmkit reads version {VERSION})")
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in h.attrs.items()}
-            data = {}
-            for name in DATASETS:
+            data, raw = {}, {}
+            for name in (*DATASETS, "s_guarded"):
                 if name not in h:
                     raise UserError(f"{path}: dataset {name!r} missing")
-                data[name] = np.asarray(h[name][()], dtype=np.float64)
-            guarded = np.asarray(h["s_guarded"][()], bool) if "s_guarded" in h else None
+                if not isinstance(h[name], h5py.Dataset) or h[name].ndim != 1 \
+                        or h[name].shape[0] > MAX_TIMES:
+                    raise UserError(f"{path}: dataset {name!r} is not a 1-D array of at most "
+                                    f"{MAX_TIMES} entries")
+                raw[name] = h[name][()]
+                if name in DATASETS:
+                    data[name] = np.asarray(raw[name], dtype=np.float64)
+            guarded = np.asarray(raw["s_guarded"], bool)
+            if "payload_sha256" not in attrs:
+                raise UserError(f"{path}: coefficient file carries no payload_sha256 (written by "
+                                f"an older ctmkit?); rerun the 'coefficients' stage")
+            if attrs["payload_sha256"] != payload_digest(attrs, raw):
+                raise UserError(f"{path}: coefficient file is corrupt (SHA-256 of its content "
+                                f"does not match its payload_sha256)")
     except UserError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:

@@ -3,7 +3,6 @@ its file: ``{"format": "ctmkit.teacher", "network": name, "options": {...}, "sha
 "num_classes": k, "sigma_data": s, "state_dict": EMA weights}``."""
 
 import copy
-import hashlib
 from pathlib import Path
 
 import torch
@@ -27,14 +26,13 @@ def build_network(name: str, options: dict, ctx, shape, num_classes: int, studen
 
 
 def read_teacher_file(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: teacher network file not found (run the 'teacher' stage)")
-    from core.io import torch_load
+    from core.io import load_torch
 
-    state = torch_load(path, "teacher file")
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"{path}: not a ctmkit teacher network file")
-    return state
+    return load_torch(path, "teacher network file", FORMAT,
+                      keys={"network": str, "options": dict, "shape": list, "num_classes": int,
+                            "sigma_data": (int, float), "state_dict": dict})
 
 
 class NetworkTeacher(Teacher):
@@ -78,4 +76,4 @@ class NetworkTeacher(Teacher):
         return net
 
     def fingerprint(self) -> str:
-        return "network:" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:32]
+        return "network:" + self.file["sha256"][:32]      # the content digest, checked on load

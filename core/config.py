@@ -306,20 +306,53 @@ class Config:
         return self.precond.data.get("name")
 
 
-def load_config(path: str | Path) -> Config:
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read `path`, apply ``--set section.key=value`` overrides, parse and validate."""
     path = Path(path)
     src = str(path)
+    if not path.exists():
+        raise UserError(f"{src}: config file not found")
+    if not path.is_file():
+        raise UserError(f"{src}: config is not a regular file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"{src}: config is larger than 1 MiB; not a ctmkit config")
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{src}: config file not found") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except (PermissionError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{src}: cannot read config ({e.__class__.__name__})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{src}: not valid TOML: {e}") from None
+    for item in overrides:
+        apply_override(raw, item)
     return parse_config(raw, path)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """``section.key=value`` (``section.sub.key=value`` for sub-tables): the value is read as
+    TOML (``1e-4``, ``true``, ``[1, 2]``, ``"text"``); a bare word that is not TOML is a string."""
+    where = f"--set {item}"
+    name, eq, text = item.partition("=")
+    parts = name.strip().split(".")
+    if not eq or len(parts) < 2 or not all(parts):
+        raise UserError(f"{where}: expected section.key=value")
+    if parts[0] not in KNOWN_SECTIONS:
+        raise UserError(f"{where}: unknown section [{parts[0]}] "
+                        f"(known: {', '.join(KNOWN_SECTIONS)})")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    table = raw
+    for p in parts[:-1]:
+        table = table.setdefault(p, {})
+        if not isinstance(table, dict):
+            raise UserError(f"{where}: {p} is not a table")
+    table[parts[-1]] = value
 
 
 def parse_config(raw: dict, path: Path) -> Config:

@@ -74,3 +74,12 @@ def broadcast_error(msg: str | None) -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (a decision only rank 0 takes, e.g. skipping a stage)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

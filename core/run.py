@@ -1,7 +1,14 @@
 """``python -m core.run config.toml``: run the configured stages in order.
 
 ``python -m core.run --list-plugins`` prints one ``KIND NAME SOURCE`` line per plugin.
-Bad input ends with one ``error:`` line on stderr and exit status 2.
+Bad input — a filesystem error included (out_dir not writable, disk full) — ends with one
+``error:`` line on stderr and exit status 2.
+
+A run holds ``out_dir/.lock`` (one run per out_dir), writes ``out_dir/run.json`` (what ran,
+where, with what) and skips every stage that ``out_dir/stages.json`` says is up to date
+(``--force`` runs them anyway); ``--dry-run`` prints the resolved config and that plan and
+writes nothing; ``--set section.key=value`` overrides a config value (a TOML value; a bare
+word is a string).
 """
 
 from __future__ import annotations
@@ -23,7 +30,30 @@ class _Parser(argparse.ArgumentParser):
 SHARED_STAGES = ("teacher", "coefficients")
 
 
-def _run_stage(run, name: str) -> None:
+def _run_stage(run, name: str, force: bool, label: str = "") -> None:
+    from core import distributed as dist
+    from core.ledger import Ledger, stage_key, watched_files
+    from core.stages import log
+
+    ledger = key = before = None
+    if dist.is_main():
+        ledger, key = Ledger(run.out_dir), stage_key(run, name)
+        skip = not force and ledger.up_to_date(name, key)
+    if dist.broadcast_object(skip if dist.is_main() else None):
+        if dist.is_main():
+            log(f"stage {name}{label}: up to date (same inputs and settings), skipped")
+        return
+    if dist.is_main():
+        log(f"stage {name}{label}")
+        ledger.forget(name)
+        before = watched_files(run)
+    _execute(run, name)
+    if dist.is_main():
+        ledger.record(run, name, key, before, watched_files(run))
+    dist.barrier()
+
+
+def _execute(run, name: str) -> None:
     from core import distributed as dist
     from core.stages import DISTRIBUTED_STAGES, STAGE_FUNCTIONS
 
@@ -45,10 +75,18 @@ def main(argv=None) -> int:
                 "into a few-step consistency (trajectory) model.")
     p.add_argument("config", nargs="?", help="config.toml")
     p.add_argument("--stages", help="comma-separated stages overriding [run] stages")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (a TOML value, e.g. distill.lr=1e-4 or "
+                        "run.out_dir=runs/x); repeatable")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the stage plan; run and write nothing")
+    p.add_argument("--force", action="store_true",
+                   help="run every stage, also those stages.json says are up to date")
     p.add_argument("--list-plugins", action="store_true", help="list registered plugins")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+    lock = None
     try:
         from core import plugins
         if args.list_plugins:
@@ -60,7 +98,7 @@ def main(argv=None) -> int:
         from core.config import STAGES, load_config
         from core.stages import Run, log
 
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, overrides=args.set)
         stages = cfg.run.stages
         if args.stages:
             stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -76,6 +114,11 @@ def main(argv=None) -> int:
             runs = [(for_precond(cfg, e), [s for s in stages if s not in SHARED_STAGES])
                     for e in cfg.run.preconds]
             runs.insert(0, (for_precond(cfg, cfg.run.preconds[0], own_dir=False), shared))
+        if args.dry_run:
+            from core.record import dry_run
+            dry_run(cfg, runs, args.force, progress=not args.no_progress)
+            return 0
+        from core.record import prepare_out_dir, write_run_record
         prepared = []
         for i, (c, st) in enumerate(runs):
             # for_precond keeps [data] as it is: the runs share one loaded dataset
@@ -83,26 +126,41 @@ def main(argv=None) -> int:
                     data=prepared[0][0].data_source() if prepared else None)
             if i == 0:
                 dist.init(r.device)
+                if dist.is_main():   # before anything is written: the lock, stale temporaries
+                    lock = prepare_out_dir(cfg.run.out_dir)
             r.validate(stages)
             prepared.append((r, st))
+        record = lambda: write_run_record(cfg, prepared[0][0],       # noqa: E731
+                                          argv if argv is not None else sys.argv[1:])
+        if dist.is_main():
+            record()
         for r, st in prepared:
             for name in st:
-                if dist.is_main():
-                    label = f" ({r.out_dir.name})" if cfg.run.preconds and name not in \
-                        SHARED_STAGES else ""
-                    log(f"stage {name}{label}")
-                _run_stage(r, name)
+                label = f" ({r.out_dir.name})" if cfg.run.preconds and name not in \
+                    SHARED_STAGES else ""
+                _run_stage(r, name, args.force, label)
         if cfg.run.preconds and dist.is_main():
             from core.compare import summarise
             summarise(cfg, [r for r, _ in prepared[1:]])
+        if dist.is_main():
+            record()            # again: now with the SHA-256 of a teacher trained by this run
         dist.shutdown()
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:          # out_dir unwritable, read-only filesystem, disk full, ...
+        where = f"{e.filename}: " if e.filename else ""
+        why = e.strerror or str(e).strip().splitlines()[0] if str(e).strip() else \
+            e.__class__.__name__
+        print(f"error: {where}{why} (nothing was left half-written)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

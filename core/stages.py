@@ -54,6 +54,11 @@ class Run:
                                    coefficients_loader=self.coefficient_table)
         self._data = data
 
+    def teacher_file(self) -> Path:
+        """Where the 'teacher' stage writes the trained network."""
+        return (self.cfg.teacher.path("path", "teacher.pt", base=self.out_dir)
+                if self.cfg.teacher_kind == "network" else self.out_dir / "teacher.pt")
+
     @functools.cached_property
     def teacher(self):
         return plugins.create("teacher", self.cfg.teacher, self.ctx, "kind")

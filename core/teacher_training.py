@@ -89,8 +89,7 @@ def train_teacher(run) -> None:
     bar.close()
     log.flush()
     if dist.is_main():
-        path = cfg.teacher.path("path", "teacher.pt", base=run.out_dir) \
-            if cfg.teacher_kind == "network" else run.out_dir / "teacher.pt"
+        path = run.teacher_file()
         save_torch(path, {"format": FORMAT, "version": 1, "network": name, "options": options,
                           "shape": list(shape), "num_classes": num_classes,
                           "sigma_data": diff.sigma_data,

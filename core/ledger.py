@@ -1,0 +1,139 @@
+"""Which stages are up to date: ``out_dir/stages.json``.
+
+For every completed stage it records a *key* — a digest of the config sections the stage reads,
+the content fingerprints of the teacher and data and the bytes of the files it reads — and the
+SHA-256 of every file the stage wrote. A rerun of the same command skips a stage whose key is
+unchanged and whose outputs are all still there, byte for byte ("up to date"); anything else
+runs it again. A stage's record is dropped before the stage starts, so a run killed in the
+middle of a stage never leaves a record that vouches for half-written outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from core import __version__
+from core.io import file_digest, save_json
+
+LEDGER = "stages.json"
+
+#: the config tables each stage reads ([run] counts without its stages / preconds lists)
+SECTIONS = {
+    "teacher": ("diffusion", "data", "network", "teacher", "teacher_train"),
+    "coefficients": ("diffusion", "data", "teacher", "coefficients"),
+    "distill": ("diffusion", "data", "network", "teacher", "precond", "coefficients", "student",
+                "distill", "evaluate"),
+    "export": ("diffusion", "network", "teacher", "precond", "coefficients", "student",
+               "distill", "export"),
+    "sample": ("export", "sample"),
+    "evaluate": ("diffusion", "data", "teacher", "export", "sample", "evaluate"),
+}
+#: what a stage reads besides the config: "teacher" / "data" fingerprints, and files
+INPUTS = {
+    "teacher": ("data",),
+    "coefficients": ("teacher", "data"),
+    "distill": ("teacher", "data", "coefficients.h5"),
+    "export": ("teacher", "student.pt", "coefficients.h5"),
+    "sample": ("jumper.pt",),
+    "evaluate": ("teacher", "data", "jumper.pt", "samples.npy"),
+}
+#: files of out_dir that are the run's own bookkeeping, never a stage's output
+_BOOKKEEPING = (LEDGER, "run.json", ".lock")
+
+
+def _input_path(run, name: str) -> Path:
+    cfg = run.cfg
+    return {"coefficients.h5": cfg.coefficients.path, "jumper.pt": cfg.export.path,
+            "student.pt": run.out_dir / "student.pt",
+            "samples.npy": run.out_dir / "samples.npy"}[name]
+
+
+def stage_key(run, stage: str) -> str:
+    cfg = run.cfg
+    desc = {"stage": stage, "ctmkit": __version__, "base_dir": str(cfg.base_dir),
+            "run": {k: v for k, v in cfg.raw.get("run", {}).items()
+                    if k not in ("stages", "preconds")},
+            "config": {s: cfg.raw.get(s) for s in SECTIONS[stage]}}
+    inputs = {}
+    for name in INPUTS[stage]:
+        if name == "teacher":
+            inputs[name] = run.teacher.fingerprint()
+        elif name == "data":
+            src = run.data_source()
+            inputs[name] = src.fingerprint() if src is not None else None
+        else:
+            p = _input_path(run, name)
+            inputs[name] = file_digest(p) if p.is_file() else None
+    desc["inputs"] = inputs
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def watched_files(run) -> dict[Path, tuple]:
+    """(mtime_ns, size) of the files a stage may write: out_dir's own files and the configured
+    output paths that may lie elsewhere (checkpoint folders and caches are not outputs)."""
+    cfg = run.cfg
+    paths = [p for p in run.out_dir.iterdir() if p.is_file() and p.name not in _BOOKKEEPING
+             and not p.name.startswith(".")] if run.out_dir.is_dir() else []
+    paths += [cfg.coefficients.path, cfg.coefficients.path.with_suffix(".png"),
+              cfg.export.path, cfg.export.path.with_suffix(".pt2")]
+    out = {}
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        out[p] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+class Ledger:
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / LEDGER
+        self.records = self._read()
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):           # missing, unreadable or foreign: trust nothing
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def up_to_date(self, stage: str, key: str) -> bool:
+        rec = self.records.get(stage)
+        if not isinstance(rec, dict) or rec.get("key") != key:
+            return False
+        outputs = rec.get("outputs")
+        if not isinstance(outputs, dict) or not outputs:
+            return False
+        for name, digest in outputs.items():
+            p = Path(name)
+            if not p.is_file() or file_digest(p) != digest:
+                return False
+        return True
+
+    def forget(self, stage: str) -> None:
+        if self.records.pop(stage, None) is not None:
+            save_json(self.path, self.records)
+
+    def record(self, run, stage: str, key: str, before: dict, after: dict) -> None:
+        """Record `stage` as completed with `key`; its outputs are its main file (which may
+        have been reused rather than written) and the watched files it created or changed
+        (`before` / `after`: `watched_files` snapshots)."""
+        files = {p for p, st in after.items() if before.get(p) != st}
+        main = main_output(run, stage)
+        if main.is_file():
+            files.add(main)
+        self.records[stage] = {"key": key,
+                               "outputs": {str(p): file_digest(p) for p in sorted(files)}}
+        save_json(self.path, self.records)
+
+
+def main_output(run, stage: str) -> Path:
+    cfg = run.cfg
+    if stage == "teacher":
+        return run.teacher_file()
+    return {"coefficients": cfg.coefficients.path, "distill": run.out_dir / "student.pt",
+            "export": cfg.export.path, "sample": run.out_dir / "samples.npy",
+            "evaluate": run.out_dir / "metrics.json"}[stage]

@@ -365,23 +365,37 @@ def reference_stats(dataset, extractor, num: int, cache_dir, seed: int = 0, batc
     return {"mu": mu, "sigma": sigma, "feats": feats}
 
 
-def fid(feats: np.ndarray, ref: dict) -> float:
-    """Frechet distance between N(mean, cov) of `feats` and the reference's (mu, sigma), via
-    cleanfid.fid.frechet_distance."""
-    from cleanfid.fid import frechet_distance
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
+    ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
 
+    tr((S1 S2)^(1/2)) = tr((R S2 R)^(1/2)) with R = S1^(1/2), and R S2 R is symmetric positive
+    semi-definite: two symmetric eigendecompositions, no complex sqrtm, exact for singular
+    covariances too (fewer samples than features), and independent of SciPy's sqrtm API
+    (clean-fid's frechet_distance calls sqrtm(disp=False), which SciPy 1.18 removed)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise UserError(f"FID: statistics of different dimensions ({mu1.shape}, {s1.shape} vs "
+                        f"{mu2.shape}, {s2.shape})")
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T                     # S1^(1/2)
+    m = root @ s2 @ root
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def fid(feats: np.ndarray, ref: dict) -> float:
+    """Frechet distance between N(mean, cov) of `feats` and the reference's (mu, sigma)."""
     feats = np.asarray(feats, dtype=np.float64)
     if feats.ndim != 2 or feats.shape[0] < 2:
         raise UserError(f"FID needs at least 2 samples, got {feats.shape[0] if feats.ndim else 0}")
+    if not np.all(np.isfinite(feats)):
+        raise UserError("FID: the features of the samples hold NaN/Inf")
     mu, sigma = _stats(feats)
-    with warnings.catch_warnings():
-        # clean-fid 0.1.35 passes scipy.linalg.sqrtm(disp=False), deprecated from SciPy 1.16 on
-        warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)
-        # fewer samples than feature dimensions give a singular covariance; clean-fid then
-        # adds eps to the diagonals itself (its documented fallback), so the warning is noise
-        from scipy.linalg import LinAlgWarning
-        warnings.filterwarnings("ignore", category=LinAlgWarning)
-        return float(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
+    return frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
 
 
 def kid(feats: np.ndarray, ref_feats: np.ndarray, seed: int = 0, num_subsets: int = 100,

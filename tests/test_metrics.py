@@ -23,6 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DISP = "ignore:.*disp.*:DeprecationWarning"    # clean-fid's sqrtm(disp=False) on SciPy >= 1.16
 
 
+def cleanfid_fd_works() -> bool:
+    """clean-fid 0.1.35's frechet_distance calls sqrtm(disp=False); SciPy 1.18 removed disp."""
+    import inspect
+
+    from scipy import linalg
+    return "disp" in inspect.signature(linalg.sqrtm).parameters
+
+
 class TinyNet(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -105,10 +113,12 @@ def test_fid_matches_clean_fid_on_png_folders(tmp_path, channels):
 
     # clean-fid averages the float32 features in float32, we in float64: ~1e-7 apart
     ours = M.fid(ours_feats, M.reference_stats(dataset(x_ref), ext, 1000, tmp_path / "c"))
+    assert ours > 0
+    if not cleanfid_fd_works():
+        pytest.skip("clean-fid's own FID needs scipy.linalg.sqrtm(disp=...), gone from this SciPy")
     theirs = cfid.compute_fid(str(d1), str(d2), mode="clean", custom_feat_extractor=ext,
                               custom_fn_resize=ext.resize, num_workers=0, batch_size=16,
                               device=torch.device("cpu"), verbose=False)
-    assert ours > 0
     assert ours == pytest.approx(theirs, rel=1e-6)
 
 
@@ -301,3 +311,59 @@ def test_train_feature_net_writes_a_loadable_file(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "x.pt").exists()
+
+
+# --- the Frechet distance itself (ours: no scipy.linalg.sqrtm) --------------------------------
+
+def test_frechet_distance_closed_form_diagonal():
+    """Commuting (diagonal) covariances: FD = |mu1 - mu2|^2 + sum (sqrt a - sqrt b)^2, also when
+    one covariance is singular (fewer samples than features)."""
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    a, b = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    a[:2] = 0.0
+    want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert M.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-12)
+    assert M.frechet_distance(mu1, np.diag(b), mu1, np.diag(b)) == pytest.approx(0, abs=1e-12)
+
+
+def test_frechet_distance_closed_form_rotated():
+    """FD is invariant under a common rotation of both Gaussians."""
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    a, b = rng.uniform(0.1, 2, 5), rng.uniform(0.1, 2, 5)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = M.frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T)
+    assert got == pytest.approx(want, rel=1e-10)
+
+
+def test_frechet_distance_matches_clean_fid():
+    if not cleanfid_fd_works():
+        pytest.skip("clean-fid's frechet_distance needs scipy.linalg.sqrtm(disp=...)")
+    import warnings
+
+    from cleanfid.fid import frechet_distance as theirs
+    rng = np.random.default_rng(2)
+    f1, f2 = rng.normal(size=(300, 20)), rng.normal(size=(250, 20)) * 1.3 + 0.2
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    m1, m2 = f1.mean(0), f2.mean(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        want = theirs(m1, s1, m2, s2)
+    assert M.frechet_distance(m1, s1, m2, s2) == pytest.approx(want, rel=1e-9)
+
+
+def test_fid_needs_no_scipy_sqrtm(monkeypatch):
+    """FID works on a SciPy without sqrtm(disp=...): here, without any sqrtm at all."""
+    from scipy import linalg
+
+    def gone(*a, **k):
+        raise TypeError("sqrtm() got an unexpected keyword argument 'disp'")
+    monkeypatch.setattr(linalg, "sqrtm", gone)
+    rng = np.random.default_rng(3)
+    feats, ref = rng.normal(size=(40, 64)), rng.normal(size=(50, 64))   # singular covariances
+    value = M.fid(feats, {"mu": ref.mean(0), "sigma": np.cov(ref, rowvar=False)})
+    assert np.isfinite(value) and value > 0
+    with pytest.raises(UserError, match="NaN"):
+        M.fid(np.full((4, 64), np.nan), {"mu": ref.mean(0), "sigma": np.cov(ref, rowvar=False)})

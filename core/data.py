@@ -13,11 +13,57 @@ from core.errors import UserError
 X_KEYS, Y_KEYS = ("x", "data", "images", "arr_0"), ("y", "labels")
 
 
+def regular_file(path: Path, what: str = "data file") -> Path:
+    """`path` if it is a regular file (not a folder, device or FIFO: /dev/zero would be read
+    until memory runs out); a one-line UserError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: {what} not found")
+    if path.is_dir():
+        raise UserError(f"{path}: expected a {what}, found a folder")
+    if not path.is_file():
+        raise UserError(f"{path}: {what} is not a regular file")
+    return path
+
+
+def check_array_sizes(path: Path) -> None:
+    """Check every .npy array in `path` (.npy, or the members of .npz) against its header
+    before numpy allocates it: a header that claims more data than the file holds is refused."""
+    import numpy.lib.format as fmt
+
+    def check(fh, size: int, where: str) -> None:
+        try:
+            version = fmt.read_magic(fh)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(fh)
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"{where}: not a .npy array ({e.__class__.__name__})") from None
+        if dtype.hasobject:
+            raise UserError(f"{where}: holds Python objects; only numeric arrays are read")
+        need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+        if need > size - fh.tell():
+            raise UserError(f"{where}: header claims {list(shape)} {dtype} ({need} bytes) but "
+                            f"the file holds {size - fh.tell()}; truncated or corrupt")
+
+    path = regular_file(path)
+    try:
+        if path.suffix == ".npy":
+            with open(path, "rb") as fh:
+                check(fh, path.stat().st_size, str(path))
+        elif path.suffix == ".npz":
+            with zipfile.ZipFile(path) as z:
+                for info in z.infolist():
+                    if info.filename.endswith(".npy"):
+                        with z.open(info) as fh:
+                            check(fh, info.file_size, f"{path}:{info.filename}")
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{path}: unreadable data file ({e.__class__.__name__})") from None
+
+
 def load_arrays(path: Path, shape: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x [N, *shape] float64, labels [N] int64 or None); one-line errors on bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: data file not found")
+    path = regular_file(path)
+    check_array_sizes(path)
     y = None
     try:
         if path.suffix == ".npy":
@@ -114,6 +160,7 @@ class DataSource:
                                 f"{list(self.shape)} but the teacher expects {list(shape)}")
         elif self.gmm is None and not self._loaded:
             if shape is None and not self.shape:
+                check_array_sizes(self.path)
                 probe = np.load(self.path, mmap_mode="r") if self.path.suffix == ".npy" else None
                 shape = tuple(probe.shape[1:]) if probe is not None else None
                 if shape is None:
@@ -156,5 +203,5 @@ class DataSource:
             return self.gmm.fingerprint()
         if self.dataset is not None:
             return self.dataset.fingerprint()
-        import hashlib
-        return "file:" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:32]
+        from core.io import file_digest
+        return "file:" + file_digest(regular_file(self.path))[:32]

@@ -364,13 +364,18 @@ def evaluate(run: Run) -> None:
             log(f"evaluate: {k}-step " + "  ".join(f"{n} {x:.4g}" for n, x in v.items()))
     samples_path = run.out_dir / "samples.npy"
     if samples_path.is_file():
+        from core.data import check_array_sizes
+        check_array_sizes(samples_path)
         try:
-            x = np.load(samples_path)
+            x = np.load(samples_path, allow_pickle=False)
         except (ValueError, OSError) as err:
             raise UserError(f"{samples_path}: unreadable ({err.__class__.__name__})") from None
-        if x.shape[1:] != tuple(teacher.shape):
+        if x.ndim < 2 or x.shape[1:] != tuple(teacher.shape) or len(x) < 2:
             raise UserError(f"{samples_path}: shape {x.shape} does not match the teacher's "
-                            f"{tuple(teacher.shape)}")
+                            f"[N >= 2, {', '.join(map(str, teacher.shape))}]")
+        if not np.issubdtype(x.dtype, np.floating) or not np.all(np.isfinite(x)):
+            raise UserError(f"{samples_path}: holds NaN/Inf or non-float values; rerun 'sample' "
+                            f"(metrics.json was not written)")
         if e.metrics:
             metrics["samples"] = {"num": int(len(x)),
                                   **compute_metrics(objs, torch.from_numpy(x), reference,
@@ -381,8 +386,24 @@ def evaluate(run: Run) -> None:
             name, value = distribution_distance(x, ref.numpy(), e.projections, e.seed)
             metrics["samples"] = {"num": int(len(x)), name: value}
         log(f"evaluate: samples {json.dumps(metrics['samples'])}")
+    bad = _non_finite(metrics)
+    if bad:
+        raise UserError(f"evaluate: {bad} is NaN/Inf (the jumper's samples diverge?); "
+                        f"metrics.json was not written")
     save_json(run.out_dir / "metrics.json", metrics)
     log(f"evaluate: -> {run.out_dir / 'metrics.json'}")
+
+
+def _non_finite(obj, where: str = "") -> str | None:
+    """The dotted name of the first NaN / Inf number in a nested dict, or None."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            found = _non_finite(v, f"{where}.{k}" if where else str(k))
+            if found:
+                return found
+    elif isinstance(obj, float) and not np.isfinite(obj):
+        return where
+    return None
 
 
 def teacher(run: Run) -> None:

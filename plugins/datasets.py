@@ -140,10 +140,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def _read_bytes(path: Path, what: str = "file") -> bytes:
-    if not path.exists():
-        raise UserError(f"{path}: {what} not found")
-    if not path.is_file():
-        raise UserError(f"{path}: expected a {what}, found a folder")
+    from core.data import regular_file
+    regular_file(path, what)
     try:
         return path.read_bytes()
     except OSError as e:
@@ -278,7 +276,9 @@ def _pick(names, keys) -> Optional[str]:
 
 
 def _read_array_file(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    from core.data import check_array_sizes
     _read_check(path)
+    check_array_sizes(path)
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz", ".h5", ".hdf5"):
         raise UserError(f"{path}: unsupported array file (use .npy, .npz, .h5 or .hdf5)")
@@ -299,10 +299,8 @@ def _read_array_file(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
 
 
 def _read_check(path: Path) -> None:
-    if not path.exists():
-        raise UserError(f"{path}: data file not found")
-    if not path.is_file():
-        raise UserError(f"{path}: expected a data file, found a folder")
+    from core.data import regular_file
+    regular_file(path)
 
 
 def _read_h5(path: Path):

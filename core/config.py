@@ -9,6 +9,7 @@ Relative paths resolve against the folder that holds the config file.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,13 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _REQUIRED = object()
+
+#: Upper bounds of sizes a config can ask for: far beyond any real run, but a typo such as
+#: num = 1e9 fails at once instead of allocating until the machine runs out of memory.
+SEED_MAX = 2 ** 63 - 1
+MAX_SAMPLES = 10_000_000       # samples drawn or evaluated
+MAX_BATCH = 1_000_000          # one batch
+MAX_GRID = 100_000             # time steps of a grid / solver steps
 
 #: Stage names in their canonical order. `core.stages` implements each one.
 STAGES = ("teacher", "coefficients", "distill", "export", "sample", "evaluate")
@@ -75,13 +83,19 @@ class Section:
             self.fail(key, f"must be one of {', '.join(choices)}; got {v!r}")
         return v
 
-    def int(self, key: str, default=_REQUIRED, min=None) -> int:
+    def int(self, key: str, default=_REQUIRED, min=None, max=None) -> int:
         v = self._get(key, default)
         if isinstance(v, bool) or not isinstance(v, int):
             self.fail(key, f"expected an integer, got {v!r}")
         if min is not None and v < min:
             self.fail(key, f"must be >= {min}, got {v}")
+        if max is not None and v > max:
+            self.fail(key, f"must be <= {max:,}, got {v:,}")
         return v
+
+    def seed(self, key: str, default) -> int:
+        """A random seed: 0 <= seed < 2^63 (torch's generators take 64-bit seeds)."""
+        return self.int(key, default, min=0, max=SEED_MAX)
 
     def float(self, key: str, default=_REQUIRED, min=None, max=None, positive=False) -> float:
         v = self._get(key, default)
@@ -265,14 +279,14 @@ class DistillCfg(TrainCfg):
 
 def _train_common(s: "Section", seed: int, iterations: int, batch: int, lr: float) -> dict:
     return dict(iterations=s.int("iterations", iterations, min=1),
-                batch_size=s.int("batch_size", batch, min=1), lr=s.float("lr", lr, positive=True),
+                batch_size=s.int("batch_size", batch, min=1, max=MAX_BATCH), lr=s.float("lr", lr, positive=True),
                 optimizer=s.str("optimizer", "adam", choices=("adam", "radam")),
                 warmup=s.int("warmup", 0, min=0), grad_clip=s.float("grad_clip", 0.0, min=0.0),
                 ema=[s._check_float("ema", r, min=0.0, max=1.0) for r in
                      (s.floats("ema", [0.999]))],
                 checkpoint_every=s.int("checkpoint_every", 500, min=1),
                 keep_checkpoints=s.int("keep_checkpoints", 2, min=1),
-                log_every=s.int("log_every", 10, min=1), seed=s.int("seed", seed),
+                log_every=s.int("log_every", 10, min=1), seed=s.seed("seed", seed),
                 precision=s.str("precision", "fp32", choices=("fp32", "bf16", "fp16")))
 
 
@@ -376,14 +390,22 @@ def parse_config(raw: dict, path: Path) -> Config:
             p.get("name"), str) for p in preconds):
         s.fail("preconds", "expected a list of tables with a name, e.g. [{name = \"ctm\"}, "
                            "{name = \"analytic\", variant = \"backward\"}]")
+    for p in preconds:
+        for k in ("label", "variant"):
+            if k in p and not isinstance(p[k], str):
+                s.fail("preconds", f"{k} must be a string, got {p[k]!r}")
     if preconds and "precond" in raw:
         s.fail("preconds", "give either [precond] or [run] preconds, not both")
     labels = [p.get("label", p["name"] + ("-" + p["variant"] if "variant" in p else ""))
               for p in preconds]
     if len(set(labels)) != len(labels):
         s.fail("preconds", "two entries share a label; add label = \"...\" to one")
+    for lab in labels:          # each label names a sub-folder of out_dir: no paths
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", lab) or ".." in lab:
+            s.fail("preconds", f"label {lab!r} must be a plain folder name (letters, digits, "
+                               f"_ . + -; no '/' or '..')")
     run = RunCfg(out_dir=out_dir, stages=sorted(stages, key=STAGES.index),
-                 seed=s.int("seed", 0), device=s.str("device", "cpu"),
+                 seed=s.seed("seed", 0), device=s.str("device", "cpu"),
                  preconds=[dict(p, label=lab) for p, lab in zip(preconds, labels)])
 
     s = sec["diffusion"]
@@ -397,10 +419,10 @@ def parse_config(raw: dict, path: Path) -> Config:
     s = sec["coefficients"]
     coef = CoefficientsCfg(path=s.path("path", "coefficients.h5", base=out_dir),
                            grid=s.str("grid", "log", choices=("log", "edm")),
-                           n_timesteps=s.int("n_timesteps", 120, min=3),
-                           n_samples=s.int("n_samples", 4096, min=2),
-                           batch=s.int("batch", 512, min=1),
-                           seed=s.int("seed", run.seed),
+                           n_timesteps=s.int("n_timesteps", 120, min=3, max=MAX_GRID),
+                           n_samples=s.int("n_samples", 4096, min=2, max=MAX_SAMPLES),
+                           batch=s.int("batch", 512, min=1, max=MAX_BATCH),
+                           seed=s.seed("seed", run.seed),
                            data=s.path("data", None),
                            dtype=s.str("dtype", "float64", choices=("float64", "float32")))
 
@@ -418,9 +440,10 @@ def parse_config(raw: dict, path: Path) -> Config:
                                    ".pt2 package beside it)")
 
     s = sec["sample"]
-    sample = SampleCfg(sampler=s.str("sampler", "ctm"), steps=s.int("steps", 2, min=1),
-                       num=s.int("num", 1000, min=1), batch=s.int("batch", 500, min=1),
-                       seed=s.int("seed", run.seed),
+    sample = SampleCfg(sampler=s.str("sampler", "ctm"), steps=s.int("steps", 2, min=1, max=MAX_GRID),
+                       num=s.int("num", 1000, min=1, max=MAX_SAMPLES),
+                       batch=s.int("batch", 500, min=1, max=MAX_BATCH),
+                       seed=s.seed("seed", run.seed),
                        timesteps=s.floats("timesteps", None, positive=True),
                        runner=s.str("runner", "python", choices=("python", "ctm_sample")),
                        binary=s.path("binary", None))
@@ -431,13 +454,13 @@ def parse_config(raw: dict, path: Path) -> Config:
         sample.steps = len(ts) - 1
 
     s = sec["evaluate"]
-    ev = EvaluateCfg(steps=s.ints("steps", [1, 2, 3, 5], min=1), num=s.int("num", 1000, min=2),
-                     seed=s.int("seed", run.seed + 1), projections=s.int("projections", 256, min=1),
+    ev = EvaluateCfg(steps=s.ints("steps", [1, 2, 3, 5], min=1), num=s.int("num", 1000, min=2, max=MAX_SAMPLES),
+                     seed=s.seed("seed", min(run.seed + 1, SEED_MAX)), projections=s.int("projections", 256, min=1, max=MAX_GRID),
                      data=s.path("data", None), trajectory=s.bool("trajectory", True),
                      metrics=s.strs("metrics", []),
                      metric_options=s._get("metric", {}),
-                     sample_num=s.int("sample_num", 10000, min=2),
-                     sample_batch=s.int("sample_batch", 500, min=1),
+                     sample_num=s.int("sample_num", 10000, min=2, max=MAX_SAMPLES),
+                     sample_batch=s.int("sample_batch", 500, min=1, max=MAX_BATCH),
                      cache_dir=s.path("cache_dir", "refstats", base=out_dir))
     if not isinstance(ev.metric_options, dict):
         s.fail("metric", "must be a table ([evaluate.metric]) of the metric plugins' options")
@@ -456,10 +479,10 @@ def parse_config(raw: dict, path: Path) -> Config:
                     lpips_net=s.str("lpips_net", "vgg", choices=("vgg", "alex")),
                     lpips_weights=s.path("lpips_weights", None),
                     lpips_random=s.bool("lpips_random", False),
-                    solver=s.str("solver", "heun"), N=s.int("N", 18, min=2),
-                    max_ode_steps=s.int("max_ode_steps", 17, min=1),
+                    solver=s.str("solver", "heun"), N=s.int("N", 18, min=2, max=MAX_GRID),
+                    max_ode_steps=s.int("max_ode_steps", 17, min=1, max=MAX_GRID),
                     target_ema=s.float("target_ema", 0.999, min=0.0, max=1.0), dsm_weight=dw,
-                    eval_every=s.int("eval_every", 100, min=1), eval_num=s.int("eval_num", 256, min=2),
+                    eval_every=s.int("eval_every", 100, min=1), eval_num=s.int("eval_num", 256, min=2, max=MAX_SAMPLES),
                     eval_steps=s.ints("eval_steps", [1, 2, 4], min=1),
                     eval=s.strs("eval", ["trajectory"]))
 

@@ -24,6 +24,7 @@ from core.errors import UserError
 from core.io import write_bytes
 
 FORMAT, VERSION = "ctmkit.jumper", 1
+DTYPES_BY_NAME = {"float32": torch.float32, "float64": torch.float64}
 META_KEYS = ("format", "version", "precond", "variant", "sigma_data", "t_min", "t_max", "rho",
              "shape", "num_classes", "dtype", "ctmkit_version")
 
@@ -174,4 +175,24 @@ def load(path: str | Path, device: str = "cpu"):
                         f"match meta.json's payload_sha256)" if "payload_sha256" in meta else
                         f"{path}: meta.json has no payload_sha256 (exported by an older ctmkit?); "
                         f"rerun 'export'")
-    return module.eval(), meta
+    _probe(module.eval(), meta, str(path), device)
+    return module, meta
+
+
+def _probe(module, meta: dict, where: str, device: str) -> None:
+    """One jump of one sample of meta's shape: a meta.json that does not fit the network is
+    a one-line error here, not a traceback in the middle of sampling."""
+    x = torch.zeros([1, *meta["shape"]], dtype=DTYPES_BY_NAME[meta["dtype"]], device=device)
+    t = torch.full([1], float(meta["t_max"]), dtype=torch.float64, device=device)
+    s = torch.full([1], float(meta["t_min"]), dtype=torch.float64, device=device)
+    labels = torch.zeros([1], dtype=torch.long, device=device) if meta["num_classes"] else None
+    try:
+        with torch.no_grad():
+            out = module(x, t, s, labels)
+    except Exception as e:  # noqa: BLE001 - any failure of the scripted graph is the file's
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"{where}: meta.json (shape {meta['shape']}, num_classes "
+                        f"{meta['num_classes']}) does not fit the network ({first})") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(x.shape):
+        raise UserError(f"{where}: the jumper returns {getattr(out, 'shape', type(out))}, "
+                        f"not meta.json's shape {meta['shape']}")

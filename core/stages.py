@@ -280,10 +280,15 @@ def ctm_sample_binary(cfg, sampler) -> Path:
     if not isinstance(sampler, CTMSampler):
         raise UserError(f"{cfg.path}: [sample] runner = \"ctm_sample\" implements the ctm "
                         f"sampler only, not {cfg.sample.sampler!r}")
+    import os
+
     binary = cfg.sample.binary or Path(__file__).resolve().parent.parent / "build" / "ctm_sample"
     if not binary.is_file():
         raise UserError(f"{binary}: ctm_sample not found; build it with python "
                         f"tools/build_cpp.py or set [sample] binary")
+    if not os.access(binary, os.X_OK):
+        raise UserError(f"{binary}: ctm_sample is not executable (chmod +x, or set [sample] "
+                        f"binary)")
     return binary
 
 
@@ -304,12 +309,27 @@ def _ctm_sample(run: Run, sampler, ts: list, out: Path):
            "--batch", str(s.batch), "--seed", str(s.seed), "--gamma", repr(sampler.gamma),
            "--device", run.device, "--quiet"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+        except OSError as e:          # not an executable format, ...
+            raise UserError(f"{binary}: cannot run ctm_sample ({e.strerror or e})") from None
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
             raise UserError(f"sample: ctm_sample failed (status {proc.returncode}): {last}")
-        x = np.load(scratch)
-        labels = np.load(made[1]) if made[1].is_file() else None
+        if not scratch.is_file():
+            raise UserError(f"{binary}: ctm_sample exited 0 but wrote no samples; is it "
+                            f"ctmkit's ctm_sample?")
+        from core.data import check_array_sizes
+        check_array_sizes(scratch)
+        try:
+            x = np.load(scratch, allow_pickle=False)
+            labels = np.load(made[1], allow_pickle=False) if made[1].is_file() else None
+        except (ValueError, OSError) as e:
+            raise UserError(f"{binary}: ctm_sample wrote an unreadable array "
+                            f"({e.__class__.__name__})") from None
+        if x.ndim < 2 or len(x) != s.num:
+            raise UserError(f"{binary}: ctm_sample wrote samples of shape {x.shape}, expected "
+                            f"{s.num} samples")
         if not np.all(np.isfinite(x)):
             raise UserError("sample: the jumper produced NaN/Inf; samples.npy was not written")
         os.replace(scratch, out)

@@ -100,6 +100,14 @@ def resume(folder: Path, fingerprint: str, modules: dict, optimizer) -> tuple[in
     return restore(load_checkpoint(path, fingerprint), modules, optimizer, path), path
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 class MetricsLog:
     """metrics.csv (one row per logged iteration; on resume rows past the checkpoint go), and
     TensorBoard events in <csv stem>_tb/ when the `tensorboard` package is installed."""
@@ -116,11 +124,23 @@ class MetricsLog:
             except ImportError:       # tensorboard is optional
                 self.tb = None
         if resume_from > 0 and path.is_file():
-            with open(path, newline="") as fh:
-                reader = csv.DictReader(fh)
-                self.rows = [r for r in reader
-                             if r.get("iteration", "").isdigit() and int(r["iteration"]) <= resume_from]
-                self.fields += [f for f in (reader.fieldnames or []) if f not in self.fields]
+            try:
+                with open(path, newline="", encoding="utf-8") as fh:
+                    reader = csv.DictReader(fh)
+                    rows = [r for r in reader if (r.get("iteration") or "").isdigit()
+                            and int(r["iteration"]) <= resume_from]
+                    names = [f for f in (reader.fieldnames or []) if isinstance(f, str)]
+            except (UnicodeDecodeError, csv.Error, OSError) as e:
+                raise UserError(f"{path}: not a ctmkit metrics file ({e.__class__.__name__}); "
+                                f"move it away to resume") from None
+            for r in rows:
+                for k, v in r.items():
+                    if k not in ("iteration", None) and v not in (None, "") and \
+                            not _is_number(v):
+                        raise UserError(f"{path}: not a ctmkit metrics file ({k} = {v!r}); "
+                                        f"move it away to resume")
+            self.rows = [{k: v for k, v in r.items() if k is not None} for r in rows]
+            self.fields += [f for f in names if f not in self.fields]
         for r in self.rows:
             for f in self.fields:
                 r.setdefault(f, "")

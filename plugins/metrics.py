@@ -121,9 +121,9 @@ def _options(options, ctx) -> dict:
     inception = options.path("inception", None)
     auto = options.str("feature_net", None) == "auto"
     net = None if auto else options.path("feature_net", None)
-    num = options.int("num", 10000, min=2)
-    seed = options.int("seed", 0)
-    batch = options.int("batch", 100, min=1)
+    num = options.int("num", 10000, min=2, max=10_000_000)
+    seed = options.seed("seed", 0)
+    batch = options.int("batch", 100, min=1, max=1_000_000)
     if features == "feature_net" and net is None and not auto:
         options.fail("feature_net", 'is required when features = "feature_net" (a file written '
                                     'by tools/train_feature_net.py)')

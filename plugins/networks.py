@@ -117,8 +117,9 @@ class StudentNetwork(nn.Module):
 
 def _mlp(options, ctx, *, shape, num_classes, student):
     dim = math.prod(shape)
-    return MLP(dim, width=options.int("width", 256, min=1), depth=options.int("depth", 4, min=1),
-               emb_dim=options.int("emb_dim", 64, min=2), num_classes=num_classes,
+    return MLP(dim, width=options.int("width", 256, min=1, max=65536),
+               depth=options.int("depth", 4, min=1, max=1024),
+               emb_dim=options.int("emb_dim", 64, min=2, max=65536), num_classes=num_classes,
                sigma_data=ctx.diffusion.sigma_data, student=student)
 
 

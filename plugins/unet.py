@@ -329,7 +329,7 @@ def _unet(options, ctx, *, shape, num_classes, student):
     if len(shape) != 3:
         options.fail("name", f"the unet network needs image data of shape (C, H, W), got shape "
                              f"{tuple(shape)}")
-    mc = options.int("model_channels", 32, min=1)
+    mc = options.int("model_channels", 32, min=1, max=4096)
     mult = options.ints("channel_mult", [1, 2, 2], min=1)
     res = level_resolutions(shape[1], len(mult))
     if options.has("attn_resolutions") and options.data["attn_resolutions"] == []:

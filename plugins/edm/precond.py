@@ -83,14 +83,16 @@ class _Precond(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor, class_labels: Optional[Tensor] = None,
                 s: Optional[Tensor] = None, augment_labels: Optional[Tensor] = None) -> Tensor:
         B = x.shape[0]
-        sig = sigma.to(x.dtype).reshape(-1).expand(B)
+        sig = sigma.to(device=x.device, dtype=x.dtype).reshape(-1).expand(B)
         c_skip, c_out, c_in = self.scalings(sig.reshape(-1, 1, 1, 1))
         s_noise: Optional[Tensor] = None
         if s is not None:
-            s_noise = self.c_noise(s.to(x.dtype).reshape(-1).expand(B))
+            s_noise = self.c_noise(s.to(device=x.device, dtype=x.dtype).reshape(-1).expand(B))
         labels = labels_to_onehot(class_labels, self.label_dim, B, x.dtype)
         if labels is not None:
             labels = labels.to(x.device)
+        if augment_labels is not None:
+            augment_labels = augment_labels.to(device=x.device, dtype=x.dtype)
         F_x = self.model(c_in * x, self.c_noise(sig), labels, augment_labels, s_noise)
         return c_skip * x + c_out * F_x.to(x.dtype)
 

@@ -126,10 +126,10 @@ def main(argv=None) -> int:
                     data=prepared[0][0].data_source() if prepared else None)
             if i == 0:
                 dist.init(r.device)
-                if dist.is_main():   # before anything is written: the lock, stale temporaries
-                    lock = prepare_out_dir(cfg.run.out_dir)
             r.validate(stages)
             prepared.append((r, st))
+        if dist.is_main():   # once the config is valid, before anything is written
+            lock = prepare_out_dir(cfg.run.out_dir)
         record = lambda: write_run_record(cfg, prepared[0][0],       # noqa: E731
                                           argv if argv is not None else sys.argv[1:])
         if dist.is_main():

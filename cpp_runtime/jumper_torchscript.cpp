@@ -2,12 +2,51 @@
 // meta.json among its extra files.
 #include <torch/script.h>
 
+#include <algorithm>
+#include <map>
+
 #include "errors.hpp"
 #include "jumper.hpp"
+#include "sha256.hpp"
 
 namespace ctm {
 
 namespace {
+
+std::string dtype_name(c10::ScalarType t) {
+    switch (t) {
+        case c10::kFloat: return "float32";
+        case c10::kDouble: return "float64";
+        case c10::kHalf: return "float16";
+        case c10::kBFloat16: return "bfloat16";
+        case c10::kLong: return "int64";
+        case c10::kInt: return "int32";
+        case c10::kByte: return "uint8";
+        case c10::kChar: return "int8";
+        case c10::kBool: return "bool";
+        default: return c10::toString(t);
+    }
+}
+
+// The digest core/jumper.py's payload_digest writes into meta.json: for every parameter and
+// buffer in name order, "name\n dtype\n d0,d1,..\n nbytes\n" and the raw bytes.
+std::string payload_digest(const torch::jit::Module& module) {
+    std::map<std::string, at::Tensor> named;
+    for (const auto& p : module.named_parameters(/*recurse=*/true)) named[p.name] = p.value;
+    for (const auto& b : module.named_buffers(/*recurse=*/true)) named[b.name] = b.value;
+    Sha256 h;
+    for (const auto& [name, value] : named) {
+        at::Tensor t = value.detach().to(at::kCPU).contiguous();
+        std::string shape;
+        for (std::int64_t i = 0; i < t.dim(); ++i)
+            shape += (i ? "," : "") + std::to_string(t.size(i));
+        const std::size_t nbytes = t.numel() ? t.nbytes() : 0;
+        h.update(name + "\n" + dtype_name(t.scalar_type()) + "\n" + shape + "\n" +
+                 std::to_string(nbytes) + "\n");
+        if (nbytes) h.update(t.data_ptr(), nbytes);
+    }
+    return h.hex();
+}
 
 class TorchScriptJumper final : public JumperBackend {
 public:
@@ -50,6 +89,12 @@ LoadedJumper load_torchscript_jumper(const std::string& path, const c10::Device&
         throw UserError(path + ": not a ctmkit jumper (no meta.json inside)");
     LoadedJumper out;
     out.meta = parse_meta(extra["meta.json"], path);
+    if (out.meta.payload_sha256.empty())
+        throw UserError(path + ": meta.json has no payload_sha256 (exported by an older "
+                        "ctmkit?); rerun the 'export' stage");
+    if (payload_digest(module) != out.meta.payload_sha256)
+        throw UserError(path + ": jumper is corrupt or altered (SHA-256 of its tensors does not "
+                        "match meta.json's payload_sha256)");
 
     auto method = module.find_method("forward");
     if (!method) throw UserError(path + ": the TorchScript module has no forward method");

@@ -106,6 +106,12 @@ JumperMeta parse_meta(std::string_view json_text, const std::string& where) {
         meta.shape.push_back(*n);
     }
 
+    if (const Json* digest = m.find("payload_sha256")) {
+        if (!digest->is_string() || digest->text.size() != 64)
+            bad(where, "payload_sha256 must be a 64-digit hex string");
+        meta.payload_sha256 = digest->text;
+    }
+
     auto classes = m.find("num_classes")->as_int();
     if (!classes || *classes < 0) bad(where, "num_classes must be an integer >= 0");
     meta.num_classes = *classes;

@@ -22,6 +22,7 @@ struct JumperMeta {
     std::int64_t num_classes = 0;         // 0: unconditional
     std::string dtype;                    // "float32" | "float64"
     std::string ctmkit_version;
+    std::string payload_sha256;           // SHA-256 of the tensors ("" when absent: .pt2)
 
     std::int64_t sample_numel() const;
     bool is_image() const;                // [C, H, W] with C in {1, 3}

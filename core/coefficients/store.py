@@ -98,12 +98,6 @@ def load(path: str | Path) -> CoefficientTable:
                 if name in DATASETS:
                     data[name] = np.asarray(raw[name], dtype=np.float64)
             guarded = np.asarray(raw["s_guarded"], bool)
-            if "payload_sha256" not in attrs:
-                raise UserError(f"{path}: coefficient file carries no payload_sha256 (written by "
-                                f"an older ctmkit?); rerun the 'coefficients' stage")
-            if attrs["payload_sha256"] != payload_digest(attrs, raw):
-                raise UserError(f"{path}: coefficient file is corrupt (SHA-256 of its content "
-                                f"does not match its payload_sha256)")
     except UserError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:
@@ -126,6 +120,13 @@ def load(path: str | Path) -> CoefficientTable:
     for name, mine in (("L", table.L), ("S", table.S), ("eta", table.eta)):
         if not np.allclose(data[name], mine, rtol=1e-6, atol=1e-12):
             raise UserError(f"{path}: dataset {name!r} is inconsistent with l and s")
+    # last, so that the checks above name what is wrong with a foreign or damaged file
+    if "payload_sha256" not in attrs:
+        raise UserError(f"{path}: coefficient file carries no payload_sha256 (written by "
+                        f"an older ctmkit?); rerun the 'coefficients' stage")
+    if attrs["payload_sha256"] != payload_digest(attrs, raw):
+        raise UserError(f"{path}: coefficient file is corrupt (SHA-256 of its content "
+                        f"does not match its payload_sha256)")
     return table
 
 

@@ -17,6 +17,7 @@
 #include "meta.hpp"
 #include "options.hpp"
 #include "output.hpp"
+#include "sha256.hpp"
 
 namespace {
 
@@ -294,9 +295,25 @@ void test_output() {
     fs::remove_all(dir);
 }
 
+void test_sha256() {   // FIPS 180-4 examples, and a message longer than one block
+    CHECK(ctm::Sha256().hex() ==
+          "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    ctm::Sha256 abc;
+    abc.update(std::string_view("abc"));
+    CHECK(abc.hex() == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    ctm::Sha256 two;
+    two.update(std::string_view("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"));
+    CHECK(two.hex() == "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+    ctm::Sha256 million;
+    std::string a(1000, 'a');
+    for (int i = 0; i < 1000; ++i) million.update(std::string_view(a));
+    CHECK(million.hex() == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
 }  // namespace
 
 int main() {
+    test_sha256();
     test_json();
     test_meta();
     test_options();

@@ -41,7 +41,8 @@ class DhariwalUNet(nn.Module):
         super().__init__()
         channel_mult = [int(m) for m in channel_mult]
         attn_resolutions = [int(r) for r in attn_resolutions]
-        self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
+        self.img_resolution = img_resolution
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.label_dim, self.augment_dim = int(label_dim), int(augment_dim)
         self.label_dropout = float(label_dropout)
         self.student = bool(student)
@@ -53,8 +54,9 @@ class DhariwalUNet(nn.Module):
                             init=init, init_zero=init_zero)
 
         self.map_noise = PositionalEmbedding(model_channels)
-        self.map_augment = Linear(augment_dim, model_channels, bias=False, init_mode="kaiming_normal",
-                                  init_weight=0.0) if augment_dim else None
+        self.map_augment = Linear(augment_dim, model_channels, bias=False,
+                                  init_mode="kaiming_normal", init_weight=0.0) \
+            if augment_dim else None
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",

@@ -40,7 +40,8 @@ def init_weight(shape: Sequence[int], mode: str, fan_in: int, fan_out: int,
                 generator: Optional[torch.Generator] = None) -> Tensor:
     """Glorot (xavier_*) or He (kaiming_*) initialisation, uniform or normal."""
     if mode == "xavier_uniform":
-        return math.sqrt(6.0 / (fan_in + fan_out)) * (torch.rand(shape, generator=generator) * 2 - 1)
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        return bound * (torch.rand(shape, generator=generator) * 2 - 1)
     if mode == "xavier_normal":
         return math.sqrt(2.0 / (fan_in + fan_out)) * torch.randn(shape, generator=generator)
     if mode == "kaiming_uniform":
@@ -203,7 +204,8 @@ class UNetBlock(nn.Module):
         init = dict(init or {})
         init_zero = dict(init_zero or dict(init_weight=0.0))
         init_attn = dict(init_attn) if init_attn is not None else init
-        self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.emb_channels = emb_channels
         self.num_heads = 0 if not attention else (
             num_heads if num_heads is not None else out_channels // channels_per_head)
         self.dropout, self.skip_scale = float(dropout), float(skip_scale)

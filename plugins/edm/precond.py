@@ -4,15 +4,16 @@
 D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)), Karras et al.
 2022, Table 1:
 
-============  ===========================  ==================  ==================  ===========================
-precond       c_skip                       c_out               c_in                c_noise
-============  ===========================  ==================  ==================  ===========================
-EDMPrecond    sd^2 / (sigma^2 + sd^2)      sigma sd / sqrt(.)  1 / sqrt(sigma^2+sd^2)  log(sigma) / 4
-VPPrecond     1                            -sigma              1 / sqrt(sigma^2+1)  (M - 1) sigma_vp^-1(sigma)
-VEPrecond     1                            sigma               1                   log(sigma / 2)
-============  ===========================  ==================  ==================  ===========================
+==========  =================  =====================  ====================  ======================
+precond     c_skip             c_out                  c_in                  c_noise
+==========  =================  =====================  ====================  ======================
+EDMPrecond  sd^2 / (s^2+sd^2)  s sd / sqrt(s^2+sd^2)  1 / sqrt(s^2+sd^2)    log(s) / 4
+VPPrecond   1                  -s                     1 / sqrt(s^2+1)       (M-1) sigma_vp^-1(s)
+VEPrecond   1                  s                      1                     log(s / 2)
+==========  =================  =====================  ====================  ======================
 
-with sd = sigma_data and, for VP, sigma_vp(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1),
+with s = sigma, sd = sigma_data and, for VP,
+sigma_vp(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1),
 sigma_vp^-1(sigma) = (sqrt(beta_min^2 + 2 beta_d log(1 + sigma^2)) - beta_min) / beta_d.
 
 ``forward(x, sigma, class_labels=None, s=None, augment_labels=None)``: ``sigma`` (and ``s``) of
@@ -24,7 +25,6 @@ Runs in the input's dtype (``use_fp16`` is accepted and ignored). Scriptable wit
 """
 
 import inspect
-import math
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 

@@ -67,7 +67,8 @@ class SongUNet(nn.Module):
         channel_mult = [int(m) for m in channel_mult]
         attn_resolutions = [int(r) for r in attn_resolutions]
         resample_filter = [float(v) for v in resample_filter]
-        self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
+        self.img_resolution = img_resolution
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.label_dim, self.augment_dim = int(label_dim), int(augment_dim)
         self.label_dropout = float(label_dropout)
         self.label_scale = math.sqrt(label_dim) if label_dim else 1.0

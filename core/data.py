@@ -37,13 +37,15 @@ def check_array_sizes(path: Path) -> None:
             read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
             shape, _, dtype = read(fh)
         except (ValueError, OSError, EOFError) as e:
-            raise UserError(f"{where}: not a .npy array ({e.__class__.__name__})") from None
+            raise UserError(f"{where}: unreadable data file (not a .npy array: "
+                            f"{e.__class__.__name__})") from None
         if dtype.hasobject:
             raise UserError(f"{where}: holds Python objects; only numeric arrays are read")
         need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
         if need > size - fh.tell():
-            raise UserError(f"{where}: header claims {list(shape)} {dtype} ({need} bytes) but "
-                            f"the file holds {size - fh.tell()}; truncated or corrupt")
+            raise UserError(f"{where}: unreadable, truncated or corrupt (its header claims "
+                            f"{list(shape)} {dtype}, {need} bytes, but it holds "
+                            f"{size - fh.tell()})")
 
     path = regular_file(path)
     try:

@@ -4,8 +4,10 @@ For every completed stage it records a *key* — a digest of the config sections
 the content fingerprints of the teacher and data and the bytes of the files it reads — and the
 SHA-256 of every file the stage wrote. A rerun of the same command skips a stage whose key is
 unchanged and whose outputs are all still there, byte for byte ("up to date"); anything else
-runs it again. A stage's record is dropped before the stage starts, so a run killed in the
-middle of a stage never leaves a record that vouches for half-written outputs.
+runs it again. A run killed in the middle of a stage leaves that stage's old record, which no
+longer matches the outputs it rewrote (or, if it rewrote none, still vouches for the complete
+outputs of the earlier run). Files inside out_dir are recorded by their relative names, so a
+copied or moved out_dir keeps its records.
 """
 
 from __future__ import annotations
@@ -108,14 +110,16 @@ class Ledger:
         if not isinstance(outputs, dict) or not outputs:
             return False
         for name, digest in outputs.items():
-            p = Path(name)
+            p = self.path.parent / name              # absolute names stay absolute
             if not p.is_file() or file_digest(p) != digest:
                 return False
         return True
 
-    def forget(self, stage: str) -> None:
-        if self.records.pop(stage, None) is not None:
-            save_json(self.path, self.records)
+    def _name(self, p: Path) -> str:
+        try:
+            return str(p.relative_to(self.path.parent))
+        except ValueError:
+            return str(p)
 
     def record(self, run, stage: str, key: str, before: dict, after: dict) -> None:
         """Record `stage` as completed with `key`; its outputs are its main file (which may
@@ -125,8 +129,8 @@ class Ledger:
         main = main_output(run, stage)
         if main.is_file():
             files.add(main)
-        self.records[stage] = {"key": key,
-                               "outputs": {str(p): file_digest(p) for p in sorted(files)}}
+        self.records[stage] = {"key": key, "outputs": {self._name(p): file_digest(p)
+                                                       for p in sorted(files)}}
         save_json(self.path, self.records)
 
 

@@ -41,11 +41,11 @@ def _run_stage(run, name: str, force: bool, label: str = "") -> None:
         skip = not force and ledger.up_to_date(name, key)
     if dist.broadcast_object(skip if dist.is_main() else None):
         if dist.is_main():
-            log(f"stage {name}{label}: up to date (same inputs and settings), skipped")
+            log(f"stage {name}{label}: up to date (same inputs and settings), skipped, "
+                f"reusing its outputs")
         return
     if dist.is_main():
         log(f"stage {name}{label}")
-        ledger.forget(name)
         before = watched_files(run)
     _execute(run, name)
     if dist.is_main():
@@ -132,8 +132,8 @@ def main(argv=None) -> int:
             lock = prepare_out_dir(cfg.run.out_dir)
         record = lambda: write_run_record(cfg, prepared[0][0],       # noqa: E731
                                           argv if argv is not None else sys.argv[1:])
-        if dist.is_main():
-            record()
+        if dist.is_main() and not (cfg.run.out_dir / "run.json").exists():
+            record()            # a first record now; a failing rerun leaves the last one
         for r, st in prepared:
             for name in st:
                 label = f" ({r.out_dir.name})" if cfg.run.preconds and name not in \

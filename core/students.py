@@ -1,7 +1,8 @@
 """The student network F_theta(x, t, s) and its initialisation from the teacher.
 
-* network teachers: the teacher's architecture with the extra, zero-initialised s pathway and
-  the teacher's weights (as CTM does), so D_theta(x, t, s) = D_phi(x, t) for every s at step 0;
+* network teachers (and every teacher with a ``student_network()``, e.g. ``edm``, ``openai``):
+  the teacher's architecture with the extra, zero-initialised s pathway and the teacher's
+  weights (as CTM does), so D_theta(x, t, s) = D_phi(x, t) for every s at step 0;
 * analytic / TorchScript teachers: F_theta = F_phi + R_theta(x, t, s), with R a network from
   [network] whose output layer is zero-initialised.
 
@@ -59,6 +60,8 @@ def _build(run, teacher, cfg) -> nn.Module:
 
     if isinstance(teacher, NetworkTeacher):
         return StudentNetwork(teacher.student_network()).float()
+    if hasattr(teacher, "student_network"):   # pretrained teachers: F_theta(x, t, s, labels)
+        return teacher.student_network().float()
     opts = {k: v for k, v in cfg.network.data.items() if k != "name"}
     residual = build_network(cfg.network.data.get("name", "mlp"), opts, run.ctx, teacher.shape,
                              teacher.num_classes, True, str(cfg.path))

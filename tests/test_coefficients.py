@@ -227,3 +227,4 @@ def test_a_float32_teacher_gives_the_float64_coefficients_to_rounding():
     assert np.abs(a.l - b.l).max() < 1e-4
     assert np.all(np.abs(a.s - b.s) <= 1e-3 * np.maximum(1.0, np.abs(a.s)))
     assert np.abs(a.s - b.s).max() > 0            # float32 really ran
+

@@ -81,7 +81,18 @@ def collect(denoise: Callable, sample_x0: Callable, ts: np.ndarray, n_samples: i
             seed: int, device: str = "cpu", batches: Optional[list[int]] = None,
             progress: bool = True, dtype: torch.dtype = torch.float64) -> np.ndarray:
     """Per-sample statistics, shape [n_t, n_samples, len(STATS)] (rows of other ranks' batches
-    stay zero when `batches` restricts the work to a shard)."""
+    stay zero when `batches` restricts the work to a shard).
+
+    TorchScript's optimising executor is off meanwhile: from its second call on, a scripted
+    module (a ``torchscript`` teacher) returns wrong forward-mode JVPs under it (seen with torch
+    2.14: a scripted 2-layer MLP's JVP off by 0.25 from the second call; pytorch#73972)."""
+    with torch.jit.optimized_execution(False):
+        return _collect(denoise, sample_x0, ts, n_samples, batch, seed, device, batches,
+                        progress, dtype)
+
+
+def _collect(denoise, sample_x0, ts, n_samples, batch, seed, device, batches, progress,
+             dtype) -> np.ndarray:
     n_batches = -(-n_samples // batch)
     batches = list(range(n_batches)) if batches is None else batches
     out = np.zeros((len(ts), n_samples, len(STATS)))

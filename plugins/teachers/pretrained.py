@@ -1,0 +1,137 @@
+"""Teachers users already hold, loaded without running anything from their files:
+
+* ``edm``: an NVlabs/edm snapshot pickle (``network-snapshot-*.pkl``, ``edm-cifar10-32x32-*.pkl``,
+  ...), read by a restricted unpickler (plugins/edm/unpickle.py) and rebuilt in ctmkit's own
+  EDMPrecond / VPPrecond / VEPrecond around SongUNet (DDPM++, NCSN++) or DhariwalUNet (ADM);
+* ``openai``: an openai/consistency_models teacher state dict (``edm_imagenet64_ema.pt``),
+  loaded with ``weights_only=True`` into ctmkit's UNetModel with EDM's scalings.
+
+Both give the denoiser D_phi(x, t[, class_labels]) in the teacher's own preconditioning, and a
+student with the teacher's architecture and weights plus a zero-initialised s pathway (as CTM
+initialises its students), so that D_theta(x, t, s) = D_phi(x, t) at step 0.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from core.errors import UserError
+from core.io import file_digest
+from plugins.teachers.base import Teacher
+
+
+class _TeacherDenoiser(nn.Module):
+    """forward(x, t, class_labels=None) -> D_phi(x, t) of a net taking (x, sigma, labels, s)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
+        return self.net(x, t, class_labels, None)
+
+
+class DenoiserStudent(nn.Module):
+    """F_theta(x, t, s) := (D_theta(x, t, s) - c_skip(t) x) / c_out(t) (Eqn. 3 inverted with
+    ctmkit's sigma_data), where D_theta is the teacher's own preconditioned network with its s
+    pathway: the jumper then forms exactly D_theta, whatever the teacher's preconditioning."""
+
+    def __init__(self, net: nn.Module, sigma_data: float):
+        super().__init__()
+        self.net = net
+        self.sigma_data = float(sigma_data)
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor,
+                class_labels: Optional[Tensor] = None) -> Tensor:
+        B = x.shape[0]
+        t64 = t.reshape(-1).expand(B).double()
+        sd = self.sigma_data
+        view = [B] + [1] * (x.dim() - 1)
+        c_skip = (sd ** 2 / (sd ** 2 + t64 ** 2)).to(x.dtype).view(view)          # Eqn. (3)
+        c_out = (sd * t64 / torch.sqrt(sd ** 2 + t64 ** 2)).to(x.dtype).view(view)  # Eqn. (3)
+        return (self.net(x, t, class_labels, s) - c_skip * x) / c_out
+
+
+class PretrainedTeacher(Teacher):
+    """Common part: a file, a teacher network (x, sigma, labels, s) -> D, its student form."""
+
+    def __init__(self, path: Path, ctx):
+        self.path, self.ctx = Path(path), ctx
+        if not self.path.exists():
+            raise UserError(f"{self.path}: {self.name} teacher file not found")
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: {self.name} teacher file is not a regular file")
+        self._digest = file_digest(self.path)
+
+    def _finish(self, net: nn.Module, shape, num_classes: int, sigma_range) -> None:
+        self.net = net.eval().requires_grad_(False)
+        self.shape, self.num_classes = tuple(int(n) for n in shape), int(num_classes)
+        lo, hi = sigma_range
+        d = self.ctx.diffusion
+        if d.t_min < lo * (1 - 1e-6) or d.t_max > hi * (1 + 1e-6):
+            raise UserError(f"{self.path}: this {type(net).__name__} teacher covers sigma in "
+                            f"[{lo:.4g}, {hi:.4g}], but [diffusion] asks for [{d.t_min:g}, "
+                            f"{d.t_max:g}]; set [diffusion] t_min / t_max inside its range")
+
+    def denoiser(self, dtype=torch.float64, device="cpu"):
+        return _TeacherDenoiser(copy.deepcopy(self.net)).to(device=device, dtype=dtype).eval()
+
+    def student_network(self) -> nn.Module:
+        """The teacher's architecture and weights plus the zero-initialised s pathway."""
+        return DenoiserStudent(self._student_net().float(), self.ctx.diffusion.sigma_data)
+
+    def fingerprint(self) -> str:
+        return f"{self.name}:{self._digest[:32]}"
+
+
+class EDMTeacher(PretrainedTeacher):
+    name = "edm"
+
+    def __init__(self, path: Path, ctx, key: str = "ema"):
+        super().__init__(path, ctx)
+        from plugins.edm.precond import build_from_spec
+        from plugins.edm.unpickle import edm_network_spec, load_edm_snapshot
+
+        self.spec = edm_network_spec(load_edm_snapshot(self.path), key)
+        net = build_from_spec(self.spec, student=False)
+        self._finish(net, (net.img_channels, net.img_resolution, net.img_resolution),
+                     net.label_dim, (net.sigma_min if net.sigma_min > 0 else 0.0,
+                                     net.sigma_max))
+
+    @classmethod
+    def from_options(cls, options, ctx) -> "EDMTeacher":
+        return cls(options.path("path"), ctx,
+                   options.str("network", "ema", choices=("ema", "net")))
+
+    def _student_net(self) -> nn.Module:
+        from plugins.edm.precond import build_from_spec
+        return build_from_spec(self.spec, student=True)
+
+
+class OpenAITeacher(PretrainedTeacher):
+    name = "openai"
+
+    def __init__(self, path: Path, ctx, settings: dict):
+        super().__init__(path, ctx)
+        from plugins.edm.openai_unet import load_openai_teacher
+
+        self.settings = dict(settings)
+        net = load_openai_teacher(self.path, self.settings)
+        self._finish(net, (net.in_channels, net.image_size, net.image_size), net.num_classes,
+                     (0.0, float("inf")))
+
+    @classmethod
+    def from_options(cls, options, ctx) -> "OpenAITeacher":
+        path = options.path("path")
+        settings = {k: options._get(k, None) for k in list(options.data)
+                    if k not in ("kind", "path")}          # validated by build_openai_unet
+        return cls(path, ctx, settings)
+
+    def _student_net(self) -> nn.Module:
+        from plugins.edm.openai_unet import load_openai_teacher
+        return load_openai_teacher(self.path, self.settings, student=True)

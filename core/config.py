@@ -275,6 +275,8 @@ class DistillCfg(TrainCfg):
     eval_num: int = 256
     eval_steps: list = field(default_factory=lambda: [1, 2, 4])
     eval: list = field(default_factory=lambda: ["trajectory"])   # and/or [evaluate] metrics
+    micro_batch: int = 0         # samples per forward/backward pass (gradient accumulation
+                                 # within the batch; 0: the whole per-process batch)
 
 
 def _train_common(s: "Section", seed: int, iterations: int, batch: int, lr: float) -> dict:
@@ -484,7 +486,8 @@ def parse_config(raw: dict, path: Path) -> Config:
                     target_ema=s.float("target_ema", 0.999, min=0.0, max=1.0), dsm_weight=dw,
                     eval_every=s.int("eval_every", 100, min=1), eval_num=s.int("eval_num", 256, min=2, max=MAX_SAMPLES),
                     eval_steps=s.ints("eval_steps", [1, 2, 4], min=1),
-                    eval=s.strs("eval", ["trajectory"]))
+                    eval=s.strs("eval", ["trajectory"]),
+                    micro_batch=s.int("micro_batch", 0, min=0, max=MAX_BATCH))
 
     teacher, precond = sec["teacher"], sec["precond"]
     if "kind" not in teacher.data:

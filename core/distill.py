@@ -75,7 +75,7 @@ def fingerprint(run, precond_desc: dict) -> str:
     cfg, d = run.cfg, run.cfg.distill
     keep = {k: v for k, v in vars(d).items()
             if k not in ("iterations", "checkpoint_every", "keep_checkpoints", "log_every",
-                         "eval_every", "eval_num", "eval_steps")}
+                         "eval_every", "eval_num", "eval_steps", "micro_batch")}
     desc = {"teacher": run.teacher.fingerprint(), "precond": precond_desc, "distill": keep,
             "network": cfg.network.data, "data": run.data_fingerprint(),
             "diffusion": vars(cfg.diffusion)}
@@ -180,6 +180,12 @@ def distill(run) -> None:
                disable=not (run.progress and dist.is_main()), leave=False)
     t_last, it_last = time.perf_counter(), start
     window = torch.zeros(3, dtype=torch.float64)      # loss sums since the last log row
+    micro = d.micro_batch or local                    # samples per forward / backward pass
+    if micro < local and dsm_on and d.dsm_weight == "adaptive" and scaler is not None:
+        raise UserError(f"{cfg.path}: [distill] micro_batch with dsm_weight = \"adaptive\" "
+                        f"needs precision bf16 or fp32, not fp16")
+    ctx_args = (precond, diff.sigma_data, grid, teacher_D, solver, target.model,
+                d.max_ode_steps)
     for it in range(start, d.iterations):
         gen = iteration_generator(d.seed, it)
         x0, labels = sampler(d.batch_size, gen)
@@ -190,27 +196,22 @@ def distill(run) -> None:
         x0 = x0[sl].to(device)
         labels = labels[sl].to(device) if labels is not None else None
         draws = {k: v[sl] for k, v in draws.items()}
-        ctx = StepContext(precond, diff.sigma_data, grid, teacher_D, solver, target.model,
-                          d.max_ode_steps, labels)
-        parts = [loss.inputs(draws, x0.cpu(), grid.cpu())]
         if dsm_on:
             dsm_draws = {k: v[sl] for k, v in dsm_draws.items()}
-            parts.append(dsm.inputs(dsm_draws, x0.cpu()))
-        X = torch.cat([p[0] for p in parts]).to(device)
-        T = torch.cat([p[1] for p in parts]).to(device)
-        S = torch.cat([p[2] for p in parts]).to(device)
-        L = torch.cat([labels] * len(parts)) if labels is not None else None
-        draws = {k: v.to(device) for k, v in draws.items()}
-        with autocast:
-            F = model(X, T, S, L).float()
-            F_main = F[:local]
-            l_main = loss.per_sample(ctx, draws, x0, F_main, distance).mean()
-            l_dsm = (dsm.per_sample(ctx, {k: v.to(device) for k, v in dsm_draws.items()}, x0,
-                                    F[local:]).mean() if dsm_on else torch.zeros((), device=device))
-        w = _dsm_weight(d.dsm_weight, l_main, l_dsm, params) if dsm_on else 0.0
-        total = l_main + w * l_dsm
-        stats = dist.all_reduce_sum(torch.stack([l_main.detach(), l_dsm.detach(),
-                                                 total.detach()]).double().cpu()) / world
+        chunks = [slice(i, min(i + micro, local)) for i in range(0, local, micro)]
+        opt.zero_grad(set_to_none=True)
+        if len(chunks) == 1:
+            l_main, l_dsm = _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance,
+                                    draws, dsm_draws, x0, labels, grid, device)
+            w = _dsm_weight(d.dsm_weight, l_main, l_dsm, params) if dsm_on else 0.0
+            total = l_main + w * l_dsm
+            (scaler.scale(total) if scaler is not None else total).backward()
+            losses = torch.stack([l_main.detach(), l_dsm.detach(), total.detach()]).double().cpu()
+        else:
+            losses, w = _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast,
+                                    distance, draws, dsm_draws, x0, labels, grid, device, params,
+                                    d.dsm_weight, scaler)
+        stats = dist.all_reduce_sum(losses) / world
         if not torch.isfinite(stats).all():
             last = checkpoints(ckdir)
             raise UserError(f"distill: non-finite loss at iteration {it}; stopped. The last good "
@@ -218,12 +219,8 @@ def distill(run) -> None:
         lr = lr_at(it, d.lr, d.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(total).backward()
             scaler.unscale_(opt)
-        else:
-            total.backward()
         if d.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, d.grad_clip)
         if scaler is not None:
@@ -275,6 +272,78 @@ def _dsm_weight(setting, l_main: Tensor, l_dsm: Tensor, params) -> float:
     g2 = torch.autograd.grad(l_dsm, last, retain_graph=True)[0]
     both = dist.all_reduce_sum(torch.stack([g1, g2]).detach().clone()) / dist.world()
     return float(both[0].norm() / (both[1].norm() + 1e-8))
+
+
+def _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws, dsm_draws, x0,
+            labels, grid, device):
+    """The batch-mean main and DSM losses of (a chunk of) this rank's samples: one pass of
+    the student over [loss inputs; DSM inputs]."""
+    ctx = StepContext(*ctx_args, labels)
+    n = x0.shape[0]
+    parts = [loss.inputs(draws, x0.cpu(), grid.cpu())]
+    if dsm_on:
+        parts.append(dsm.inputs(dsm_draws, x0.cpu()))
+    X = torch.cat([p[0] for p in parts]).to(device)
+    T = torch.cat([p[1] for p in parts]).to(device)
+    S = torch.cat([p[2] for p in parts]).to(device)
+    L = torch.cat([labels] * len(parts)) if labels is not None else None
+    draws = {k: v.to(device) for k, v in draws.items()}
+    with autocast:
+        F = model(X, T, S, L).float()
+        l_main = loss.per_sample(ctx, draws, x0, F[:n], distance).mean()
+        l_dsm = (dsm.per_sample(ctx, {k: v.to(device) for k, v in dsm_draws.items()}, x0,
+                                F[n:]).mean() if dsm_on else torch.zeros((), device=device))
+    return l_main, l_dsm
+
+
+def _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws,
+                dsm_draws, x0, labels, grid, device, params, dsm_weight, scaler):
+    """Gradient accumulation over micro-batches (``[distill] micro_batch``): each chunk's
+    losses weighted by its share of the local batch, so the gradient is the full batch's (to
+    float rounding), whatever micro_batch and the world size. Gradients are all-reduced once,
+    after the last chunk. With ``dsm_weight = "adaptive"`` the main and DSM gradients are
+    accumulated apart and combined with CTM's balance over the whole batch.
+    Returns (the [main, dsm, total] losses of this rank, the DSM weight)."""
+    local = x0.shape[0]
+    adaptive = dsm_on and dsm_weight == "adaptive"
+    w = 0.0 if not dsm_on else (1.0 if adaptive else float(dsm_weight))
+    g_main = [torch.zeros_like(p) for p in params] if adaptive else None
+    g_dsm = [torch.zeros_like(p) for p in params] if adaptive else None
+    sums = torch.zeros(3, dtype=torch.float64)
+    sync = getattr(model, "no_sync", contextlib.nullcontext)
+    for c in chunks:
+        frac = (c.stop - c.start) / local
+        sub = {k: v[c] for k, v in draws.items()}
+        sub_dsm = {k: v[c] for k, v in dsm_draws.items()} if dsm_on else None
+        with sync():
+            l_main, l_dsm = _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance,
+                                    sub, sub_dsm, x0[c], labels[c] if labels is not None
+                                    else None, grid, device)
+            if adaptive:
+                gm = torch.autograd.grad(l_main * frac, params, retain_graph=True,
+                                         allow_unused=True)
+                gd = torch.autograd.grad(l_dsm * frac, params, allow_unused=True)
+                for acc, g in zip(g_main + g_dsm, gm + gd):
+                    if g is not None:
+                        acc.add_(g)
+            else:
+                total = (l_main + w * l_dsm) * frac
+                (scaler.scale(total) if scaler is not None else total).backward()
+        sums[:2] += torch.stack([l_main.detach(), l_dsm.detach()]).double().cpu() * frac
+    grads = (g_main + g_dsm) if adaptive else [p.grad for p in params if p.grad is not None]
+    if dist.world() > 1 and grads:                   # one all-reduce of every gradient
+        flat = dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / dist.world()
+        i = 0
+        for g in grads:
+            g.copy_(flat[i:i + g.numel()].view_as(g))
+            i += g.numel()
+    if adaptive:                                     # Eqn. (7) + w DSM, w from the whole batch
+        last = max(i for i, p in enumerate(params) if p.dim() >= 2)
+        w = float(g_main[last].norm() / (g_dsm[last].norm() + 1e-8))
+        for p, a, b in zip(params, g_main, g_dsm):
+            p.grad = a + w * b
+    sums[2] = sums[0] + w * sums[1]
+    return sums, w
 
 
 def _solver_section(cfg):

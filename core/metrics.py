@@ -8,7 +8,10 @@ custom_feat_extractor=ext, custom_fn_resize=ext.resize)`` and gives the same num
 :func:`compute_features` gives on in-memory tensors.
 
 * :func:`inception` -- clean-fid's InceptionV3W (the TorchScript ``inception-2015-12-05.pt``
-  of StyleGAN2-ADA), images through clean-fid's "clean" resize to 299 x 299. Never downloads:
+  of StyleGAN2-ADA) in one of clean-fid's two Inception modes: ``"clean"`` (PIL bicubic resize
+  to 299 x 299 outside the network) or ``"legacy_tensorflow"`` (images at their native size,
+  resized to 299 x 299 inside the network by its TensorFlow-style bilinear resize -- how
+  TensorFlow FID, StyleGAN2-ADA and EDM compute the FIDs that papers report). Never downloads:
   a missing file is a one-line :class:`UserError` that says where to put it.
 * :func:`feature_net` -- a small classifier written by ``tools/train_feature_net.py`` (features
   from its penultimate layer, images at their native resolution). For offline machines.
@@ -17,11 +20,17 @@ Images of every path are first quantised to uint8 exactly as saving them as PNGs
 (:func:`to_uint8`: ``round((x + 1) * 127.5)`` clipped to [0, 255]), so that in-memory samples
 and folders of PNGs give the same features.
 
-Naming rule: only numbers computed with the Inception extractor are called ``fid`` / ``kid``
-(they are comparable with published FIDs). Numbers from any other feature network are
-reported as ``fid_<extractor name>`` / ``kid_<extractor name>`` (e.g. ``fid_featnet-1a2b3c4d``,
-the hex being the start of the network file's sha256) and must never be reported as plain FID.
-:func:`metric_key` implements this rule; every metric goes through it.
+Naming rule: only numbers computed with the Inception extractor in "clean" mode are called
+``fid`` / ``kid``; the "legacy_tensorflow" mode's are ``fid_legacy_tf`` / ``kid_legacy_tf``
+(the two modes give different numbers for the same images). Numbers from any other feature
+network are reported as ``fid_<extractor name>`` / ``kid_<extractor name>`` (e.g.
+``fid_featnet-1a2b3c4d``, the hex being the start of the network file's sha256) and must never
+be reported as plain FID. :func:`metric_key` implements this rule; every metric goes through it.
+
+Reference statistics come from a dataset (:func:`reference_stats`, cached per extractor -- so
+per Inception mode -- dataset fingerprint and count) or, for FID with Inception features, from
+a precomputed ``.npz`` with ``mu`` [2048] and ``sigma`` [2048, 2048] such as EDM's fid-refs
+(:func:`load_reference_npz`). :class:`Info` describes which flavour a number is.
 """
 
 from __future__ import annotations
@@ -49,7 +58,15 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  + INCEPTION_FILE)
 INCEPTION_NAME = "inception_v3"
+INCEPTION_DIM = 2048
 FEATURE_NET_FORMAT = "ctmkit.feature_net"
+#: clean-fid's Inception modes -> the suffix of their extractor names and metric keys
+INCEPTION_MODES = {"clean": "", "legacy_tensorflow": "_legacy_tf"}
+INCEPTION_RESIZE = {
+    "clean": "PIL bicubic to 299x299 outside the network (clean-fid mode clean)",
+    "legacy_tensorflow": "TensorFlow-style bilinear to 299x299 inside the network (clean-fid "
+                         "mode legacy_tensorflow)",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,10 +86,53 @@ class Metric:
     def compute(self, samples, reference_dataset, cache_dir) -> dict[str, float]:
         raise NotImplementedError
 
+    def describe(self) -> Optional[dict]:
+        """What the last :meth:`compute` measured with (features, mode, reference), as a
+        JSON-serialisable dict, or None. :func:`core.quality.compute_metrics` reports it as
+        ``"<name>_info"``."""
+        return None
+
+
+def inception_name(mode: str = "clean") -> str:
+    """The Inception extractor's name in `mode`: ``inception_v3`` or ``inception_v3_legacy_tf``."""
+    if mode not in INCEPTION_MODES:
+        raise UserError(f"unknown Inception mode {mode!r} (one of: "
+                        f"{', '.join(INCEPTION_MODES)})")
+    return INCEPTION_NAME + INCEPTION_MODES[mode]
+
 
 def metric_key(kind: str, extractor_name: str) -> str:
-    """``"fid"``/``"kid"`` for the Inception extractor only; ``"<kind>_<name>"`` otherwise."""
-    return kind if extractor_name == INCEPTION_NAME else f"{kind}_{extractor_name}"
+    """``"fid"``/``"kid"`` for the Inception extractor in clean mode only, ``"fid_legacy_tf"``
+    / ``"kid_legacy_tf"`` in legacy_tensorflow mode; ``"<kind>_<name>"`` otherwise."""
+    for suffix in INCEPTION_MODES.values():
+        if extractor_name == INCEPTION_NAME + suffix:
+            return kind + suffix
+    return f"{kind}_{extractor_name}"
+
+
+class Info(dict):
+    """The flavour of a metric's number: a plain dict (a JSON object in metrics.json) whose
+    ``format(info, spec)`` is a one-line summary, so that log lines formatting every result
+    value with ``:.4g`` print it instead of failing."""
+
+    def __format__(self, spec: str) -> str:
+        f, r = self.get("features") or {}, self.get("reference") or {}
+        mode = f" {self['mode']}" if self.get("mode") else ""
+        if r.get("source") == "npz":
+            ref = f"{Path(str(r.get('path'))).name} (sha256 {str(r.get('sha256'))[:8]})"
+        elif r.get("source") == "dataset":
+            ref = f"data {str(r.get('fingerprint'))[:8]} ({r.get('num')} images)"
+        else:
+            ref = "?"
+        return f"[{f.get('name', '?')}{mode} vs {ref}]"
+
+
+def describe(kind: str, extractor, reference: dict) -> Info:
+    """The :class:`Info` of a `kind` ("fid"/"kid") number from `extractor`'s features against
+    `reference` (the ``source`` of :func:`reference_stats` / :func:`load_reference_npz`)."""
+    feats = extractor.describe()
+    return Info(metric=kind, key=metric_key(kind, extractor.name), features=feats,
+                mode=feats.get("mode"), reference=dict(reference))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +184,23 @@ class FeatureExtractor:
 
     name: str = ""
     device: torch.device = torch.device("cpu")
+    file: Optional[Path] = None
+    _sha256: Optional[str] = None
+
+    def sha256(self) -> Optional[str]:
+        """SHA-256 of the network's file (computed once), or None without a file."""
+        if self._sha256 is None and self.file is not None:
+            from core.io import file_digest
+            try:
+                self._sha256 = file_digest(self.file)
+            except OSError:
+                return None
+        return self._sha256
+
+    def describe(self) -> dict:
+        """The network and its input path, for :class:`Info` (JSON-serialisable)."""
+        return {"name": self.name, "file": None if self.file is None else str(self.file),
+                "sha256": self.sha256()}
 
     def resize(self, img: np.ndarray) -> np.ndarray:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -136,14 +213,26 @@ class FeatureExtractor:
 
 
 class InceptionExtractor(FeatureExtractor):
-    """clean-fid's InceptionV3W in "clean" mode: PIL bicubic resize to 299 outside the net."""
+    """clean-fid's InceptionV3W in one of its modes, exactly as cleanfid.features /
+    cleanfid.resize set it up: "clean" -- ``build_resizer("clean")`` (PIL bicubic, uint8 HWC ->
+    float32 299x299x3) outside an InceptionV3W(resize_inside=False); "legacy_tensorflow" --
+    ``build_resizer("legacy_tensorflow")`` (no resize outside) and InceptionV3W(resize_inside=
+    True), whose TorchScript network resizes to 299 with its TensorFlow-style bilinear filter."""
 
-    def __init__(self, model, device):
+    def __init__(self, model, device, mode: str = "clean", file=None):
         from cleanfid.resize import build_resizer
 
-        self.model, self.device = model, torch.device(device)
-        self.name = INCEPTION_NAME
-        self.resize = build_resizer("clean")          # uint8 HWC -> float32 299x299x3
+        self.name = inception_name(mode)              # validates the mode
+        self.model, self.device, self.mode = model, torch.device(device), mode
+        inside = mode == "legacy_tensorflow"
+        if getattr(model, "resize_inside", inside) != inside:
+            raise ValueError(f"Inception mode {mode} needs InceptionV3W(resize_inside={inside})")
+        self.resize = build_resizer(mode)
+        self.file = None if file is None else Path(file).resolve()
+
+    def describe(self) -> dict:
+        return {"network": "inception", **super().describe(), "mode": self.mode,
+                "resize": INCEPTION_RESIZE[self.mode]}
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.shape[1] == 1:
@@ -161,6 +250,10 @@ class FeatureNetExtractor(FeatureExtractor):
         self.shape = tuple(shape) if shape is not None else None
         self.device, self.meta = torch.device(device), meta or {}
         self.resize = native_resize
+
+    def describe(self) -> dict:
+        return {"network": "feature_net", **super().describe(), "mode": "native",
+                "resize": "none (native resolution)"}
 
     def check_shape(self, shape: Sequence[int]) -> None:
         if self.shape is not None and tuple(shape[-2:]) != tuple(self.shape[-2:]):
@@ -199,8 +292,10 @@ def inception_file(path=None) -> Path:
     return p / INCEPTION_FILE if p.is_dir() else p
 
 
-def inception(path=None, device="cpu") -> InceptionExtractor:
-    """clean-fid's InceptionV3W from a local file (never downloaded)."""
+def inception(path=None, device="cpu", mode: str = "clean") -> InceptionExtractor:
+    """clean-fid's InceptionV3W from a local file (never downloaded), in clean-fid's `mode`
+    ("clean" or "legacy_tensorflow")."""
+    inception_name(mode)                              # an unknown mode fails first
     file = inception_file(path)
     if not file.is_file():
         raise UserError(f"Inception weights missing: {file} not found; download {INCEPTION_URL} "
@@ -209,24 +304,24 @@ def inception(path=None, device="cpu") -> InceptionExtractor:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)   # TorchScript is deprecated in 2.14
-            model = _load_inception_v3w(file)
+            model = _load_inception_v3w(file, resize_inside=mode == "legacy_tensorflow")
     except Exception as e:  # truncated or foreign file
         raise UserError(f"{file}: unreadable Inception weights ({_first_line(e)})") from None
-    return InceptionExtractor(model.to(device).eval(), device)
+    return InceptionExtractor(model.to(device).eval(), device, mode, file)
 
 
-def _load_inception_v3w(file: Path):
+def _load_inception_v3w(file: Path, resize_inside: bool = False):
     from cleanfid.inception_torchscript import InceptionV3W
 
     if file.name == INCEPTION_FILE:
-        return InceptionV3W(str(file.parent), download=False, resize_inside=False)
+        return InceptionV3W(str(file.parent), download=False, resize_inside=resize_inside)
 
     class _Named(InceptionV3W):  # the same wrapper for a file saved under another name
         def __init__(self, f):
             torch.nn.Module.__init__(self)
             self.base = torch.jit.load(str(f), map_location="cpu").eval()
             self.layers = self.base.layers
-            self.resize_inside = False
+            self.resize_inside = resize_inside
     return _Named(file)
 
 
@@ -265,8 +360,10 @@ def feature_net(path, device="cpu") -> FeatureNetExtractor:
         raise UserError(f"{file}: cannot tell the feature net's input channels (no meta.json "
                         f"shape, no in_channels attribute)")
     module.eval()
-    name = "featnet-" + hashlib.sha256(data).hexdigest()[:8]
-    return FeatureNetExtractor(module, name, channels, shape, device, meta)
+    digest = hashlib.sha256(data).hexdigest()
+    ext = FeatureNetExtractor(module, "featnet-" + digest[:8], channels, shape, device, meta)
+    ext.file, ext._sha256 = file.resolve(), digest
+    return ext
 
 
 def _first_line(e: Exception) -> str:
@@ -314,7 +411,9 @@ def _cache_name(extractor_name: str, fingerprint: str, num: int) -> str:
 
 def reference_stats(dataset, extractor, num: int, cache_dir, seed: int = 0, batch: int = 100,
                     progress: bool = False) -> dict:
-    """``{"mu", "sigma", "feats"}`` of ``min(num, len(dataset))`` reference images, cached.
+    """``{"mu", "sigma", "feats", "source"}`` of ``min(num, len(dataset))`` reference images,
+    cached; ``source`` (for :class:`Info`) names the dataset's fingerprint, the number of
+    images and the subset's seed (None when all images are used).
 
     The images are a seeded subset without replacement (all of them when ``num`` covers the
     dataset; never flipped). The cache is
@@ -328,6 +427,8 @@ def reference_stats(dataset, extractor, num: int, cache_dir, seed: int = 0, batc
     if n < 2:
         raise UserError(f"the reference dataset has {len(dataset)} image(s); need at least 2")
     fp = dataset.fingerprint()
+    source = {"source": "dataset", "fingerprint": fp, "num": n, "images": len(dataset),
+              "seed": None if n == len(dataset) else int(seed)}
     path = Path(cache_dir) / _cache_name(extractor.name, fp, n)
     if path.exists():
         try:
@@ -337,7 +438,8 @@ def reference_stats(dataset, extractor, num: int, cache_dir, seed: int = 0, batc
                       and int(z["num"]) == n and (n == len(dataset) or int(z["seed"]) == seed))
                 if ok:
                     feats = z["feats"].astype(np.float64)
-                    ref = {"mu": z["mu"], "sigma": z["sigma"], "feats": feats}
+                    ref = {"mu": z["mu"], "sigma": z["sigma"], "feats": feats,
+                           "source": source}
                     f = feats.shape[1] if feats.ndim == 2 else -1
                     if (feats.shape[0] == n and ref["mu"].shape == (f,)
                             and ref["sigma"].shape == (f, f)):
@@ -362,7 +464,57 @@ def reference_stats(dataset, extractor, num: int, cache_dir, seed: int = 0, batc
         with open(tmp, "wb") as fh:   # a file object: np.savez would append ".npz" to a name
             np.savez(fh, mu=mu, sigma=sigma, feats=stored, extractor=np.array(extractor.name),
                      fingerprint=np.array(fp), num=np.array(n), seed=np.array(int(seed)))
-    return {"mu": mu, "sigma": sigma, "feats": feats}
+    return {"mu": mu, "sigma": sigma, "feats": feats, "source": source}
+
+
+def load_reference_npz(path, dim: int = INCEPTION_DIM) -> dict:
+    """``{"mu", "sigma", "source"}`` from a precomputed statistics file such as EDM's fid-refs
+    (``np.savez(f, mu=[dim], sigma=[dim, dim])``): finite, sigma symmetric with a non-negative
+    diagonal. ``source`` names the file and its sha256. Anything else: a one-line UserError."""
+    from core.io import file_digest
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"reference statistics {file}: not found")
+    try:
+        with open(file, "rb") as fh:
+            z = np.load(fh, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise UserError(f"reference statistics {file}: not an .npz archive (a .npy?); "
+                                f"expected mu and sigma as in EDM's fid-refs files")
+            with z:
+                names = list(z.files)
+                mu = z["mu"] if "mu" in names else None
+                sigma = z["sigma"] if "sigma" in names else None
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"reference statistics {file}: unreadable ({_first_line(e)})") from None
+    for name, a in (("mu", mu), ("sigma", sigma)):
+        if a is None:
+            raise UserError(f"reference statistics {file}: no {name!r} array (has "
+                            f"{', '.join(names) or 'nothing'}; expected mu and sigma)")
+    for name, a in (("mu", mu), ("sigma", sigma)):
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+            raise UserError(f"reference statistics {file}: {name} has dtype {a.dtype}, "
+                            f"expected floats")
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise UserError(f"reference statistics {file}: mu {list(mu.shape)} and sigma "
+                        f"{list(sigma.shape)}; Inception statistics are mu [{dim}] and sigma "
+                        f"[{dim}, {dim}]")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+        raise UserError(f"reference statistics {file}: mu or sigma holds NaN/Inf")
+    scale = max(float(np.abs(sigma).max()), 1e-30)
+    asym = float(np.abs(sigma - sigma.T).max())
+    if asym > 1e-6 * scale:
+        raise UserError(f"reference statistics {file}: sigma is not symmetric (max |sigma - "
+                        f"sigma^T| = {asym:.3g}); not a covariance matrix")
+    if np.any(np.diag(sigma) < 0):
+        raise UserError(f"reference statistics {file}: sigma has a negative diagonal; not a "
+                        f"covariance matrix")
+    source = {"source": "npz", "path": str(file.resolve()), "sha256": file_digest(file)}
+    return {"mu": mu, "sigma": sigma, "source": source}
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:

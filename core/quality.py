@@ -26,24 +26,52 @@ def metric_objects(cfg, ctx, names=None) -> list:
     return out
 
 
-def compute_metrics(metrics: list, samples, reference, cache_dir: Path) -> dict:
+def compute_metrics(metrics: list, samples, reference, cache_dir: Path,
+                    info: bool = True) -> dict:
+    """{key: value} of every metric and, with `info`, ``"<key>_info"``: what the number is
+    (a :class:`core.metrics.Info`: feature network, mode, reference), for metrics that
+    describe themselves. Everything stays strict JSON."""
     out: dict = {}
     for m in metrics:
-        out.update(m.compute(samples, reference, cache_dir))
+        values = m.compute(samples, reference, cache_dir)
+        out.update(values)
+        d = _info(m) if info else None
+        if d is not None:
+            out.update({f"{k}_info": d for k in values})
     return out
+
+
+def _info(metric):
+    """The metric's description of its last result as an Info, or None."""
+    from core.metrics import Info
+
+    describe = getattr(metric, "describe", None)
+    d = describe() if callable(describe) else None
+    if not isinstance(d, dict):
+        return None
+    return d if isinstance(d, Info) else Info(d)
 
 
 @torch.no_grad()
 def sample_quality(jumper, meta: dict, sampler, steps: list[int], num: int, batch: int,
                    seed: int, device: str, metrics: list, reference, cache_dir: Path,
                    grid_dir: Path | None = None, grid_name: str = "samples",
-                   progress: bool = False) -> dict:
+                   progress: bool = False, info: bool | None = None) -> dict:
     """{K: {metric: value}} for K-jump sampling of `num` images from the same seed; writes
-    `<grid_dir>/<grid_name>_<K>step.png` (the first 64 samples) when grid_dir is given."""
+    `<grid_dir>/<grid_name>_<K>step.png` (the first 64 samples) when grid_dir is given.
+
+    With `info`, also ``"info": {metric: Info}`` -- what each number is (feature network,
+    mode, reference), once for all K; the {K: ...} entries stay numbers only. The default
+    (None) adds it for the evaluate stage's grids (grid_name "samples", metrics.json) and not
+    for distill's periodic evaluation ("distill_samples"), whose values become metrics.csv
+    columns and must all be numbers."""
     from core.metrics import save_grid
     from core.sampling import draw
 
-    out = {}
+    if info is None:
+        info = grid_name == "samples"
+    out: dict = {}
+    infos: dict = {}
     for K in steps:
         ts = sampler.timesteps(K, meta["t_min"], meta["t_max"], meta["rho"])
         x, labels = draw(jumper, meta, sampler, ts, num, batch, seed, device, progress=progress)
@@ -52,5 +80,11 @@ def sample_quality(jumper, meta: dict, sampler, steps: list[int], num: int, batc
             continue
         if grid_dir is not None:
             save_grid(torch.from_numpy(x[:64]), grid_dir / f"{grid_name}_{K}step.png")
-        out[K] = compute_metrics(metrics, torch.from_numpy(x), reference, cache_dir)
+        out[K] = compute_metrics(metrics, torch.from_numpy(x), reference, cache_dir, info=False)
+        for m in metrics if info else []:
+            d = _info(m)
+            if d is not None:
+                infos[m.name] = d
+    if infos:
+        out["info"] = infos
     return out

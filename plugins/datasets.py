@@ -1,4 +1,5 @@
-"""Dataset plugins: x_0 from image folders, array files, MNIST-style IDX files and CIFAR-10.
+"""Dataset plugins: x_0 from image folders, array files, MNIST-style IDX files, CIFAR-10 and
+NVlabs/edm dataset archives.
 
 The ``[data]`` section picks a loader with ``format``; the loader reads the rest of the
 section, and a key no loader reads is reported as unknown. Relative paths resolve against the
@@ -60,6 +61,17 @@ split          "train"   "train": data_batch_1 .. data_batch_5 (50000 images),
                          "test": test_batch (10000 images)
 =============  ========  ==================================================================
 
+``format = "edm"``: what NVlabs/edm's ``dataset_tool.py`` writes. ``path`` is the ``.zip``
+archive (e.g. ``cifar10-32x32.zip``; read in place, never extracted) or a folder holding the same
+files. The examples are its PNG / JPEG images in any sub-folder layout, in sorted name order
+(``00000/img00000000.png``, ...), all of one size and either RGB or greyscale ("L"): [N, 3, H, W]
+or [N, 1, H, W]. Class labels come from ``dataset.json`` at the root, ``{"labels": [["00000/
+img00000000.png", 6], ...]}``, one integer per image; without that file, or with ``"labels":
+null``, the dataset has no labels. Each member's size is checked before it is read (at most 256
+MiB, expanding at most 200:1; only stored or deflated members), and each image's header before
+it is decoded. The fingerprint covers the SHA-256 of the whole archive (of a folder: as
+``folder`` does, the images read and ``dataset.json``).
+
 The CIFAR-10 batches are Python pickles: use only files from a source you trust. They are
 unpickled with a loader that resolves nothing but the numpy array constructors such a batch
 needs, and refuses any other global, but pickle is not a safe format for untrusted input.
@@ -76,8 +88,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import pickle
 import re
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -552,6 +566,202 @@ def _cifar10(options, ctx) -> Dataset:
                     f"cifar10:{split}")
 
 
+# ---------------------------------------------------------------------------------------------
+# format = "edm" (NVlabs/edm dataset_tool.py: a zip archive or folder of images + dataset.json)
+# ---------------------------------------------------------------------------------------------
+
+EDM_LABELS = "dataset.json"
+#: the most bytes one member (an image or dataset.json) may hold, and the most a compressed one
+#: may expand by (dataset_tool stores its PNGs uncompressed; deflate tops out near 1030:1)
+EDM_MAX_MEMBER, EDM_MAX_RATIO = 256 << 20, 200
+_EDM_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+class _EdmFiles:
+    """The members of a dataset_tool archive (a .zip) or folder: their relative names (posix,
+    hidden entries skipped), each one's size checked before it is read."""
+
+    def __init__(self, path: Path):
+        self.path, self.zip = path, None
+        if path.is_dir():
+            self.what = "folder"
+            found = (p for p in path.rglob("*") if _visible(path, p) and p.is_file())
+            self.sizes = {p.relative_to(path).as_posix(): None for p in found}
+            return
+        from core.data import regular_file
+        regular_file(path, "dataset archive")
+        self.what = "archive"
+        try:
+            self.zip = zipfile.ZipFile(path)
+            infos = [i for i in self.zip.infolist() if not i.is_dir()]
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise UserError(f"{path}: not a readable zip archive ({_one_line(e)})") from None
+        self.sizes = {}
+        for info in infos:
+            if any(part.startswith(".") for part in info.filename.split("/")):
+                continue
+            if info.filename in self.sizes:
+                raise UserError(f"{self.where(info.filename)}: the archive holds this member "
+                                f"twice")
+            self.sizes[info.filename] = info
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.zip is not None:
+            self.zip.close()
+
+    def where(self, name: str) -> str:
+        return f"{self.path}:{name}" if self.zip is not None else str(self.path / name)
+
+    def _check_size(self, name: str) -> None:
+        info = self.sizes[name]
+        size = (self.path / name).stat().st_size if info is None else info.file_size
+        if size > EDM_MAX_MEMBER:
+            raise UserError(f"{self.where(name)}: claims {size} bytes, more than the "
+                            f"{EDM_MAX_MEMBER >> 20} MiB a member may hold (a zip bomb?)")
+        if info is None:
+            return
+        if info.compress_type not in _EDM_METHODS:
+            method = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}.get(
+                info.compress_type, f"method {info.compress_type}")
+            raise UserError(f"{self.where(name)}: compressed with {method}; only stored or "
+                            f"deflated members are read")
+        packed = info.compress_size
+        if size > max(EDM_MAX_RATIO * packed, 1 << 20):
+            raise UserError(f"{self.where(name)}: claims to expand {packed} bytes to {size}, "
+                            f"more than {EDM_MAX_RATIO}:1 (a zip bomb?)")
+        if packed > size + size // 100 + 1024:      # deflate grows data by well under 1%
+            raise UserError(f"{self.where(name)}: claims {packed} compressed bytes for {size} "
+                            f"bytes of data (a corrupt or forged header)")
+
+    def read(self, name: str, what: str = "image") -> bytes:
+        """The member's bytes, its size checked first (and, in a zip, its CRC as it is read)."""
+        self._check_size(name)
+        if self.zip is None:
+            return _read_bytes(self.path / name, what)
+        info, parts = self.sizes[name], []
+        try:
+            with self.zip.open(info) as f:      # 1 MiB at a time: deflate output stays bounded
+                while chunk := f.read(1 << 20):
+                    parts.append(chunk)
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError,
+                zlib.error) as e:
+            raise UserError(f"{self.where(name)}: unreadable {what} in the archive "
+                            f"({_one_line(e)})") from None
+        raw = b"".join(parts)
+        if len(raw) != info.file_size:
+            raise UserError(f"{self.where(name)}: truncated member ({len(raw)} of "
+                            f"{info.file_size} bytes)")
+        return raw
+
+
+def _image_header(raw: bytes, where: str) -> tuple[int, int, int]:
+    """(width, height, channels: 1 or 3) of an encoded image, read without decoding it."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as im:
+                (w, h), mode = im.size, im.mode
+    except Exception as e:  # whatever Pillow raises on a bad file, the file is to blame
+        raise UserError(f"{where}: unreadable image ({_one_line(e)})") from None
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+        raise UserError(f"{where}: image claims {w}x{h} pixels, more than the "
+                        f"{Image.MAX_IMAGE_PIXELS} Pillow decodes (a decompression bomb?)")
+    return w, h, 1 if mode in _GREY_MODES else 3
+
+
+def _edm_labels(raw: bytes, where: str, images: list[str], what: str) -> Optional[np.ndarray]:
+    """The int64 label of each of `images` from dataset.json's bytes, or None (no labels)."""
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as e:      # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{where}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(meta, dict) or "labels" not in meta:
+        raise UserError(f'{where}: expected {{"labels": [["<image>", <label>], ...]}} or '
+                        f'{{"labels": null}}, got {_json_head(meta)}')
+    entries, labels = meta["labels"], {}
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        raise UserError(f"{where}: \"labels\" must be a list of [\"<image>\", <label>] pairs "
+                        f"or null, got {_json_head(entries)}")
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise UserError(f"{where}: labels[{i}] must be [\"<image>\", <label>], got "
+                            f"{_json_head(entry)}")
+        name, label = entry[0].replace("\\", "/"), entry[1]
+        if label is not None and (type(label) is not int or not 0 <= label < 2 ** 31):
+            raise UserError(f"{where}: the label of {name} must be an integer >= 0, got "
+                            f"{_json_head(label)}")
+        if name in labels:
+            raise UserError(f"{where}: names {name} twice")
+        labels[name] = label
+    known = set(images)
+    missing = next((n for n in labels if n not in known), None)
+    if missing is not None:
+        raise UserError(f"{where}: names {missing}, an image the {what} does not hold")
+    unlabelled = next((n for n in images if n not in labels), None)
+    if unlabelled is not None:
+        raise UserError(f"{where}: gives no label for {unlabelled}")
+    values = [labels[n] for n in images]
+    if all(v is None for v in values):
+        return None
+    null = next((n for n, v in zip(images, values) if v is None), None)
+    if null is not None:
+        raise UserError(f"{where}: the label of {null} is null but other images have labels")
+    return np.asarray(values, np.int64)
+
+
+def _json_head(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _edm(options, ctx) -> Dataset:
+    path = options.path("path")
+    common = _common(options)
+
+    if not path.exists():
+        raise UserError(f"{path}: dataset archive not found")
+    with _EdmFiles(path) as files:
+        images = sorted(n for n in files.sizes if n.lower().endswith(IMAGE_SUFFIXES))
+        if not images:
+            raise UserError(f"{path}: no PNG or JPEG images in this {files.what}")
+        y, label_raw = None, None
+        if common.conditional and EDM_LABELS in files.sizes:
+            label_raw = files.read(EDM_LABELS, "label file")
+            y = _edm_labels(label_raw, files.where(EDM_LABELS), images, files.what)
+        images, y = _take(images, common.limit), _take(y, common.limit)
+        h, first, out = hashlib.sha256(), None, None
+        for i, name in enumerate(images):
+            raw, where = files.read(name), files.where(name)
+            w, hh, c = _image_header(raw, where)
+            if out is None:
+                first, out = name, np.empty((len(images), hh, w, c), np.uint8)
+            elif (hh, w, c) != out.shape[1:]:
+                kind = {1: "greyscale", 3: "RGB"}
+                raise UserError(f"{where}: image is {w}x{hh} {kind[c]} but {first} is "
+                                f"{out.shape[2]}x{out.shape[1]} {kind[out.shape[3]]}")
+            if files.zip is None:
+                h.update(name.encode() + b"\0" + len(raw).to_bytes(8, "little") + raw)
+            img = _decode_image(raw, where, "L" if c == 1 else "RGB", None)
+            out[i] = img.reshape(out.shape[1:])
+    if files.zip is not None:
+        content = _sha256_file(path)
+    else:
+        if label_raw is not None:
+            h.update(EDM_LABELS.encode() + b"\0" + len(label_raw).to_bytes(8, "little")
+                     + label_raw)
+        content = h.hexdigest()
+    x = _bytes_to_unit(out).permute(0, 3, 1, 2)
+    return _dataset("edm", x, y, common, [content], dict(source=files.what), f"edm:{path.name}")
+
+
 @hookimpl
 def ctmkit_datasets():
-    return {"folder": _folder, "array": _array, "idx": _idx, "cifar10": _cifar10}
+    return {"folder": _folder, "array": _array, "idx": _idx, "cifar10": _cifar10, "edm": _edm}

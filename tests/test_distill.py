@@ -170,19 +170,23 @@ def test_kill_9_and_resume_equals_uninterrupted(work, tmp_path_factory):
     assert [r["iteration"] for r in ra] == [r["iteration"] for r in rb]
 
 
-def test_torchrun_two_processes_match_single_process(work, tmp_path_factory):
+@pytest.mark.parametrize("micro_batch", [0, 5])
+def test_torchrun_two_processes_match_single_process(work, tmp_path_factory, micro_batch):
+    """Same weights whatever the world size (and, with micro_batch = 5 in the two-process
+    run, whatever the gradient accumulation inside each process's 16 samples)."""
     import shutil
     single = tmp_path_factory.mktemp("single")
     shutil.copytree(work, single, dirs_exist_ok=True)
     cfg_text = CONFIG.replace("iterations = 40", "iterations = 12").replace(
         "checkpoint_every = 10", "checkpoint_every = 12")
-    for d in (work, single):
-        (d / "c.toml").write_text(cfg_text)
+    (single / "c.toml").write_text(cfg_text)
+    (work / "c.toml").write_text(cfg_text.replace("[distill]",
+                                                  f"[distill]\nmicro_batch = {micro_batch}"))
     r = run_cli(single / "c.toml", "--stages", "distill,export")
     assert r.returncode == 0, r.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--master_port", "29517", "-m", "core.run", str(work / "c.toml"),
+                        "--master_port", str(29517 + micro_batch), "-m", "core.run", str(work / "c.toml"),
                         "--no-progress", "--stages", "distill,export"],
                        cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -231,3 +235,33 @@ def test_other_losses_train_through_the_same_engine(work, loss):
     rows = _metrics(work / "out" / "metrics.csv")
     assert all(np.isfinite(float(r["loss"])) for r in rows if r["loss"])
     assert (work / "out" / "student.pt").is_file()
+
+
+@pytest.mark.parametrize("dsm_weight", ["1.0", '"adaptive"'])
+def test_micro_batch_gives_the_whole_batch_result(work, tmp_path_factory, dsm_weight):
+    """[distill] micro_batch accumulates gradients inside the batch: the trained weights equal
+    the whole-batch ones to float32 rounding, for a fixed and for the adaptive DSM weight."""
+    import shutil
+    whole = tmp_path_factory.mktemp("whole")
+    shutil.copytree(work, whole, dirs_exist_ok=True)
+    text = CONFIG.replace("iterations = 40", "iterations = 6").replace(
+        "checkpoint_every = 10", f"checkpoint_every = 6\ndsm_weight = {dsm_weight}")
+    (whole / "c.toml").write_text(text)
+    (work / "c.toml").write_text(text.replace("[distill]", "[distill]\nmicro_batch = 5"))
+    for d in (whole, work):
+        r = run_cli(d / "c.toml", "--stages", "distill,export")
+        assert r.returncode == 0, r.stderr
+    a, b = _weights(work / "out" / "jumper.pt"), _weights(whole / "out" / "jumper.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-6, rtol=1e-5), k
+    moved = False
+    ma, mb = _metrics(work / "out" / "metrics.csv"), _metrics(whole / "out" / "metrics.csv")
+    assert len(ma) == len(mb)
+    for ra, rb in zip(ma, mb):
+        if not rb["loss"]:                  # an evaluation-only row (iteration 0)
+            continue
+        moved |= float(ra["loss"]) != 0
+        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-5)
+        assert float(ra["dsm_weight"]) == pytest.approx(float(rb["dsm_weight"]), rel=1e-4)
+    assert moved

@@ -56,20 +56,17 @@ def _info(metric):
 def sample_quality(jumper, meta: dict, sampler, steps: list[int], num: int, batch: int,
                    seed: int, device: str, metrics: list, reference, cache_dir: Path,
                    grid_dir: Path | None = None, grid_name: str = "samples",
-                   progress: bool = False, info: bool | None = None) -> dict:
+                   progress: bool = False, info: bool = False) -> dict:
     """{K: {metric: value}} for K-jump sampling of `num` images from the same seed; writes
     `<grid_dir>/<grid_name>_<K>step.png` (the first 64 samples) when grid_dir is given.
 
     With `info`, also ``"info": {metric: Info}`` -- what each number is (feature network,
-    mode, reference), once for all K; the {K: ...} entries stay numbers only. The default
-    (None) adds it for the evaluate stage's grids (grid_name "samples", metrics.json) and not
-    for distill's periodic evaluation ("distill_samples"), whose values become metrics.csv
-    columns and must all be numbers."""
+    mode, reference), once for all K; the {K: ...} entries stay numbers only. The evaluate
+    stage asks for it (metrics.json); distill's periodic evaluation does not (its values
+    become metrics.csv columns and must all be numbers)."""
     from core.metrics import save_grid
     from core.sampling import draw
 
-    if info is None:
-        info = grid_name == "samples"
     out: dict = {}
     infos: dict = {}
     for K in steps:

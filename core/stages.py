@@ -378,10 +378,11 @@ def evaluate(run: Run) -> None:
         reference = reference.as_dataset()
         q = sample_quality(jumper, meta, run.sampler(), e.steps, e.sample_num, e.sample_batch,
                            e.seed, run.device, objs, reference, e.cache_dir,
-                           grid_dir=run.out_dir, progress=run.progress)
+                           grid_dir=run.out_dir, progress=run.progress, info=True)
         metrics["quality"] = {str(k): v for k, v in q.items()}
         for k, v in q.items():
-            log(f"evaluate: {k}-step " + "  ".join(f"{n} {x:.4g}" for n, x in v.items()))
+            if isinstance(k, int):          # "info": what each metric is, not a step count
+                log(f"evaluate: {k}-step " + "  ".join(f"{n} {x:.4g}" for n, x in v.items()))
     samples_path = run.out_dir / "samples.npy"
     if samples_path.is_file():
         from core.data import check_array_sizes

@@ -364,7 +364,7 @@ def test_sample_quality_info_for_metrics_json_not_for_distills_csv(tmp_path, mon
     meta = {"t_min": 0.002, "t_max": 80.0, "rho": 7.0}
     args = (None, meta, sampler, [1, 2], 20, 10, 0, "cpu", [metric], ref, tmp_path / "cache")
 
-    q = sample_quality(*args)                                            # the evaluate stage
+    q = sample_quality(*args, info=True)                                 # the evaluate stage
     assert set(q) == {1, 2, "info"} and set(q["info"]) == {metric.name}
     assert all(set(q[K]) == {metric.name} and isinstance(q[K][metric.name], float)
                for K in (1, 2))
@@ -374,4 +374,6 @@ def test_sample_quality_info_for_metrics_json_not_for_distills_csv(tmp_path, mon
         assert "\n" not in stages_log_line(K, v)
 
     q = sample_quality(*args, grid_name="distill_samples")              # distill: csv numbers
+    assert set(q) == {1, 2}
+    q = sample_quality(*args)                                            # the default: no info
     assert set(q) == {1, 2} and all(isinstance(v, float) for K in q for v in q[K].values())

@@ -121,6 +121,8 @@ def distill(run) -> None:
                            "coefficients": run.coefficients_digest() if precond.name == "analytic"
                            else None})
     ckdir = run.out_dir / "checkpoints"
+    if dist.is_main():        # fails (one line) before any log or checkpoint is written
+        ckdir.mkdir(parents=True, exist_ok=True)
     start, resumed = resume(ckdir, fp, modules, opt)
     if resumed is not None and dist.is_main():
         print(f"[ctmkit] distill: resuming from {resumed.name} (iteration {start})")
@@ -181,9 +183,6 @@ def distill(run) -> None:
     t_last, it_last = time.perf_counter(), start
     window = torch.zeros(3, dtype=torch.float64)      # loss sums since the last log row
     micro = d.micro_batch or local                    # samples per forward / backward pass
-    if micro < local and dsm_on and d.dsm_weight == "adaptive" and scaler is not None:
-        raise UserError(f"{cfg.path}: [distill] micro_batch with dsm_weight = \"adaptive\" "
-                        f"needs precision bf16 or fp32, not fp16")
     ctx_args = (precond, diff.sigma_data, grid, teacher_D, solver, target.model,
                 d.max_ode_steps)
     for it in range(start, d.iterations):
@@ -302,7 +301,8 @@ def _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast, distance, 
     losses weighted by its share of the local batch, so the gradient is the full batch's (to
     float rounding), whatever micro_batch and the world size. Gradients are all-reduced once,
     after the last chunk. With ``dsm_weight = "adaptive"`` the main and DSM gradients are
-    accumulated apart and combined with CTM's balance over the whole batch.
+    accumulated apart and combined with CTM's balance over the whole batch (a GradScaler's
+    common factor cancels in the balance; it unscales the sum as usual).
     Returns (the [main, dsm, total] losses of this rank, the DSM weight)."""
     local = x0.shape[0]
     adaptive = dsm_on and dsm_weight == "adaptive"
@@ -320,9 +320,10 @@ def _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast, distance, 
                                     sub, sub_dsm, x0[c], labels[c] if labels is not None
                                     else None, grid, device)
             if adaptive:
-                gm = torch.autograd.grad(l_main * frac, params, retain_graph=True,
+                scale = scaler.scale if scaler is not None else (lambda v: v)
+                gm = torch.autograd.grad(scale(l_main * frac), params, retain_graph=True,
                                          allow_unused=True)
-                gd = torch.autograd.grad(l_dsm * frac, params, allow_unused=True)
+                gd = torch.autograd.grad(scale(l_dsm * frac), params, allow_unused=True)
                 for acc, g in zip(g_main + g_dsm, gm + gd):
                     if g is not None:
                         acc.add_(g)

@@ -178,8 +178,11 @@ def torch_load(path: str | os.PathLike, what: str):
     if not path.is_file():
         raise UserError(f"{path}: {what} not found" if not path.exists() else
                         f"{path}: {what} is not a regular file")
+    import warnings
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # torch warns before refusing a TorchScript archive
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle rejected by weights_only, ...
         first = str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__
         raise UserError(f"{path}: unreadable {what} ({first})") from None

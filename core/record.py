@@ -111,6 +111,7 @@ def dry_run(cfg, runs, force: bool, progress: bool = True) -> None:
     print("plan:")
     for c, st in runs:
         r = Run(c, progress=progress)
+        r.validate(st)                      # the same checks a real run makes first
         ledger = Ledger(r.out_dir)
         for name in st:
             label = f" ({r.out_dir})"

@@ -70,6 +70,12 @@ def _execute(run, name: str) -> None:
     dist.barrier()
 
 
+def torch_jit_error() -> type:
+    """The exception TorchScript raises when the code inside a scripted file fails."""
+    import torch
+    return torch.jit.Error
+
+
 def main(argv=None) -> int:
     p = _Parser(prog="python -m core.run", description="ctmkit: distill a diffusion teacher "
                 "into a few-step consistency (trajectory) model.")
@@ -105,6 +111,8 @@ def main(argv=None) -> int:
             bad = [s for s in stages if s not in STAGES]
             if bad:
                 raise UserError(f"--stages: unknown stage {bad[0]!r} (known: {', '.join(STAGES)})")
+            if not stages:
+                raise UserError(f"--stages: names no stage (known: {', '.join(STAGES)})")
         from core import distributed as dist
 
         runs = [(cfg, stages)]
@@ -148,6 +156,11 @@ def main(argv=None) -> int:
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch_jit_error() as e:   # a user's TorchScript file (teacher) failed inside
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        print(f"error: a TorchScript module failed: {(lines or ['(no message)'])[-1][:200]}",
+              file=sys.stderr)
         return 2
     except OSError as e:          # out_dir unwritable, read-only filesystem, disk full, ...
         where = f"{e.filename}: " if e.filename else ""

@@ -109,6 +109,7 @@ class Run:
             self.teacher    # a network teacher is built once the 'teacher' stage has run
         plugins.get("network", self.cfg.network.data.get("name"), self.cfg.network.where("name"))
         plugins.get("loss", self.cfg.distill.loss, self.cfg.sections["distill"].where("loss"))
+        self._check_plugin_sections(stages)
         plugins.get("solver", self.cfg.distill.solver,
                     self.cfg.sections["distill"].where("solver"))
         if self.cfg.evaluate.metrics:          # e.g. a missing Inception file, before training
@@ -125,6 +126,31 @@ class Run:
                 continue
             if kind == "sampler" and "sample" in stages and self.cfg.sample.runner == "ctm_sample":
                 ctm_sample_binary(self.cfg, built)
+
+    def _check_plugin_sections(self, stages) -> None:
+        """Typos in [distill] (the loss plugin's keys) and [network] (the network plugin's) are
+        errors even in runs whose stages do not use them: build the loss, and the network
+        (when [network] has options) for the teacher's or the data's shape."""
+        import copy
+
+        from core.config import Section
+        dist_sec = self.cfg.sections["distill"]
+        probe = Section("distill", dist_sec.data, dist_sec.source, dist_sec.base_dir)
+        probe._read = set(dist_sec._read)
+        plugins.create("loss", probe, self.ctx, "loss", self.cfg.distill.loss)
+        options = {k: v for k, v in self.cfg.network.data.items() if k != "name"}
+        if not options:
+            return
+        if "teacher" in stages and self.cfg.teacher_kind == "network":
+            src = self.data_source()
+            if src is None:
+                return                     # the teacher stage says what is missing
+            shape, num_classes = tuple(src.load().shape), src.num_classes
+        else:
+            shape, num_classes = self.teacher.shape, self.teacher.num_classes
+        from plugins.teachers.network import build_network
+        build_network(self.cfg.network.data.get("name", "mlp"), copy.deepcopy(options),
+                      self.ctx, shape, num_classes, True, str(self.cfg.path))
 
     def data_for(self, path: Path | None, what: str):
         """The x_0 source of a stage: the file `path` (a stage's own `data` key), else [data],
@@ -204,9 +230,9 @@ def export(run: Run) -> None:
     student_file = run.out_dir / "student.pt"
     source = cfg.export.source
     if source == "auto":
-        source = "student" if student_file.is_file() else "teacher"
+        source = "student" if student_file.exists() else "teacher"
     if source == "student":
-        if not student_file.is_file():
+        if not student_file.exists():
             raise UserError(f"{student_file}: not found; run the 'distill' stage or set "
                             f"[export] source = \"teacher\"")
         network = load_student(run, student_file).to(dtype)
@@ -384,7 +410,7 @@ def evaluate(run: Run) -> None:
             if isinstance(k, int):          # "info": what each metric is, not a step count
                 log(f"evaluate: {k}-step " + "  ".join(f"{n} {x:.4g}" for n, x in v.items()))
     samples_path = run.out_dir / "samples.npy"
-    if samples_path.is_file():
+    if samples_path.exists():
         from core.data import check_array_sizes
         check_array_sizes(samples_path)
         try:

@@ -48,6 +48,8 @@ def train_teacher(run) -> None:
                                     "sigma_data": diff.sigma_data}, sort_keys=True,
                                    default=str).encode()).hexdigest()
     ckdir = run.out_dir / "teacher_checkpoints"
+    if dist.is_main():        # fails (one line) before any log or checkpoint is written
+        ckdir.mkdir(parents=True, exist_ok=True)
     modules = {"net": net, "ema": ema.model}
     start, _ = resume(ckdir, fp, modules, opt)
     log = MetricsLog(run.out_dir / "teacher_metrics.csv", ["loss_dsm", "lr"], start)

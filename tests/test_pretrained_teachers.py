@@ -201,3 +201,24 @@ def test_bad_teacher_inputs_are_one_line(tmp_path, run_main):
     rc, _, err = run_main(cfg)
     assert rc == 2 and err.count("\n") == 1 and "openai-unet-cond.pt" in err, err
     assert not (tmp_path / "out" / "jumper.pt").exists()
+
+
+@pytest.mark.parametrize("name, N, max_ode, iters, batch, grid, nt, ns", [
+    ("cifar10_cond", 18, 17, 150000, 512, "log", 120, 4096),
+    ("cifar10_uncond", 18, 17, 200000, 256, "log", 120, 4096),
+    ("ffhq64", 18, 17, 150000, 256, "log", 120, 4096),
+    ("imagenet64", 40, 20, 60000, 2048, "edm", 160, 1024)])
+def test_paper_configs_hold_table_3(name, N, max_ode, iters, batch, grid, nt, ns):
+    """examples/paper/*.toml parse and carry Table 3's and Appendix B's settings."""
+    from core.config import load_config
+    cfg = load_config(ROOT / "examples" / "paper" / f"{name}.toml",
+                      overrides=['run.device="cpu"'])
+    d, c = cfg.distill, cfg.coefficients
+    assert (d.N, d.max_ode_steps, d.iterations, d.batch_size) == (N, max_ode, iters, batch)
+    assert (d.lr, d.target_ema, d.ema, d.solver, d.loss, d.distance) == (
+        4e-4, 0.999, [0.999], "heun", "ctm", "lpips")
+    assert (c.grid, c.n_timesteps, c.n_samples) == (grid, nt, ns)
+    assert cfg.teacher_kind == "edm" and cfg.sample.num == 50000
+    assert cfg.evaluate.sample_num == 50000
+    assert (cfg.diffusion.t_min, cfg.diffusion.t_max, cfg.diffusion.sigma_data,
+            cfg.diffusion.rho) == (0.002, 80.0, 0.5, 7.0)

@@ -1,7 +1,11 @@
 """GPU smoke check (run where a CUDA GPU is present): training with bf16 / fp16 autocast on CUDA,
-coefficient estimation on CUDA vs CPU, and ctm_sample --device cuda vs the CPU samples.
+coefficient estimation on CUDA vs CPU, and ctm_sample --device cuda vs the CPU samples; then an
+EDM fixture teacher (the `edm` plugin) through coefficients -> distill (bf16) -> export ->
+ctm_sample --device cuda, compared with ctm_sample on the CPU.
 
-    python tools/gpu_check.py [--out DIR] [--no-cpp]
+    python tools/gpu_check.py [--out DIR] [--no-cpp] [--edm PKL] [--only-edm] [--device cuda]
+
+(`--only-edm --device cpu` runs the EDM part on a machine without a GPU, to check the script.)
 """
 
 from __future__ import annotations
@@ -66,15 +70,87 @@ def run(cfg_text, path):
     return r.returncode
 
 
+EDM_CONFIG = """
+[run]
+out_dir = "{out}"
+stages = ["coefficients", "distill", "export"]
+device = "{device}"
+[data]
+format = "array"
+path = "{data}"
+conditional = false
+[teacher]
+kind = "edm"
+path = "{pkl}"
+[precond]
+name = "analytic"
+variant = "backward"
+[coefficients]
+n_timesteps = 8
+n_samples = 32
+batch = 16
+dtype = "float32"
+[distill]
+iterations = 20
+batch_size = 16
+micro_batch = 8
+precision = "{precision}"
+dsm_weight = "adaptive"
+eval = []
+N = 8
+max_ode_steps = 4
+"""
+
+
+def edm_check(out, pkl, device: str, cpp: bool) -> dict:
+    """The EDM fixture teacher on `device`: coefficients, bf16 distillation, export, ctm_sample
+    on `device` vs on the CPU (same file, same seed)."""
+    res = {}
+    d = out / "edm"
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    np.save(d / "images.npy", rng.integers(0, 256, (64, 16, 16, 3)).astype(np.uint8))
+    prec = "bf16" if device.startswith("cuda") else "fp32"
+    res["edm_pipeline"] = run(EDM_CONFIG.format(out=d / "out", device=device, data=d / "images.npy",
+                                                pkl=pkl, precision=prec), d / "edm.toml")
+    if cpp and res["edm_pipeline"] == 0:
+        outs = {}
+        for dev in dict.fromkeys(("cpu", device)):
+            r = subprocess.run([str(ROOT / "build" / "ctm_sample"), "--model",
+                                str(d / "out" / "jumper.pt"), "--steps", "2", "--num", "64",
+                                "--batch", "32", "--seed", "0", "--device", dev, "--out",
+                                str(d / f"cpp_{dev}.npy")], capture_output=True, text=True)
+            print(f"edm ctm_sample {dev}: exit {r.returncode} {r.stderr[-300:]}")
+            if r.returncode == 0:
+                outs[dev] = np.load(d / f"cpp_{dev}.npy")
+        if len(outs) == 2:
+            res["edm_cpp_device_vs_cpu_max_abs"] = float(np.abs(outs["cpu"] - outs[device]).max())
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "runs" / "gpu_check"))
     ap.add_argument("--no-cpp", action="store_true")
+    ap.add_argument("--edm", default=str(ROOT.parent / "shared" / "fixtures" / "edm" /
+                                         "edm-ddpmpp-cond-aug.pkl"), help="EDM snapshot")
+    ap.add_argument("--only-edm", action="store_true", help="only the EDM teacher part")
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     out = _common.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, "
           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-'}")
+    if not args.no_cpp:
+        b = subprocess.run([sys.executable, "tools/build_cpp.py", "--quiet"], cwd=ROOT,
+                           capture_output=True, text=True)
+        print("build:", b.returncode, b.stdout[-500:], b.stderr[-1500:])
+        args.no_cpp = b.returncode != 0
+    edm = edm_check(out, args.edm, args.device, not args.no_cpp) \
+        if _common.Path(args.edm).is_file() else {"edm": f"{args.edm} not found; skipped"}
+    if args.only_edm:
+        print(json.dumps(edm, indent=1, default=str))
+        return
     results = {}
     for prec in ("bf16", "fp16", "fp32"):
         d = out / prec
@@ -98,23 +174,20 @@ def main():
     except Exception as e:  # report, don't stop
         results["coef_error"] = str(e)
     if not args.no_cpp:
-        b = subprocess.run([sys.executable, "tools/build_cpp.py", "--quiet"], cwd=ROOT,
-                           capture_output=True, text=True)
-        print("build:", b.returncode, b.stdout[-500:], b.stderr[-1500:])
-        if b.returncode == 0:
-            for dev in ("cpu", "cuda"):
-                r = subprocess.run([str(ROOT / "build" / "ctm_sample"), "--model",
-                                    str(d / "jumper.pt"), "--steps", "2", "--num", "512",
-                                    "--batch", "256", "--seed", "0", "--device", dev, "--out",
-                                    str(out / f"cpp_{dev}.npy")], capture_output=True, text=True)
-                print(f"ctm_sample {dev}: exit {r.returncode} {r.stderr[-300:]}")
-            try:
-                x_cpu, x_gpu = np.load(out / "cpp_cpu.npy"), np.load(out / "cpp_cuda.npy")
-                py = np.load(d / "samples.npy")
-                results["cpp_cuda_vs_cpu_max_abs"] = float(np.abs(x_cpu - x_gpu).max())
-                results["cpp_cuda_vs_python_cuda_max_abs"] = float(np.abs(py - x_gpu).max())
-            except Exception as e:
-                results["cpp_error"] = str(e)
+        for dev in ("cpu", "cuda"):
+            r = subprocess.run([str(ROOT / "build" / "ctm_sample"), "--model",
+                                str(d / "jumper.pt"), "--steps", "2", "--num", "512",
+                                "--batch", "256", "--seed", "0", "--device", dev, "--out",
+                                str(out / f"cpp_{dev}.npy")], capture_output=True, text=True)
+            print(f"ctm_sample {dev}: exit {r.returncode} {r.stderr[-300:]}")
+        try:
+            x_cpu, x_gpu = np.load(out / "cpp_cpu.npy"), np.load(out / "cpp_cuda.npy")
+            py = np.load(d / "samples.npy")
+            results["cpp_cuda_vs_cpu_max_abs"] = float(np.abs(x_cpu - x_gpu).max())
+            results["cpp_cuda_vs_python_cuda_max_abs"] = float(np.abs(py - x_gpu).max())
+        except Exception as e:
+            results["cpp_error"] = str(e)
+    results.update(edm)
     print(json.dumps(results, indent=1, default=str))
     (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
 

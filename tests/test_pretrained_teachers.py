@@ -222,3 +222,23 @@ def test_paper_configs_hold_table_3(name, N, max_ode, iters, batch, grid, nt, ns
     assert cfg.evaluate.sample_num == 50000
     assert (cfg.diffusion.t_min, cfg.diffusion.t_max, cfg.diffusion.sigma_data,
             cfg.diffusion.rho) == (0.002, 80.0, 0.5, 7.0)
+
+
+@needs_fixtures
+def test_teacher_dtype_runs_the_teacher_in_bfloat16(tmp_path, run_main):
+    """[teacher] dtype = "bfloat16": the float32 denoiser runs the network in bf16 (close to the
+    reference, not equal), the export scripts, float64 requests stay float64."""
+    from core.config import load_config
+    from core.stages import Run
+    cfg = config(tmp_path, "edm-ddpmpp-cond-aug")
+    cfg.write_text(cfg.read_text().replace('kind = "edm"', 'kind = "edm"\ndtype = "bfloat16"'))
+    run = Run(load_config(cfg), progress=False)
+    x, sigma, labels, D = reference("edm-ddpmpp-cond-aug")
+    with torch.no_grad():
+        out = run.teacher.denoiser(torch.float32)(x, sigma, labels)
+        exact = run.teacher.denoiser(torch.float64)(x.double(), sigma.double(), labels)
+    assert out.dtype == torch.float32 and exact.dtype == torch.float64
+    err = float((out - D).abs().max() / D.abs().max())
+    assert 1e-6 < err < 5e-2, err
+    assert float((exact.float() - D).abs().max() / D.abs().max()) < 1e-5
+    assert run_main(cfg)[0] == 0 and (tmp_path / "out" / "jumper.pt").is_file()

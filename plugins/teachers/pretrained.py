@@ -26,13 +26,18 @@ from plugins.teachers.base import Teacher
 
 
 class _TeacherDenoiser(nn.Module):
-    """forward(x, t, class_labels=None) -> D_phi(x, t) of a net taking (x, sigma, labels, s)."""
+    """forward(x, t, class_labels=None) -> D_phi(x, t) of a net taking (x, sigma, labels, s),
+    run in `run_dtype` (``[teacher] dtype``; None: the input's) and returned in x's dtype."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, run_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.net = net
+        self.cast = run_dtype is not None
+        self.run_dtype = run_dtype if run_dtype is not None else torch.float32
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
+        if self.cast:
+            return self.net(x.to(self.run_dtype), t, class_labels, None).to(x.dtype)
         return self.net(x, t, class_labels, None)
 
 
@@ -60,8 +65,13 @@ class DenoiserStudent(nn.Module):
 class PretrainedTeacher(Teacher):
     """Common part: a file, a teacher network (x, sigma, labels, s) -> D, its student form."""
 
-    def __init__(self, path: Path, ctx):
+    #: ``[teacher] dtype``: how the teacher runs when float32 is asked for (distillation,
+    #: sampling, float32 coefficients); float64 requests (float64 coefficients) are kept
+    RUN_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+    def __init__(self, path: Path, ctx, dtype: str = "float32"):
         self.path, self.ctx = Path(path), ctx
+        self.run_dtype = self.RUN_DTYPES[dtype]
         if not self.path.exists():
             raise UserError(f"{self.path}: {self.name} teacher file not found")
         if not self.path.is_file():
@@ -79,21 +89,24 @@ class PretrainedTeacher(Teacher):
                             f"{d.t_max:g}]; set [diffusion] t_min / t_max inside its range")
 
     def denoiser(self, dtype=torch.float64, device="cpu"):
-        return _TeacherDenoiser(copy.deepcopy(self.net)).to(device=device, dtype=dtype).eval()
+        run = self.run_dtype if dtype == torch.float32 else None
+        net = copy.deepcopy(self.net).to(device=device, dtype=run or dtype)
+        return _TeacherDenoiser(net, run).eval()
 
     def student_network(self) -> nn.Module:
         """The teacher's architecture and weights plus the zero-initialised s pathway."""
         return DenoiserStudent(self._student_net().float(), self.ctx.diffusion.sigma_data)
 
     def fingerprint(self) -> str:
-        return f"{self.name}:{self._digest[:32]}"
+        run = "" if self.run_dtype is None else f":{self.run_dtype}".replace("torch.", "")
+        return f"{self.name}:{self._digest[:32]}{run}"
 
 
 class EDMTeacher(PretrainedTeacher):
     name = "edm"
 
-    def __init__(self, path: Path, ctx, key: str = "ema"):
-        super().__init__(path, ctx)
+    def __init__(self, path: Path, ctx, key: str = "ema", dtype: str = "float32"):
+        super().__init__(path, ctx, dtype)
         from plugins.edm.precond import build_from_spec
         from plugins.edm.unpickle import edm_network_spec, load_edm_snapshot
 
@@ -106,7 +119,8 @@ class EDMTeacher(PretrainedTeacher):
     @classmethod
     def from_options(cls, options, ctx) -> "EDMTeacher":
         return cls(options.path("path"), ctx,
-                   options.str("network", "ema", choices=("ema", "net")))
+                   options.str("network", "ema", choices=("ema", "net")),
+                   options.str("dtype", "float32", choices=tuple(cls.RUN_DTYPES)))
 
     def _student_net(self) -> nn.Module:
         from plugins.edm.precond import build_from_spec
@@ -116,8 +130,8 @@ class EDMTeacher(PretrainedTeacher):
 class OpenAITeacher(PretrainedTeacher):
     name = "openai"
 
-    def __init__(self, path: Path, ctx, settings: dict):
-        super().__init__(path, ctx)
+    def __init__(self, path: Path, ctx, settings: dict, dtype: str = "float32"):
+        super().__init__(path, ctx, dtype)
         from plugins.edm.openai_unet import load_openai_teacher
 
         self.settings = dict(settings)
@@ -128,9 +142,10 @@ class OpenAITeacher(PretrainedTeacher):
     @classmethod
     def from_options(cls, options, ctx) -> "OpenAITeacher":
         path = options.path("path")
+        dtype = options.str("dtype", "float32", choices=tuple(cls.RUN_DTYPES))
         settings = {k: options._get(k, None) for k in list(options.data)
-                    if k not in ("kind", "path")}          # validated by build_openai_unet
-        return cls(path, ctx, settings)
+                    if k not in ("kind", "path", "dtype")}   # validated by build_openai_unet
+        return cls(path, ctx, settings, dtype)
 
     def _student_net(self) -> nn.Module:
         from plugins.edm.openai_unet import load_openai_teacher

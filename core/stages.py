@@ -179,7 +179,7 @@ def coefficients(run: Run) -> None:
     teacher = run.teacher
     settings = {"grid": c.grid, "n_timesteps": c.n_timesteps, "n_samples": c.n_samples,
                 "batch": c.batch, "seed": c.seed, "t_min": d.t_min, "t_max": d.t_max,
-                "rho": d.rho if c.grid == "edm" else None, "dtype": c.dtype}
+                "rho": d.rho if c.grid == "edm" else None, "dtype": c.dtype, "dl": c.dl}
     source = run.data_for(c.data, "coefficients")
     settings["data"] = source.fingerprint() if source is not None else None
     fp = teacher.fingerprint()
@@ -199,7 +199,7 @@ def coefficients(run: Run) -> None:
     sample_x0 = source.sample if source is not None else teacher.sample_data
     stats = collect(lambda x, t, y: den(x, t, y), sample_x0, ts,
                     c.n_samples, c.batch, c.seed, run.device, batches=mine,
-                    progress=run.progress and dist.is_main(), dtype=dtype)
+                    progress=run.progress and dist.is_main(), dtype=dtype, dl=c.dl)
     stats = dist.all_reduce_sum(torch.from_numpy(stats)).numpy()   # other ranks' rows are 0
     if not dist.is_main():
         return

@@ -50,7 +50,8 @@ class MLPDenoiser(nn.Module):
         return c_skip * x + c_out * self.net(torch.cat([c_in * x, t.log() / 4], 1))
 
 
-def bench(denoise, sample_x0, n_samples, batch, n_times, repeats=3, dtype=torch.float64):
+def bench(denoise, sample_x0, n_samples, batch, n_times, repeats=3, dtype=torch.float64,
+          dl: str = "jvp"):
     ts = log_grid(n_times, 0.002, 80.0)
     x0, _ = sample_x0(batch, torch.Generator().manual_seed(0))
     x0 = x0.to(dtype)
@@ -64,7 +65,8 @@ def bench(denoise, sample_x0, n_samples, batch, n_times, repeats=3, dtype=torch.
 
     def est():
         with torch.no_grad():
-            collect(denoise, sample_x0, ts, n_samples, batch, 0, progress=False, dtype=dtype)
+            collect(denoise, sample_x0, ts, n_samples, batch, 0, progress=False, dtype=dtype,
+                    dl=dl)
 
     fwd(), est()                                             # warm-up
     t_f = t_e = float("inf")
@@ -91,6 +93,8 @@ def main(argv=None):
                     help="also an EDM snapshot teacher (float32; repeatable)")
     ap.add_argument("--cifar10-ddpmpp", action="store_true",
                     help="also EDM's CIFAR-10 DDPM++ network (55.7M parameters, random weights)")
+    ap.add_argument("--dl", default="jvp", choices=("jvp", "fd"),
+                    help="dl/dlambda by nested JVP (the default) or finite differences")
     ap.add_argument("--image-samples", type=int, default=8, help="samples for image teachers")
     ap.add_argument("--image-batch", type=int, default=4)
     ap.add_argument("--image-times", type=int, default=2)
@@ -99,7 +103,8 @@ def main(argv=None):
         return bench_images(args)
     torch.manual_seed(0)
     print(f"# {_common.command_line()}")
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float64, CPU")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float64, CPU, "
+          f"dl/dlambda by {args.dl}")
     mlp = MLPDenoiser(args.dim, args.width).double().eval()
     gauss = lambda n, g: (torch.randn((n, args.dim), generator=g, dtype=torch.float64), None)
     gmm = GMMTeacher(np.full(8, 1 / 8), np.random.default_rng(0).normal(size=(8, args.dim)),
@@ -109,7 +114,7 @@ def main(argv=None):
     print(f"{'teacher':<8}{'fwd-equiv per (t x sample)':>28}{'us / (t x sample)':>20}"
           f"{'us / forward':>14}")
     for name, fn, sampler in rows:
-        ratio, per, per_f = bench(fn, sampler, args.samples, args.batch, args.times)
+        ratio, per, per_f = bench(fn, sampler, args.samples, args.batch, args.times, dl=args.dl)
         print(f"{name:<8}{ratio:>28.2f}{per * 1e6:>20.2f}{per_f * 1e6:>14.2f}")
     print("target: <= 6 forward-equivalents (one forward for D, then J v and dD/dlambda as two "
           "vmapped tangents of one JVP; the GMM's forward is too cheap for the ratio to mean much)")
@@ -127,7 +132,8 @@ def bench_images(args) -> None:
     from plugins.edm.precond import build_precond, load_edm_network
 
     print(f"# {_common.command_line()}")
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU, "
+          f"dl/dlambda by {args.dl}")
     nets = [(Path(p).name, load_edm_network(p)) for p in args.edm]
     if args.cifar10_ddpmpp:
         torch.manual_seed(0)
@@ -147,7 +153,7 @@ def bench_images(args) -> None:
         def sample(n, g, shape=shape):
             return torch.rand((n, *shape), generator=g) * 2 - 1, None
         ratio, per, per_f = bench(den, sample, args.image_samples, args.image_batch,
-                                  args.image_times, repeats=2, dtype=torch.float32)
+                                  args.image_times, repeats=2, dtype=torch.float32, dl=args.dl)
         params = sum(p.numel() for p in net.parameters())
         print(f"{name:<36}{params / 1e6:>9.2f}M{ratio:>28.2f}{per * 1e3:>19.1f}"
               f"{per_f * 1e3:>21.1f}")

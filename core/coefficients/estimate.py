@@ -7,15 +7,26 @@ For every grid time t and every sample x_t = x_0 + t * eps ~ q(x_t):
 * s_t = E[g^T dg/dlambda] / E[||g||^2],  g = D - (1 - l_t) x              (Eqn. 17, Eqn. 11)
   dg/dlambda = dD/dlambda + (dl/dlambda) x - (1 - l_t)(D - x)            (Eqn. 27)
   where dD/dlambda is the derivative along the PF-ODE, i.e. the JVP of D(x, t) in the
-  direction (dx/dlambda, dt/dlambda) = (D - x, -t), and dl/dlambda comes from the l-grid.
+  direction (dx/dlambda, dt/dlambda) = (D - x, -t).
 
-Cost per (time step x sample): one plain forward for D, then both JVPs (J v and dD/dlambda)
-in one `vmap`-batched forward-mode pass that shares the primal computation (about 5 forward
-equivalents for an MLP, tools/bench_coefficients.py); two separate JVPs as a fallback for
-teachers whose ops have no batching rule.
+dl/dlambda, two ways (``[coefficients] dl``):
+
+* ``"jvp"`` (default): exact. With common random numbers l(t) = 1 - E[v^T J(x_0 + t eps, t) v]/d
+  for fixed x_0, eps, v, so dl/dlambda = -E[v^T d(J v)/dlambda] / d, where d(J v)/dlambda is the
+  JVP of (x, t) -> J(x, t) v in the direction (dx/dlambda, dt/dlambda) = (-t eps, -t): forward
+  over forward mode, statistic "trdot". Every t is estimated on its own, so the numbers at a
+  time do not depend on the grid around it. Cost: one forward-over-forward pass (primal D,
+  tangents J v and dD/dlambda along the path, mixed tangent d(J v)/dlambda), then one
+  first-order JVP for dD/dlambda along the PF-ODE: ~15-17 forward-equivalents per
+  (t x sample) against ~6 for "fd" (tools/bench_coefficients.py, MLP teacher, CPU float64).
+* ``"fd"``: 4th-order finite differences of the l-grid over lambda (numerics.derivative);
+  cheaper (one forward, then J v and dD/dlambda as two vmapped tangents of one JVP), but the
+  error of dl/dlambda is multiplied by E[g.x]/E||g||^2 in s_t, large at small t, so s_t
+  depends on the grid (and need not converge on network teachers).
+
 The same x_0, eps and v are used at every time step (common random numbers), which makes l_t
-smooth in t so that dl/dlambda can be taken by finite differences. Random draws are keyed by
-batch index, so splitting batches across processes gives identical numbers.
+smooth in t. Random draws are keyed by batch index, so splitting batches across processes
+gives identical numbers.
 """
 
 from __future__ import annotations
@@ -30,9 +41,16 @@ from tqdm.auto import tqdm
 
 from core.coefficients.numerics import derivative
 from core.coefficients.table import CoefficientTable
+from core.errors import UserError
 
-#: statistics kept per (time step, sample); all dot products are over the data dimensions
-STATS = ("tr", "DD", "Dx", "xx", "DDdot", "xDdot")
+#: statistics kept per (time step, sample); all dot products are over the data dimensions.
+#: "trdot" = v^T d(J v)/dlambda along x_t = x_0 + t eps, only with dl = "jvp" (the "fd" path
+#: keeps the first N_FD columns)
+STATS = ("tr", "DD", "Dx", "xx", "DDdot", "xDdot", "trdot")
+N_FD = 6
+
+#: ways to get dl/dlambda: exact nested forward-mode JVP, or finite differences over the grid
+DL_MODES = ("jvp", "fd")
 
 #: relative size of E||g||^2 below which s_t is treated as undefined (g ~ 0)
 GUARD_REL = 1e-12
@@ -59,43 +77,77 @@ def _jvps_sequential(f: Callable, x, tt, v):
     return D, Jv, Ddot
 
 
+# dl = "jvp": J v differentiated once more, along (dx/dlambda, dt/dlambda) = (w_x, w_t) of the
+# common-random-number path x_t = x_0 + t eps. One forward-over-forward pass carries D, J v,
+# dD/dlambda along that path (unused) and d(J v)/dlambda; one more JVP gives dD/dlambda along
+# the PF-ODE, whose direction needs D. No vmap: stacking the two first-order tangents under
+# the outer JVP (one shared primal) measured slower on CPU (MLP 20.6 vs 17.7, GMM 56 vs 28
+# forward-equivalents), so this path needs no batching rules at all.
+# Grad mode is on around the nested transforms: under no_grad the inner JVP of some ops (silu,
+# ...) calls a *_backward kernel without a forward-AD formula (torch 2.14: "Trying to use
+# forward AD with aten::silu_backward that does not support it"), with grad mode on it is
+# decomposed into differentiable ops. The inputs do not require grad, so autograd records
+# nothing unless the teacher's own parameters require grad (ctmkit's teachers freeze theirs).
+
+def _jvps_nested(f: Callable, x, tt, v, w_x, w_t):
+    inner = lambda x_, t_: jvp(lambda a: f(a, t_), (x_,), (v,))
+    with torch.enable_grad():
+        (D, Jv), (_, Jv_dot) = jvp(inner, (x, tt), (w_x, w_t))
+    D, Jv, Jv_dot = D.detach(), Jv.detach(), Jv_dot.detach()     # drop any recorded graph
+    _, Ddot = jvp(f, (x, tt), (D - x, -tt))
+    return D, Jv, Ddot, Jv_dot
+
+
 def per_sample_stats(denoise: Callable, x0: torch.Tensor, eps: torch.Tensor, v: torch.Tensor,
                      t: float, labels: Optional[torch.Tensor], batched: bool = True,
-                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """[B, len(STATS)] statistics at one time t for one batch (float64). The teacher runs in
-    `dtype`; x_t and the inner products stay float64 (||g||^2 at small t is a small difference
-    of large products)."""
+                     dtype: torch.dtype = torch.float64, dl: str = "jvp") -> torch.Tensor:
+    """[B, len(STATS)] statistics at one time t for one batch (float64; [B, N_FD] with
+    dl = "fd"). The teacher runs in `dtype`; x_t and the inner products stay float64 (||g||^2
+    at small t is a small difference of large products)."""
     x = x0 + t * eps
     xn = x.to(dtype)
     tt = torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
     f = lambda x_, t_: denoise(x_, t_, labels)
     # D, J v (Hutchinson probe) and dD/dlambda = J (D - x) - t dD/dt (along the PF-ODE)
-    D, Jv, Ddot = (_jvps_batched if batched else _jvps_sequential)(f, xn, tt, v.to(dtype))
+    if dl == "fd":
+        D, Jv, Ddot = (_jvps_batched if batched else _jvps_sequential)(f, xn, tt, v.to(dtype))
+        Jv_dot = None
+    elif dl == "jvp":
+        # ... and d(J v)/dlambda along x_t = x_0 + t eps: (dx/dlambda, dt/dlambda) = (-t eps, -t)
+        D, Jv, Ddot, Jv_dot = _jvps_nested(f, xn, tt, v.to(dtype), (-t * eps).to(dtype), -tt)
+    else:
+        raise ValueError(f"dl must be one of {DL_MODES}, got {dl!r}")
     D, Jv, Ddot = D.double(), Jv.double(), Ddot.double()
     f = lambda a, b: (a * b).flatten(1).sum(1)
-    return torch.stack([f(v, Jv), f(D, D), f(D, x), f(x, x), f(D, Ddot), f(x, Ddot)], dim=1)
+    cols = [f(v, Jv), f(D, D), f(D, x), f(x, x), f(D, Ddot), f(x, Ddot)]
+    if Jv_dot is not None:
+        cols.append(f(v, Jv_dot.double()))
+    return torch.stack(cols, dim=1)
 
 
 @torch.no_grad()
 def collect(denoise: Callable, sample_x0: Callable, ts: np.ndarray, n_samples: int, batch: int,
             seed: int, device: str = "cpu", batches: Optional[list[int]] = None,
-            progress: bool = True, dtype: torch.dtype = torch.float64) -> np.ndarray:
-    """Per-sample statistics, shape [n_t, n_samples, len(STATS)] (rows of other ranks' batches
-    stay zero when `batches` restricts the work to a shard).
+            progress: bool = True, dtype: torch.dtype = torch.float64,
+            dl: str = "jvp") -> np.ndarray:
+    """Per-sample statistics, shape [n_t, n_samples, len(STATS)] ([..., N_FD] with dl = "fd";
+    rows of other ranks' batches stay zero when `batches` restricts the work to a shard).
 
     TorchScript's optimising executor is off meanwhile: from its second call on, a scripted
     module (a ``torchscript`` teacher) returns wrong forward-mode JVPs under it (seen with torch
     2.14: a scripted 2-layer MLP's JVP off by 0.25 from the second call; pytorch#73972)."""
     with torch.jit.optimized_execution(False):
         return _collect(denoise, sample_x0, ts, n_samples, batch, seed, device, batches,
-                        progress, dtype)
+                        progress, dtype, dl)
 
 
 def _collect(denoise, sample_x0, ts, n_samples, batch, seed, device, batches, progress,
-             dtype) -> np.ndarray:
+             dtype, dl) -> np.ndarray:
+    if dl not in DL_MODES:
+        raise ValueError(f"dl must be one of {DL_MODES}, got {dl!r}")
     n_batches = -(-n_samples // batch)
     batches = list(range(n_batches)) if batches is None else batches
-    out = np.zeros((len(ts), n_samples, len(STATS)))
+    out = np.zeros((len(ts), n_samples, len(STATS) if dl == "jvp" else N_FD))
     batched = True
     bar = tqdm(total=len(batches) * len(ts), desc="coefficients", unit="t-batch",
                disable=not progress, leave=False)
@@ -110,16 +162,34 @@ def _collect(denoise, sample_x0, ts, n_samples, batch, seed, device, batches, pr
             labels = labels.to(device)
         for i, t in enumerate(ts):
             try:
-                row = per_sample_stats(denoise, x0, eps, v, float(t), labels, batched, dtype)
-            except RuntimeError:
+                row = per_sample_stats(denoise, x0, eps, v, float(t), labels, batched, dtype, dl)
+            except RuntimeError as e:
+                if dl == "jvp":                      # this path uses no vmap: no fallback
+                    _explain_nested_failure(e, denoise, x0, eps, v, float(t), labels, dtype)
                 if not batched:
                     raise
                 batched = False       # an op without a vmap batching rule: two plain JVPs
-                row = per_sample_stats(denoise, x0, eps, v, float(t), labels, batched, dtype)
+                row = per_sample_stats(denoise, x0, eps, v, float(t), labels, batched, dtype,
+                                       dl)
             out[i, lo:hi] = row.cpu().numpy()
             bar.update(1)
     bar.close()
     return out
+
+
+def _explain_nested_failure(e: RuntimeError, denoise, x0, eps, v, t, labels, dtype):
+    """The "jvp" path failed: a UserError pointing at dl = "fd" when first-order JVPs work
+    (the teacher lacks forward-over-forward support, e.g. an op without a forward-AD formula
+    for its derivative), else the original error."""
+    try:
+        per_sample_stats(denoise, x0, eps, v, t, labels, False, dtype, "fd")
+    except RuntimeError:
+        raise e from None
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise UserError(f"coefficients: the teacher supports first-order JVPs but not the nested "
+                    f"(forward-over-forward) JVP of the exact dl/dlambda ({first}); set "
+                    f"[coefficients] dl = \"fd\" for finite differences over the time "
+                    f"grid") from e
 
 
 @dataclass
@@ -129,16 +199,25 @@ class Estimate:
     l_stderr: np.ndarray
     s_stderr: np.ndarray
     s_guarded: np.ndarray
+    dl: np.ndarray            # dl/dlambda as used in s_t (exact JVP, or finite differences)
 
 
 def finalize(ts: np.ndarray, stats: np.ndarray, dim: int) -> Estimate:
-    """l_t, s_t and their standard errors from the per-sample statistics."""
+    """l_t, s_t and their standard errors from the per-sample statistics. dl/dlambda is the
+    exact one when `stats` has the "trdot" column (dl = "jvp"), else finite differences over
+    the grid `ts` (which then needs at least 5 points)."""
     n = stats.shape[1]
-    tr, DD, Dx, xx, DDdot, xDdot = (stats[..., k] for k in range(len(STATS)))
+    tr, DD, Dx, xx, DDdot, xDdot = (stats[..., k] for k in range(N_FD))
+    exact = stats.shape[-1] > N_FD
     l = 1.0 - tr.mean(1) / dim                                            # Eqn. (15)
     l_stderr = tr.std(1, ddof=1) / dim / np.sqrt(n)
     lam = -np.log(ts)
-    dl = derivative(lam, l)                                               # dl/dlambda
+    if exact:
+        dl_i = -stats[..., STATS.index("trdot")] / dim                    # per sample
+        dl = dl_i.mean(1)
+    else:
+        dl = derivative(lam, l)                                           # dl/dlambda
+    dl_est = dl
     c, dl = (1.0 - l)[:, None], dl[:, None]
     # g . dg/dlambda and ||g||^2 per sample, expanded from Eqn. (27) with g = D - c x:
     num = DDdot + dl * Dx - c * DD + c * Dx - c * xDdot - c * dl * xx + c * c * Dx - c * c * xx
@@ -148,11 +227,21 @@ def finalize(ts: np.ndarray, stats: np.ndarray, dim: int) -> Estimate:
     safe = np.where(guarded, 1.0, den_m)
     s = num_m / safe                                                      # Eqn. (17)
     # delta-method standard error of a ratio of means
+    if exact:
+        # l_t and dl/dlambda are means over the same samples: their noise is correlated with
+        # that of num and den (at small t it cancels: g ~ t^2 h(x_0) per sample, so s -> -2
+        # with no sampling error), so take it in through the per-sample influence terms
+        c_i = tr / dim                                    # 1 - l_t, per sample
+        dnum_dc = (-DD + Dx - xDdot - dl * xx + 2 * c * Dx - 2 * c * xx).mean(1, keepdims=True)
+        dnum_ddl = (Dx - c * xx).mean(1, keepdims=True)
+        dden_dc = (-2 * Dx + 2 * c * xx).mean(1, keepdims=True)
+        num = num + dnum_dc * (c_i - c) + dnum_ddl * (dl_i - dl)
+        den = den + dden_dc * (c_i - c)
     var = (num.var(1, ddof=1) - 2 * s * _cov(num, den) + s * s * den.var(1, ddof=1)) / safe ** 2
     s_stderr = np.sqrt(np.maximum(var, 0.0) / n)
     if guarded.any():
         s, s_stderr = _fill_guarded(lam, s, s_stderr, guarded)
-    return Estimate(l, s, l_stderr, s_stderr, guarded)
+    return Estimate(l, s, l_stderr, s_stderr, guarded, dl_est)
 
 
 def _cov(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -175,8 +264,9 @@ def _fill_guarded(lam, s, s_stderr, guarded):
 
 def estimate_table(denoise: Callable, sample_x0: Callable, dim: int, ts: np.ndarray,
                    n_samples: int, batch: int, seed: int, attrs: dict, device: str = "cpu",
-                   progress: bool = True) -> CoefficientTable:
-    stats = collect(denoise, sample_x0, ts, n_samples, batch, seed, device, progress=progress)
+                   progress: bool = True, dl: str = "jvp") -> CoefficientTable:
+    stats = collect(denoise, sample_x0, ts, n_samples, batch, seed, device, progress=progress,
+                    dl=dl)
     est = finalize(ts, stats, dim)
     return CoefficientTable(t=ts, l=est.l, s=est.s, l_stderr=est.l_stderr,
                             s_stderr=est.s_stderr, attrs=attrs, s_guarded=est.s_guarded)

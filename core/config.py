@@ -140,6 +140,37 @@ class Section:
             self.fail(key, f"every entry must be >= {min}, got {v!r}")
         return v
 
+    def schedules(self, key: str, t_min: float, t_max: float,
+                  default=_REQUIRED) -> dict[int, list[float]]:
+        """Explicit time schedules per step count: a table ``{ K = [t_0, ..., t_K] }`` whose
+        keys are positive integers (TOML keys are strings) and whose values are K+1 finite,
+        strictly decreasing times from `t_max` to `t_min` (endpoints to rounding; they are
+        set to exactly t_max and t_min). Returns {K: times}, sorted by K."""
+        v = self._get(key, default)
+        if not isinstance(v, dict):
+            self.fail(key, f"expected a table of step count = [times], e.g. "
+                           f"{{ 2 = [{t_max:g}, 0.6, {t_min:g}] }}, got {v!r}")
+        out: dict[int, list[float]] = {}
+        for k, ts in v.items():
+            if not (isinstance(k, str) and re.fullmatch(r"[1-9][0-9]*", k)) \
+                    or int(k) > MAX_GRID:
+                self.fail(key, f"key {k!r} must be a step count (an integer from 1 to "
+                               f"{MAX_GRID:,})")
+            K, what = int(k), f"{key}.{k}"
+            if not isinstance(ts, list) or len(ts) != K + 1:
+                self.fail(key, f"{k} = {ts!r}: expected a list of {K + 1} times "
+                               f"(t_max, ..., t_min) for {K} step{'s' if K > 1 else ''}")
+            ts = [self._check_float(what, t, positive=True) for t in ts]
+            if not math.isclose(ts[0], t_max, rel_tol=1e-6):
+                self.fail(key, f"{k} = {ts}: must start at [diffusion] t_max = {t_max:g}")
+            if not math.isclose(ts[-1], t_min, rel_tol=1e-6):
+                self.fail(key, f"{k} = {ts}: must end at [diffusion] t_min = {t_min:g}")
+            ts[0], ts[-1] = t_max, t_min
+            if any(a <= b for a, b in zip(ts, ts[1:])):
+                self.fail(key, f"{k} = {ts}: times must be strictly decreasing")
+            out[K] = ts
+        return dict(sorted(out.items()))
+
     def strs(self, key: str, default=_REQUIRED) -> list[str]:
         v = self._get(key, default)
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
@@ -236,6 +267,8 @@ class EvaluateCfg:
     sample_num: int = 10000      # samples per step count for the metrics
     sample_batch: int = 500
     cache_dir: Path | None = None   # reference statistics (default out_dir/refstats)
+    schedules: dict = field(default_factory=dict)   # {K: [t_max, ..., t_min]}: explicit times
+                                 # for K steps instead of the rho grid (K is evaluated too)
 
 
 @dataclass
@@ -277,6 +310,7 @@ class DistillCfg(TrainCfg):
     eval_num: int = 256
     eval_steps: list = field(default_factory=lambda: [1, 2, 4])
     eval: list = field(default_factory=lambda: ["trajectory"])   # and/or [evaluate] metrics
+    eval_schedules: dict = field(default_factory=dict)   # as [evaluate] schedules, for eval
     micro_batch: int = 0         # samples per forward/backward pass (gradient accumulation
                                  # within the batch; 0: the whole per-process batch)
 
@@ -466,7 +500,8 @@ def parse_config(raw: dict, path: Path) -> Config:
                      metric_options=s._get("metric", {}),
                      sample_num=s.int("sample_num", 10000, min=2, max=MAX_SAMPLES),
                      sample_batch=s.int("sample_batch", 500, min=1, max=MAX_BATCH),
-                     cache_dir=s.path("cache_dir", "refstats", base=out_dir))
+                     cache_dir=s.path("cache_dir", "refstats", base=out_dir),
+                     schedules=s.schedules("schedules", diff.t_min, diff.t_max, {}))
     if not isinstance(ev.metric_options, dict):
         s.fail("metric", "must be a table ([evaluate.metric]) of the metric plugins' options")
 
@@ -490,6 +525,7 @@ def parse_config(raw: dict, path: Path) -> Config:
                     eval_every=s.int("eval_every", 100, min=1), eval_num=s.int("eval_num", 256, min=2, max=MAX_SAMPLES),
                     eval_steps=s.ints("eval_steps", [1, 2, 4], min=1),
                     eval=s.strs("eval", ["trajectory"]),
+                    eval_schedules=s.schedules("eval_schedules", diff.t_min, diff.t_max, {}),
                     micro_batch=s.int("micro_batch", 0, min=0, max=MAX_BATCH))
 
     teacher, precond = sec["teacher"], sec["precond"]

@@ -75,7 +75,8 @@ def fingerprint(run, precond_desc: dict) -> str:
     cfg, d = run.cfg, run.cfg.distill
     keep = {k: v for k, v in vars(d).items()
             if k not in ("iterations", "checkpoint_every", "keep_checkpoints", "log_every",
-                         "eval_every", "eval_num", "eval_steps", "micro_batch")}
+                         "eval_every", "eval_num", "eval_steps", "eval_schedules",
+                         "micro_batch")}
     desc = {"teacher": run.teacher.fingerprint(), "precond": precond_desc, "distill": keep,
             "network": cfg.network.data, "data": run.data_fingerprint(),
             "diffusion": vars(cfg.diffusion)}
@@ -166,16 +167,21 @@ def distill(run) -> None:
         if "trajectory" in d.eval:
             errs = trajectory_errors(jumper, teacher, d.eval_steps, d.eval_num,
                                      cfg.evaluate.seed, diff.t_min, diff.t_max, diff.rho,
-                                     torch.float32, reference_cache=ref_cache, device=device)
+                                     torch.float32, reference_cache=ref_cache, device=device,
+                                     schedules=d.eval_schedules)
             log.add(it, {f"traj_err_{k}": v["final_rmse"] for k, v in errs.items()})
         if quality is not None:
             from core.quality import sample_quality
             q = sample_quality(jumper, quality["meta"], quality["sampler"], d.eval_steps,
                                d.eval_num, cfg.evaluate.sample_batch, cfg.evaluate.seed, device,
                                quality["metrics"], quality["reference"], cfg.evaluate.cache_dir,
-                               grid_dir=run.out_dir, grid_name="distill_samples")
+                               grid_dir=run.out_dir, grid_name="distill_samples",
+                               schedules=d.eval_schedules)
             log.add(it, {f"{name}_{k}": v for k, vals in q.items() for name, v in vals.items()})
 
+    if dist.is_main():
+        for K, ts in d.eval_schedules.items():      # metrics.csv: <metric>_K = these times
+            print(f"[ctmkit] distill: {K}-step evaluations on the schedule {ts}")
     if start == 0:
         evaluate(0)
     bar = tqdm(total=d.iterations, initial=start, desc="distill", unit="it",

@@ -42,35 +42,54 @@ def distribution_distance(a: np.ndarray, b: np.ndarray, projections: int = 256,
     return "sliced_w1", sliced_w1(a, b, projections, seed)
 
 
+def with_schedules(steps: list[int], schedules: Optional[dict]) -> list[int]:
+    """`steps` followed by the step counts that only an explicit schedule names (ascending)."""
+    return list(steps) + sorted(K for K in (schedules or {}) if K not in steps)
+
+
 @torch.no_grad()
 def trajectory_errors(jumper, teacher, steps: list[int], num: int, seed: int, t_min: float,
                       t_max: float, rho: float, dtype=torch.float32,
                       class_labels: Optional[torch.Tensor] = None,
-                      reference_cache: Optional[dict] = None, device: str = "cpu") -> dict:
+                      reference_cache: Optional[dict] = None, device: str = "cpu",
+                      schedules: Optional[dict] = None) -> dict:
     """{K: {"final_rmse", "path_rmse"}}: RMS per dimension of the jumper's states minus the
     teacher ODE's, at t_min (final) and over all K landing times (path). Pass the same
-    `reference_cache` dict to compare several jumpers without re-solving the teacher ODE.
+    `reference_cache` dict to compare several jumpers without re-solving the teacher ODE
+    (it is keyed by the landing times, the noise count and the seed).
     The jumper runs on `device`; the teacher's reference solution is computed on the CPU.
-    A class-conditional teacher without `class_labels` gets uniformly random labels."""
+    A class-conditional teacher without `class_labels` gets uniformly random labels.
+
+    `schedules` ({K: [t_max, ..., t_min]}) gives explicit times for some K instead of the rho
+    grid; their entries also hold ``"schedule"``: the times. A K of `schedules` that is not in
+    `steps` is evaluated too (after `steps`)."""
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn((num, *teacher.shape), generator=gen, dtype=torch.float64) * t_max
     if class_labels is None and teacher.num_classes > 0:      # a conditional teacher: random
         class_labels = torch.randint(0, teacher.num_classes, (num,), generator=gen)
     d = teacher.dim
+    schedules = schedules or {}
     out = {}
-    for K in steps:
-        ts = rho_grid(K, t_min, t_max, rho)
+    for K in with_schedules(steps, schedules):
+        explicit = K in schedules
+        ts = [float(t) for t in schedules[K]] if explicit else rho_grid(K, t_min, t_max, rho)
+        if explicit and (len(ts) != K + 1 or not math.isclose(ts[0], t_max, rel_tol=1e-6)
+                         or not math.isclose(ts[-1], t_min, rel_tol=1e-6)):
+            raise ValueError(f"schedule for {K} steps must hold {K + 1} times from t_max "
+                             f"{t_max:g} to t_min {t_min:g}, got {ts}")
         traj: list = []
         labels = class_labels.to(device) if class_labels is not None else None
         CTMSampler(0.0).sample(jumper, x_T.to(device=device, dtype=dtype), ts, gen, labels,
                                trajectory=traj)
         traj = [a.cpu() for a in traj]
         cache = reference_cache if reference_cache is not None else {}
-        key = (K, num, seed, t_min, t_max, rho)
+        key = (num, seed, tuple(ts))         # x_T starts at ts[0]; the solution lands at ts[1:]
         if key not in cache:
             cache[key] = teacher.reference_solve(x_T, t_max, ts[1:], class_labels)
         ref = cache[key]
         sq = [((a.double() - r) ** 2).reshape(num, -1).sum(1) / d for a, r in zip(traj, ref)]
         out[K] = {"final_rmse": math.sqrt(float(sq[-1].mean())),
                   "path_rmse": math.sqrt(float(torch.stack(sq).mean()))}
+        if explicit:
+            out[K]["schedule"] = ts
     return out

@@ -56,21 +56,29 @@ def _info(metric):
 def sample_quality(jumper, meta: dict, sampler, steps: list[int], num: int, batch: int,
                    seed: int, device: str, metrics: list, reference, cache_dir: Path,
                    grid_dir: Path | None = None, grid_name: str = "samples",
-                   progress: bool = False, info: bool = False) -> dict:
+                   progress: bool = False, info: bool = False,
+                   schedules: dict | None = None) -> dict:
     """{K: {metric: value}} for K-jump sampling of `num` images from the same seed; writes
     `<grid_dir>/<grid_name>_<K>step.png` (the first 64 samples) when grid_dir is given.
 
     With `info`, also ``"info": {metric: Info}`` -- what each number is (feature network,
     mode, reference), once for all K; the {K: ...} entries stay numbers only. The evaluate
     stage asks for it (metrics.json); distill's periodic evaluation does not (its values
-    become metrics.csv columns and must all be numbers)."""
+    become metrics.csv columns and must all be numbers).
+
+    `schedules` ({K: [t_max, ..., t_min]}) gives explicit times for some K instead of the
+    sampler's grid; a K not in `steps` is evaluated too (after `steps`). With `info`, the
+    times are reported as ``"schedules": {"K": [...]}`` beside "info"."""
+    from core.evaluate import with_schedules
     from core.metrics import save_grid
     from core.sampling import draw
 
+    schedules = schedules or {}
     out: dict = {}
     infos: dict = {}
-    for K in steps:
-        ts = sampler.timesteps(K, meta["t_min"], meta["t_max"], meta["rho"])
+    for K in with_schedules(steps, schedules):
+        ts = ([float(t) for t in schedules[K]] if K in schedules
+              else sampler.timesteps(K, meta["t_min"], meta["t_max"], meta["rho"]))
         x, labels = draw(jumper, meta, sampler, ts, num, batch, seed, device, progress=progress)
         if not np.all(np.isfinite(x)):
             out[K] = {m.name: float("nan") for m in metrics}
@@ -84,4 +92,6 @@ def sample_quality(jumper, meta: dict, sampler, steps: list[int], num: int, batc
                 infos[m.name] = d
     if infos:
         out["info"] = infos
+    if info and schedules:
+        out["schedules"] = {str(K): [float(t) for t in ts] for K, ts in schedules.items()}
     return out

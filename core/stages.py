@@ -384,15 +384,17 @@ def evaluate(run: Run) -> None:
         raise UserError(f"{cfg.export.path}: exported for another teacher; rerun 'export'")
     dtype = DTYPES.get(meta["dtype"], torch.float32)
     metrics = {"precond": meta["precond"], "variant": meta["variant"]}
+    check_schedules(e.schedules, meta, cfg.sections["evaluate"].where("schedules"))
     if e.trajectory:
         traj = trajectory_errors(jumper, teacher, e.steps, e.num, e.seed, meta["t_min"],
                                  meta["t_max"], meta["rho"], dtype, device=run.device,
                                  reference_cache=_REFERENCE_ODE.setdefault(
-                                     teacher.fingerprint(), {}))
+                                     teacher.fingerprint(), {}), schedules=e.schedules)
         metrics["trajectory_error"] = {str(k): v for k, v in traj.items()}
         for k, v in traj.items():
             log(f"evaluate: {k}-step trajectory error  final {v['final_rmse']:.4g}  "
-                f"path {v['path_rmse']:.4g}")
+                f"path {v['path_rmse']:.4g}"
+                + (f"  (schedule {v['schedule']})" if "schedule" in v else ""))
     if e.metrics:
         from core.quality import compute_metrics, metric_objects, sample_quality
 
@@ -404,7 +406,8 @@ def evaluate(run: Run) -> None:
         reference = reference.as_dataset()
         q = sample_quality(jumper, meta, run.sampler(), e.steps, e.sample_num, e.sample_batch,
                            e.seed, run.device, objs, reference, e.cache_dir,
-                           grid_dir=run.out_dir, progress=run.progress, info=True)
+                           grid_dir=run.out_dir, progress=run.progress, info=True,
+                           schedules=e.schedules)
         metrics["quality"] = {str(k): v for k, v in q.items()}
         for k, v in q.items():
             if isinstance(k, int):          # "info": what each metric is, not a step count
@@ -439,6 +442,16 @@ def evaluate(run: Run) -> None:
                         f"metrics.json was not written")
     save_json(run.out_dir / "metrics.json", metrics)
     log(f"evaluate: -> {run.out_dir / 'metrics.json'}")
+
+
+def check_schedules(schedules: dict, meta: dict, where: str) -> None:
+    """Explicit schedules ([evaluate] schedules, [distill] eval_schedules) were checked against
+    [diffusion]; the jumper must cover the same times (an export from another [diffusion])."""
+    for K, ts in schedules.items():
+        if not (np.isclose(ts[0], meta["t_max"], rtol=1e-6, atol=0)
+                and np.isclose(ts[-1], meta["t_min"], rtol=1e-6, atol=0)):
+            raise UserError(f"{where}: {K} = {ts} must run from the jumper's t_max "
+                            f"{meta['t_max']:g} to its t_min {meta['t_min']:g}; rerun 'export'")
 
 
 def _non_finite(obj, where: str = "") -> str | None:

@@ -55,11 +55,35 @@ class Context:
         return self.coefficients_loader()
 
 
-def _source_names(pm: pluggy.PluginManager) -> dict:
-    names = {}
-    for plugin, dist in pm.list_plugin_distinfo():
-        names[id(plugin)] = f"{dist.project_name} {dist.version} ({plugin.__name__})"
-    return names
+#: plugin object id -> "distribution version (module)" for entry-point plugins
+_SOURCES: dict[int, str] = {}
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register every ``ctmkit`` entry point; one that does not import is a UserError naming
+    its distribution (pluggy's own loader would not say which one)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=hookspecs.PROJECT):
+        dist = getattr(ep, "dist", None)
+        owner = f"{dist.name} {dist.version}" if dist is not None else "an unknown distribution"
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as e:  # the user's environment, not ctmkit
+            raise UserError(f"the 'ctmkit' entry point {ep.name!r} of {owner} failed to import: "
+                            f"{e.__class__.__name__}: {_first_line(e)}") from None
+        try:
+            pm.register(plugin, name=ep.name)
+        except ValueError as e:  # pluggy: a module registered twice under two names
+            raise UserError(f"plugin loading failed ({owner}): {e}") from None
+        _SOURCES[id(plugin)] = f"{owner} ({getattr(plugin, '__name__', ep.value)})"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "(no message)"
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,28 +94,33 @@ def manager() -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     for modname in BUILTIN_MODULES:
         pm.register(importlib.import_module(modname), name=f"builtin:{modname}")
-    try:
-        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
-    except ValueError as e:  # pluggy: a module registered twice under two names
-        raise UserError(f"plugin loading failed: {e}") from None
-    except Exception as e:  # an entry point that does not import is the user's environment
-        raise UserError(f"a 'ctmkit' entry-point plugin failed to load: "
-                        f"{e.__class__.__name__}: {e}") from None
+    _load_entry_points(pm)
+    try:      # a hook implementation whose name no hookspec declares (a typo) is an error
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise UserError(f"plugin {_SOURCES.get(id(e.plugin), e.plugin)}: {_first_line(e)} "
+                        f"(the hooks are {', '.join(hookspecs.KINDS)})") from None
     return pm
 
 
 @functools.lru_cache(maxsize=1)
 def registry() -> dict[str, dict[str, Plugin]]:
     pm = manager()
-    dist_names = _source_names(pm)
     out: dict[str, dict[str, Plugin]] = {}
     for hook_name, kind in hookspecs.KINDS.items():
         table: dict[str, Plugin] = {}
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             plugin = impl.plugin
-            source = (f"builtin ({plugin.__name__})" if impl.plugin_name.startswith("builtin:")
-                      else dist_names.get(id(plugin), impl.plugin_name))
-            mapping = impl.function()
+            builtin = impl.plugin_name.startswith("builtin:")
+            source = (f"builtin ({plugin.__name__})" if builtin
+                      else _SOURCES.get(id(plugin), impl.plugin_name))
+            try:
+                mapping = impl.function()
+            except Exception as e:
+                if builtin:
+                    raise               # a bug in ctmkit keeps its traceback
+                raise UserError(f"plugin {source}: {hook_name}() raised "
+                                f"{e.__class__.__name__}: {_first_line(e)}") from None
             if not isinstance(mapping, dict):
                 raise UserError(f"plugin {source}: {hook_name} must return a dict of "
                                 f"name -> factory, got {type(mapping).__name__}")
@@ -116,7 +145,15 @@ def create(kind: str, options, ctx: Context, key: str, name: str | None = None):
     """Build the plugin named `name` (default: ``options[key]``) from the rest of ``options``."""
     plugin = get(kind, name if name is not None else options.data.get(key), options.where(key))
     options._read.add(key)
-    obj = plugin.factory(options, ctx)
+    try:
+        obj = plugin.factory(options, ctx)
+    except UserError:
+        raise
+    except Exception as e:
+        if plugin.source.startswith("builtin"):
+            raise                       # a bug in ctmkit keeps its traceback
+        raise UserError(f"{kind} plugin {plugin.name!r} from {plugin.source} failed to build: "
+                        f"{e.__class__.__name__}: {_first_line(e)}") from None
     options.finish()
     return obj
 

@@ -124,6 +124,8 @@ class Run:
                 built = plugins.create(kind, section, dry, key, name)
             except _Deferred:
                 continue
+            if kind == "precond":
+                _check_scriptable(built, name)
             if kind == "sampler" and "sample" in stages and self.cfg.sample.runner == "ctm_sample":
                 ctm_sample_binary(self.cfg, built)
 
@@ -297,6 +299,19 @@ def sample(run: Run) -> None:
         plot_samples(x, run.out_dir / "samples.png", title, ref)
     log(f"sample: {s.num} samples, {len(ts) - 1} steps, {s.runner}, "
         f"{time.perf_counter() - t0:.1f}s -> {out}")
+
+
+def _check_scriptable(precond, name: str) -> None:
+    """The exported jumper is TorchScript: a preconditioning that does not script fails here,
+    before any training, not at export."""
+    from core.jumper import script
+    try:
+        script(precond)
+    except Exception as e:  # noqa: BLE001 - TorchScript's frontend raises many types
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        raise UserError(f"preconditioning {name!r} ({plugins.get('precond', name).source}) is "
+                        f"not TorchScript-able, so it cannot be exported: "
+                        f"{(lines or ['(no message)'])[0][:160]}") from None
 
 
 def ctm_sample_binary(cfg, sampler) -> Path:

@@ -68,3 +68,48 @@ def test_name_clash_names_both_sources(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "'ctm' is claimed twice" in r.stderr
     assert "builtin (plugins.preconditionings)" in r.stderr and "ctmkit-clash 0.1.0" in r.stderr
+
+
+def _distribution(tmp_path: Path, name: str, module_text: str) -> Path:
+    """A one-module distribution `name` with a `ctmkit` entry point, installed into a site."""
+    src = tmp_path / f"src-{name}"
+    pkg = name.replace("-", "_")
+    (src / pkg).mkdir(parents=True)
+    (src / "pyproject.toml").write_text(
+        (EXAMPLE / "pyproject.toml").read_text().replace("ctmkit-powerlaw", name)
+        .replace("powerlaw = \"ctmkit_powerlaw\"", f"{pkg} = \"{pkg}\""))
+    (src / pkg / "__init__.py").write_text(module_text)
+    site = tmp_path / f"site-{name}"
+    _install(src, site)
+    return site
+
+
+@pytest.mark.parametrize("name, module_text, stages, msg", [
+    ("ctmkit-typo", "from core.hookspecs import hookimpl\n@hookimpl\n"
+     "def ctmkit_preconditioning():\n    return {}\n", None, "ctmkit_preconditioning"),
+    ("ctmkit-broken", "import no_such_module_anywhere\n", None,
+     "entry point 'ctmkit_broken' of ctmkit-broken 0.1.0 failed to import"),
+    ("ctmkit-raises", "from core.hookspecs import hookimpl\n@hookimpl\n"
+     "def ctmkit_solvers():\n    raise RuntimeError('boom')\n", None,
+     "ctmkit_solvers() raised RuntimeError: boom"),
+    ("ctmkit-factory", "from core.hookspecs import hookimpl\n@hookimpl\n"
+     "def ctmkit_preconditionings():\n    def make(o, c):\n        raise KeyError('power')\n"
+     "    return {'bad': make}\n", "export", "precond plugin 'bad' from ctmkit-factory 0.1.0"),
+    ("ctmkit-noscript", "import torch\nfrom core.hookspecs import hookimpl\n"
+     "class P(torch.nn.Module):\n    name, variant, jumps_denoiser = 'noscript', '', True\n"
+     "    def forward(self, t, s):\n        return {1: t}.get(1, s) ** [1, 2], s\n"
+     "@hookimpl\ndef ctmkit_preconditionings():\n    return {'noscript': lambda o, c: P()}\n",
+     "export,sample", "not TorchScript-able"),
+])
+def test_plugin_errors_are_one_line_naming_the_plugin(name, module_text, stages, msg, tmp_path):
+    site = _distribution(tmp_path, name, module_text)
+    if stages is None:
+        r = _run(["--list-plugins"], site, tmp_path)
+    else:
+        precond = "bad" if "factory" in name else "noscript"
+        (tmp_path / "c.toml").write_text(QUICK_CONFIG.replace(
+            'name = "analytic"\nvariant = "forward"', f'name = "{precond}"'))
+        r = _run(["c.toml", "--stages", stages], site, tmp_path)
+        assert not (tmp_path / "out").exists()          # refused before anything ran
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -33,7 +33,7 @@ from plugins.samplers import CTMSampler  # noqa: E402
 from test_cpp_sampler import (SIGMA_DATA, MLPNet, binary, gmm_teacher,  # noqa: E402,F401
                               meta_for, parity_jumpers, run)
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*TorchScript.*:FutureWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*TorchScript.*:FutureWarning")]
 
 
 # --- the packages (compiled once per session) ------------------------------------------------

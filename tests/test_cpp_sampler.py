@@ -30,7 +30,7 @@ from plugins.preconditionings import AnalyticPrecond, CTMPrecond  # noqa: E402
 from plugins.samplers import CTMSampler  # noqa: E402
 from plugins.teachers.gmm import GMMTeacher  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*TorchScript.*:FutureWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*TorchScript.*:FutureWarning")]
 
 T_MIN, T_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
 

@@ -141,6 +141,7 @@ def _weights(path):
     return {k: v.clone() for k, v in j.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_equals_uninterrupted(work, tmp_path_factory):
     import shutil
     other = tmp_path_factory.mktemp("uninterrupted")
@@ -170,6 +171,7 @@ def test_kill_9_and_resume_equals_uninterrupted(work, tmp_path_factory):
     assert [r["iteration"] for r in ra] == [r["iteration"] for r in rb]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("micro_batch", [0, 5])
 def test_torchrun_two_processes_match_single_process(work, tmp_path_factory, micro_batch):
     """Same weights whatever the world size (and, with micro_batch = 5 in the two-process

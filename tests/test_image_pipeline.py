@@ -65,6 +65,8 @@ feature_net = "auto"
 num = 200
 """
 
+pytestmark = pytest.mark.slow      # the end-to-end image pipeline; CI runs every tier
+
 
 def make_images(path, n=240, seed=0):
     """Three classes of 8x8 grey images: a bright square top-left, bottom-right, or a bar."""

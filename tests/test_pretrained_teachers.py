@@ -128,6 +128,7 @@ def test_student_equals_teacher_at_initialisation(name, tmp_path):
 
 @needs_fixtures
 @pytest.mark.skipif(not (ROOT / "build" / "ctm_sample").is_file(), reason="ctm_sample not built")
+@pytest.mark.slow
 def test_edm_teacher_through_every_stage_and_ctm_sample(tmp_path, run_main):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "img.npy", rng.integers(0, 256, (32, 16, 16, 3)).astype(np.uint8))

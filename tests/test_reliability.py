@@ -103,6 +103,7 @@ def train_config(tmp_path):
 
 # --- 1. rerunning the same command ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_rerun_of_the_whole_pipeline_skips_every_stage_and_changes_nothing(train_config,
                                                                           tmp_path):
     cfg = train_config()
@@ -130,6 +131,7 @@ def test_saved_files_are_deterministic_bytes(tmp_path):
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_weights(train_config,
                                                                               tmp_path):
     (tmp_path / "a").mkdir()
@@ -161,6 +163,7 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_weights(tra
 
 # --- 2. one run per out_dir ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_out_dir_is_refused_naming_the_pid(train_config, tmp_path):
     cfg = train_config(iters=400)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -232,6 +235,7 @@ def _mount_tmpfs(where: Path, size: str, read_only: bool = False) -> bool:
     return r.returncode == 0
 
 
+@pytest.mark.slow
 def test_real_full_and_read_only_filesystems(write_config, tmp_path):
     full, ro = tmp_path / "full", tmp_path / "ro"
     if not _mount_tmpfs(full, "96k"):

@@ -289,8 +289,10 @@ def print_report(report, log=print) -> None:
         for m, r in report["metrics"].items():
             for f, lv in r["levels"][p].items():
                 cells = " | ".join(cell(c) for c in lv["per_seed"])
-                log(f"{p:17s} {m:16s} {float(f):>4.0%} (L {np.mean([c['level'] for c in lv['per_seed']]):.4f}): "
-                    f"{cells}  -> median {'< ' if lv['median_is_upper_bound'] else ''}{lv['median']:.2f}")
+                level = np.mean([c["level"] for c in lv["per_seed"]])
+                bound = "< " if lv["median_is_upper_bound"] else ""
+                log(f"{p:17s} {m:16s} {float(f):>4.0%} (L {level:.4f}): {cells}  -> median "
+                    f"{bound}{lv['median']:.2f}")
 
 
 def plot(report, path) -> None:

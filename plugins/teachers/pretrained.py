@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from core.errors import UserError
 from core.io import file_digest
+from core.jumper import _edm_scalings
 from plugins.teachers.base import Teacher
 
 
@@ -54,11 +55,9 @@ class DenoiserStudent(nn.Module):
     def forward(self, x: Tensor, t: Tensor, s: Tensor,
                 class_labels: Optional[Tensor] = None) -> Tensor:
         B = x.shape[0]
-        t64 = t.reshape(-1).expand(B).double()
-        sd = self.sigma_data
+        c_skip, c_out = _edm_scalings(t.reshape(-1).expand(B), self.sigma_data)   # Eqn. (3)
         view = [B] + [1] * (x.dim() - 1)
-        c_skip = (sd ** 2 / (sd ** 2 + t64 ** 2)).to(x.dtype).view(view)          # Eqn. (3)
-        c_out = (sd * t64 / torch.sqrt(sd ** 2 + t64 ** 2)).to(x.dtype).view(view)  # Eqn. (3)
+        c_skip, c_out = c_skip.to(x.dtype).view(view), c_out.to(x.dtype).view(view)
         return (self.net(x, t, class_labels, s) - c_skip * x) / c_out
 
 

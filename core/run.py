@@ -36,10 +36,17 @@ def _run_stage(run, name: str, force: bool, label: str = "") -> None:
     from core.stages import log
 
     ledger = key = before = None
-    if dist.is_main():
-        ledger, key = Ledger(run.out_dir), stage_key(run, name)
-        skip = not force and ledger.up_to_date(name, key)
-    if dist.broadcast_object(skip if dist.is_main() else None):
+    decision = None
+    if dist.is_main():     # rank 0 decides; an error here must stop every rank, not hang them
+        try:
+            ledger, key = Ledger(run.out_dir), stage_key(run, name)
+            decision = (not force and ledger.up_to_date(name, key), None)
+        except UserError as e:
+            decision = (False, str(e))
+    skip, err = dist.broadcast_object(decision)
+    if err:
+        raise UserError(err)
+    if skip:
         if dist.is_main():
             log(f"stage {name}{label}: up to date (same inputs and settings), skipped, "
                 f"reusing its outputs")

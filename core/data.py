@@ -9,21 +9,9 @@ import numpy as np
 import torch
 
 from core.errors import UserError
+from core.io import regular_file
 
 X_KEYS, Y_KEYS = ("x", "data", "images", "arr_0"), ("y", "labels")
-
-
-def regular_file(path: Path, what: str = "data file") -> Path:
-    """`path` if it is a regular file (not a folder, device or FIFO: /dev/zero would be read
-    until memory runs out); a one-line UserError otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: {what} not found")
-    if path.is_dir():
-        raise UserError(f"{path}: expected a {what}, found a folder")
-    if not path.is_file():
-        raise UserError(f"{path}: {what} is not a regular file")
-    return path
 
 
 def check_array_sizes(path: Path) -> None:

@@ -150,6 +150,19 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def regular_file(path: str | os.PathLike, what: str = "data file") -> Path:
+    """`path` if it is a regular file (not a folder, device or FIFO: /dev/zero would be read
+    until memory runs out); a one-line UserError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: {what} not found")
+    if path.is_dir():
+        raise UserError(f"{path}: expected a {what}, found a folder")
+    if not path.is_file():
+        raise UserError(f"{path}: {what} is not a regular file")
+    return path
+
+
 # --- torch files ---------------------------------------------------------------------------
 
 def torch_bytes(obj) -> bytes:
@@ -174,10 +187,7 @@ def torch_load(path: str | os.PathLike, what: str):
     truncated or foreign files (no digest check: for files ctmkit did not write)."""
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: {what} not found" if not path.exists() else
-                        f"{path}: {what} is not a regular file")
+    path = regular_file(path, what)
     import warnings
     try:
         with warnings.catch_warnings():   # torch warns before refusing a TorchScript archive

@@ -154,7 +154,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _read_bytes(path: Path, what: str = "file") -> bytes:
-    from core.data import regular_file
+    from core.io import regular_file
     regular_file(path, what)
     try:
         return path.read_bytes()
@@ -313,7 +313,7 @@ def _read_array_file(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
 
 
 def _read_check(path: Path) -> None:
-    from core.data import regular_file
+    from core.io import regular_file
     regular_file(path)
 
 
@@ -589,7 +589,7 @@ class _EdmFiles:
             found = (p for p in path.rglob("*") if _visible(path, p) and p.is_file())
             self.sizes = {p.relative_to(path).as_posix(): None for p in found}
             return
-        from core.data import regular_file
+        from core.io import regular_file
         regular_file(path, "dataset archive")
         self.what = "archive"
         try:

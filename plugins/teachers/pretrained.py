@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from core.errors import UserError
-from core.io import file_digest
+from core.io import file_digest, regular_file
 from core.jumper import _edm_scalings
 from plugins.teachers.base import Teacher
 
@@ -69,12 +69,8 @@ class PretrainedTeacher(Teacher):
     RUN_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
     def __init__(self, path: Path, ctx, dtype: str = "float32"):
-        self.path, self.ctx = Path(path), ctx
+        self.path, self.ctx = regular_file(path, f"{self.name} teacher file"), ctx
         self.run_dtype = self.RUN_DTYPES[dtype]
-        if not self.path.exists():
-            raise UserError(f"{self.path}: {self.name} teacher file not found")
-        if not self.path.is_file():
-            raise UserError(f"{self.path}: {self.name} teacher file is not a regular file")
         self._digest = file_digest(self.path)
 
     def _finish(self, net: nn.Module, shape, num_classes: int, sigma_range) -> None:

@@ -15,10 +15,8 @@ from plugins.teachers.base import Teacher
 
 def jit_load(path: Path, what: str, device: str = "cpu", extra_files: dict | None = None):
     """torch.jit.load with one-line errors for missing, truncated or foreign files."""
-    if not Path(path).exists():
-        raise UserError(f"{path}: {what} file not found")
-    if not Path(path).is_file():
-        raise UserError(f"{path}: {what} file is not a regular file")
+    from core.io import regular_file
+    regular_file(path, f"{what} file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)   # TorchScript is deprecated in 2.14

@@ -158,6 +158,22 @@ def create(kind: str, options, ctx: Context, key: str, name: str | None = None):
     return obj
 
 
+def create_network(name: str, options: dict, ctx: Context, shape, num_classes: int,
+                   student: bool, source: str):
+    """Build network plugin `name` from its `options` (a plain dict, e.g. ``[network]`` less
+    its name, or what a teacher file recorded) for samples of `shape`; unknown keys are an
+    error, as in any section."""
+    from pathlib import Path
+
+    from core.config import Section
+
+    sec = Section("network", dict(options), source, Path("."))
+    plugin = get("network", name, f"{source}: network")
+    net = plugin.factory(sec, ctx, shape=tuple(shape), num_classes=num_classes, student=student)
+    sec.finish()
+    return net
+
+
 def list_lines() -> list[str]:
     rows = [(p.kind, p.name, p.source) for table in registry().values() for p in table.values()]
     w0 = max(len(r[0]) for r in rows)

@@ -150,9 +150,9 @@ class Run:
             shape, num_classes = tuple(src.load().shape), src.num_classes
         else:
             shape, num_classes = self.teacher.shape, self.teacher.num_classes
-        from plugins.teachers.network import build_network
-        build_network(self.cfg.network.data.get("name", "mlp"), copy.deepcopy(options),
-                      self.ctx, shape, num_classes, True, str(self.cfg.path))
+        plugins.create_network(self.cfg.network.data.get("name", "mlp"),
+                               copy.deepcopy(options), self.ctx, shape, num_classes, True,
+                               str(self.cfg.path))
 
     def data_for(self, path: Path | None, what: str):
         """The x_0 source of a stage: the file `path` (a stage's own `data` key), else [data],

@@ -56,14 +56,15 @@ def build_student(run) -> nn.Module:
 
 def _build(run, teacher, cfg) -> nn.Module:
     from plugins.networks import StudentNetwork
-    from plugins.teachers.network import NetworkTeacher, build_network
+    from core.plugins import create_network
+    from plugins.teachers.network import NetworkTeacher
 
     if isinstance(teacher, NetworkTeacher):
         return StudentNetwork(teacher.student_network()).float()
     if hasattr(teacher, "student_network"):   # pretrained teachers: F_theta(x, t, s, labels)
         return teacher.student_network().float()
     opts = {k: v for k, v in cfg.network.data.items() if k != "name"}
-    residual = build_network(cfg.network.data.get("name", "mlp"), opts, run.ctx, teacher.shape,
+    residual = create_network(cfg.network.data.get("name", "mlp"), opts, run.ctx, teacher.shape,
                              teacher.num_classes, True, str(cfg.path))
     _zero_last_linear(residual)
     base = TeacherAsNetwork(teacher.denoiser(torch.float32), cfg.diffusion.sigma_data)

@@ -18,7 +18,8 @@ from core.training import (EMA, MetricsLog, iteration_generator, lr_at, make_opt
                            plot_curves, resume, save_checkpoint)
 from plugins.losses import DSMLoss
 from plugins.networks import EDMDenoiser
-from plugins.teachers.network import FORMAT, build_network
+from core.plugins import create_network
+from plugins.teachers.network import FORMAT
 
 
 def train_teacher(run) -> None:
@@ -34,7 +35,7 @@ def train_teacher(run) -> None:
     options = {k: v for k, v in cfg.network.data.items() if k != "name"}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tt.seed)
-        net = build_network(name, options, run.ctx, shape, num_classes, False,
+        net = create_network(name, options, run.ctx, shape, num_classes, False,
                             str(cfg.path)).to(device)
     ema = EMA(net, tt.ema[0])
     opt = make_optimizer(tt.optimizer, net.parameters(), tt.lr)

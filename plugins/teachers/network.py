@@ -8,21 +8,10 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError
+from core.plugins import create_network
 from plugins.teachers.base import Teacher
 
 FORMAT = "ctmkit.teacher"
-
-
-def build_network(name: str, options: dict, ctx, shape, num_classes: int, student: bool,
-                  source: str):
-    from core import plugins
-    from core.config import Section
-
-    sec = Section("network", dict(options), source, Path("."))
-    plugin = plugins.get("network", name, f"{source}: network")
-    net = plugin.factory(sec, ctx, shape=tuple(shape), num_classes=num_classes, student=student)
-    sec.finish()
-    return net
 
 
 def read_teacher_file(path: Path) -> dict:
@@ -46,7 +35,7 @@ class NetworkTeacher(Teacher):
                             f"[diffusion] sigma_data = {ctx.diffusion.sigma_data}")
         self.file = st
         self.shape, self.num_classes = tuple(st["shape"]), int(st["num_classes"])
-        self.net = build_network(st["network"], st["options"], ctx, self.shape, self.num_classes,
+        self.net = create_network(st["network"], st["options"], ctx, self.shape, self.num_classes,
                                  False, str(path))
         try:
             self.net.load_state_dict(st["state_dict"])
@@ -67,7 +56,7 @@ class NetworkTeacher(Teacher):
 
     def student_network(self):
         """The student: same architecture plus the zero-initialised s pathway, teacher weights."""
-        net = build_network(self.file["network"], self.file["options"], self.ctx, self.shape,
+        net = create_network(self.file["network"], self.file["options"], self.ctx, self.shape,
                             self.num_classes, True, str(self.path))
         missing, unexpected = net.load_state_dict(self.file["state_dict"], strict=False)
         if unexpected or any(not k.startswith("s_") for k in missing):

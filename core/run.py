@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         if not args.config:
             p.error("a config file is required (or --list-plugins)")
         from core.config import STAGES, load_config
-        from core.stages import Run, log
+        from core.stages import Run
 
         cfg = load_config(args.config, overrides=args.set)
         stages = cfg.run.stages

@@ -272,7 +272,7 @@ def benchmark(s: dict, out, seeds: list[int], preconds: list[str], log=print) ->
 
 
 def print_report(report, log=print) -> None:
-    seeds, preconds = report["seeds"], report["preconds"]
+    preconds = report["preconds"]
     log(f"# determinism: 3-step curves of the 'rho' and 'paper' runs differ by at most "
         f"{report['determinism_max_rel_gap_3step']:.1e} (relative)")
     log("\nteacher-initialised (iteration 0) -> end of budget, RMSE vs teacher ODE, "

@@ -232,6 +232,8 @@ class CoefficientsCfg:
                                  # on CPU); draws and inner products are float64 either way
     dl: str = "jvp"              # dl/dlambda: "jvp" exact (nested forward-mode JVP, ~2.5x the
                                  # cost) | "fd" finite differences over the time grid
+    smooth: float = 0.0          # 0: l_t, s_t exactly as Eqns. (15), (17). > 0: DEVIATION from
+                                 # them: Gaussian-smoothed over lambda, this std (numerics.smooth)
 
 
 @dataclass
@@ -463,7 +465,8 @@ def parse_config(raw: dict, path: Path) -> Config:
                            seed=s.seed("seed", run.seed),
                            data=s.path("data", None),
                            dtype=s.str("dtype", "float64", choices=("float64", "float32")),
-                           dl=s.str("dl", "jvp", choices=("jvp", "fd")))
+                           dl=s.str("dl", "jvp", choices=("jvp", "fd")),
+                           smooth=s.float("smooth", 0.0, min=0.0, max=10.0))
 
     s = sec["student"]
     student_init = s.str("init", "teacher", choices=("teacher",))

@@ -179,6 +179,9 @@ def distill(run) -> None:
                                schedules=d.eval_schedules)
             log.add(it, {f"{name}_{k}": v for k, vals in q.items() for name, v in vals.items()})
 
+    if dist.is_main() and precond.name == "analytic" and cfg.coefficients.smooth > 0:
+        print(f"[ctmkit] distill: DEVIATION from Eqns. (15), (17): l_t, s_t smoothed "
+              f"([coefficients] smooth = {cfg.coefficients.smooth:g})")
     if dist.is_main():
         for K, ts in d.eval_schedules.items():      # metrics.csv: <metric>_K = these times
             print(f"[ctmkit] distill: {K}-step evaluations on the schedule {ts}")

@@ -182,6 +182,8 @@ def coefficients(run: Run) -> None:
     settings = {"grid": c.grid, "n_timesteps": c.n_timesteps, "n_samples": c.n_samples,
                 "batch": c.batch, "seed": c.seed, "t_min": d.t_min, "t_max": d.t_max,
                 "rho": d.rho if c.grid == "edm" else None, "dtype": c.dtype, "dl": c.dl}
+    if c.smooth > 0:       # only then: the default store (settings, digest) stays as it was
+        settings["smooth"] = c.smooth
     source = run.data_for(c.data, "coefficients")
     settings["data"] = source.fingerprint() if source is not None else None
     fp = teacher.fingerprint()
@@ -206,6 +208,12 @@ def coefficients(run: Run) -> None:
     if not dist.is_main():
         return
     est = finalize(ts, stats, teacher.dim)
+    if c.smooth > 0:       # a deviation from Eqns. (15), (17): see numerics.smooth
+        from core.coefficients.numerics import smooth
+        lam = -np.log(ts)
+        est.l, est.s = smooth(lam, est.l, c.smooth), smooth(lam, est.s, c.smooth)
+        log(f"coefficients: l_t, s_t smoothed over lambda (std {c.smooth:g}): a DEVIATION "
+            f"from Eqns. (15), (17)")
     table = CoefficientTable(t=ts, l=est.l, s=est.s, l_stderr=est.l_stderr,
                              s_stderr=est.s_stderr, s_guarded=est.s_guarded)
     if not (np.all(np.isfinite(table.l)) and np.all(np.isfinite(table.s))):
@@ -399,6 +407,9 @@ def evaluate(run: Run) -> None:
         raise UserError(f"{cfg.export.path}: exported for another teacher; rerun 'export'")
     dtype = DTYPES.get(meta["dtype"], torch.float32)
     metrics = {"precond": meta["precond"], "variant": meta["variant"]}
+    if meta["precond"] == "analytic" and cfg.coefficients.smooth > 0:
+        metrics["deviation"] = (f"[coefficients] smooth = {cfg.coefficients.smooth:g}: l_t, s_t "
+                                f"smoothed over lambda, not Eqns. (15), (17)")
     check_schedules(e.schedules, meta, cfg.sections["evaluate"].where("schedules"))
     if e.trajectory:
         traj = trajectory_errors(jumper, teacher, e.steps, e.num, e.seed, meta["t_min"],

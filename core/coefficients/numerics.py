@@ -38,3 +38,24 @@ def derivative(x: np.ndarray, y: np.ndarray, points: int = 5) -> np.ndarray:
         idx = slice(lo, lo + points)
         out[i] = fornberg_weights(x[i], x[idx]) @ y[idx]
     return out
+
+
+def smooth(x: np.ndarray, y: np.ndarray, width: float) -> np.ndarray:
+    """Gaussian kernel smoothing of y(x) (x increasing) with standard deviation `width` in x
+    units: a Nadaraya-Watson mean over the points and their odd reflections about both ends,
+    y(2 x_e - x) = 2 y_e - y(x). It keeps both end values (exactly: they are reset after the
+    sums) and constants exactly, and linear functions on a uniform grid. width = 0 returns y.
+
+    ``[coefficients] smooth``: NOT part of the paper. Applied to l_t and s_t it replaces the
+    per-time minimisers of Eqn. (15) / Eqn. (17) by local averages over lambda, a deviation
+    made only to study how the noise / wiggles of the estimates affect the jumps."""
+    y = np.asarray(y, dtype=np.float64)
+    if width == 0:
+        return y.copy()
+    x = np.asarray(x, dtype=np.float64)
+    xs = np.concatenate([2 * x[0] - x[:0:-1], x, 2 * x[-1] - x[-2::-1]])
+    ys = np.concatenate([2 * y[0] - y[:0:-1], y, 2 * y[-1] - y[-2::-1]])
+    w = np.exp(-0.5 * ((x[:, None] - xs[None, :]) / width) ** 2)
+    out = (w @ ys) / w.sum(1)
+    out[0], out[-1] = y[0], y[-1]
+    return out

@@ -47,7 +47,7 @@ def smooth(x: np.ndarray, y: np.ndarray, width: float) -> np.ndarray:
     sums) and constants exactly, and linear functions on a uniform grid. width = 0 returns y.
 
     ``[coefficients] smooth``: NOT part of the paper. Applied to l_t and s_t it replaces the
-    per-time minimisers of Eqn. (15) / Eqn. (17) by local averages over lambda, a deviation
+    per-time minimisers of Eqns. (15) and (17) by local averages over lambda, a deviation
     made only to study how the noise / wiggles of the estimates affect the jumps."""
     y = np.asarray(y, dtype=np.float64)
     if width == 0:

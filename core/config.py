@@ -304,7 +304,7 @@ class DistillCfg(TrainCfg):
     solver: str = "heun"         # teacher ODE solver in the loss
     N: int = 18                  # EDM grid for t, s, u (Appendix B.2)
     max_ode_steps: int = 17      # teacher solver steps from t to u at most
-    target_ema: float = 0.999    # mu of the stop-gradient target, Eqn. (28)
+    target_ema: float = 0.999    # mu of the stop-gradient target (see Eqn. 28)
     dsm_weight: Any = 1.0        # weight of the DSM loss, or "adaptive" (CTM's balance)
     eval_every: int = 100        # EMA-student trajectory error every so many iterations
     eval_num: int = 256

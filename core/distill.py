@@ -2,7 +2,7 @@
 
 Per iteration: draw the global batch (data, noise, t/s/u indices) from the iteration's generator,
 keep this rank's slice, run the student once on [loss inputs; DSM inputs], add the loss and the
-weighted DSM loss, step the optimiser, update the stop-gradient target by Eqn. (28) and the EMAs.
+weighted DSM loss, step the optimiser, update the stop-gradient target (see Eqn. 28) and the EMAs.
 Checkpoints are atomic; rerunning the same command resumes from the newest and ends with the
 same weights as an uninterrupted run.
 """
@@ -10,25 +10,22 @@ same weights as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import time
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from core import distributed as dist
 from core import plugins
+from core.distances import make_distance
+from core.dsm import DSMLoss
+from core.edm import denoiser_from_output
 from core.errors import UserError
+from core.jumper import jump
 from core.schedules import rho_grid
 from core.students import build_student, save_student, trainable
-from core.training import (EMA, MetricsLog, checkpoints, iteration_generator, lr_at,
-                           make_optimizer, plot_curves, resume, save_checkpoint)
-
-
-def _col(v: Tensor, x: Tensor) -> Tensor:
-    return v.reshape([-1] + [1] * (x.dim() - 1)).to(x.dtype)
+from core.training import (EMA, TrainingLoop, backward, config_digest, iteration_generator,
+                           make_optimizer, plot_curves)
 
 
 class StepContext:
@@ -41,15 +38,11 @@ class StepContext:
         self.max_ode_steps, self.labels = max_ode_steps, labels
 
     def denoiser(self, F: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        sd, t = self.sigma_data, t.double()
-        c_skip = sd ** 2 / (sd ** 2 + t ** 2)                            # Eqn. (3)
-        c_out = sd * t / torch.sqrt(sd ** 2 + t ** 2)
-        return _col(c_skip, x) * x + _col(c_out, x) * F
+        return denoiser_from_output(F, x, t, self.sigma_data)
 
     def jump(self, F: Tensor, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
         f, g = self.precond(t, s)                                         # Table 1
-        inner = self.denoiser(F, x, t) if self.precond.jumps_denoiser else F
-        return _col(f, x) * x + _col(g, x) * inner                        # Eqn. (8)
+        return jump(x, F, t, f, g, self.sigma_data, self.precond.jumps_denoiser)
 
     def target_jump(self, x: Tensor, t: Tensor, s: Tensor, grad: bool = False) -> Tensor:
         with contextlib.nullcontext() if grad else torch.no_grad():
@@ -80,13 +73,12 @@ def fingerprint(run, precond_desc: dict) -> str:
     desc = {"teacher": run.teacher.fingerprint(), "precond": precond_desc, "distill": keep,
             "network": cfg.network.data, "data": run.data_fingerprint(),
             "diffusion": vars(cfg.diffusion)}
-    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+    return config_digest(desc)
 
 
 def distill(run) -> None:
     from core.evaluate import trajectory_errors
     from core.jumper import Jumper
-    from plugins.losses import DSMLoss, make_distance
 
     cfg, d, diff = run.cfg, run.cfg.distill, run.cfg.diffusion
     world, device = dist.world(), run.device
@@ -101,8 +93,9 @@ def distill(run) -> None:
     precond = run.precond().to(device)
     solver = plugins.create("solver", _solver_section(cfg), run.ctx, "solver", d.solver)
     loss = plugins.create("loss", cfg.sections["distill"], run.ctx, "loss", d.loss)
-    dsm = loss if isinstance(loss, DSMLoss) else DSMLoss()
-    dsm_on = not isinstance(loss, DSMLoss) and d.dsm_weight != 0.0
+    is_dsm = bool(getattr(loss, "is_dsm", False))      # a DSM loss gets no DSM regulariser
+    dsm = loss if is_dsm else DSMLoss()
+    dsm_on = not is_dsm and d.dsm_weight != 0.0
     distance = make_distance(d, device)
 
     student = build_student(run).to(device)
@@ -121,14 +114,15 @@ def distill(run) -> None:
                            "options": cfg.precond.data,
                            "coefficients": run.coefficients_digest() if precond.name == "analytic"
                            else None})
-    ckdir = run.out_dir / "checkpoints"
-    if dist.is_main():        # fails (one line) before any log or checkpoint is written
-        ckdir.mkdir(parents=True, exist_ok=True)
-    start, resumed = resume(ckdir, fp, modules, opt)
-    if resumed is not None and dist.is_main():
-        print(f"[ctmkit] distill: resuming from {resumed.name} (iteration {start})")
-    log = MetricsLog(run.out_dir / "metrics.csv", ["loss", "loss_main", "loss_dsm", "dsm_weight",
-                                                   "lr", "it_per_s"], start)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    loop = TrainingLoop("distill", ckdir=run.out_dir / "checkpoints", fingerprint=fp,
+                        modules=modules, optimizer=opt, params=params, ema_source=student,
+                        emas=[target, *emas], lr=d.lr, warmup=d.warmup, grad_clip=d.grad_clip,
+                        iterations=d.iterations, checkpoint_every=d.checkpoint_every,
+                        keep_checkpoints=d.keep_checkpoints, metrics=run.out_dir / "metrics.csv",
+                        fields=["loss", "loss_main", "loss_dsm", "dsm_weight", "lr", "it_per_s"],
+                        progress=run.progress, scaler=scaler)
+    start, log = loop.start, loop.log
     grid = torch.tensor(rho_grid(d.N, diff.t_min, diff.t_max, diff.rho), dtype=torch.float64,
                         device=device)
     sampler = run.data_sampler(None, "distill")
@@ -136,7 +130,6 @@ def distill(run) -> None:
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16"
                                else torch.float16) if precision != "fp32"
                 else contextlib.nullcontext())
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     metric_names = [n for n in d.eval if n != "trajectory"]
     unknown = [n for n in metric_names if n not in cfg.evaluate.metrics]
@@ -146,7 +139,7 @@ def distill(run) -> None:
     quality = None
     if dist.is_main() and metric_names:
         from core.quality import metric_objects
-        from plugins.samplers import CTMSampler
+        from core.sampling import CTMSampler
 
         ref = run.data_for(cfg.evaluate.data, "evaluate")
         if ref is None:
@@ -184,14 +177,12 @@ def distill(run) -> None:
             print(f"[ctmkit] distill: {K}-step evaluations on the schedule {ts}")
     if start == 0:
         evaluate(0)
-    bar = tqdm(total=d.iterations, initial=start, desc="distill", unit="it",
-               disable=not (run.progress and dist.is_main()), leave=False)
     t_last, it_last = time.perf_counter(), start
     window = torch.zeros(3, dtype=torch.float64)      # loss sums since the last log row
     micro = d.micro_batch or local                    # samples per forward / backward pass
     ctx_args = (precond, diff.sigma_data, grid, teacher_D, solver, target.model,
                 d.max_ode_steps)
-    for it in range(start, d.iterations):
+    for it in loop.iterations():
         gen = iteration_generator(d.seed, it)
         x0, labels = sampler(d.batch_size, gen)
         x0 = x0.float()
@@ -210,52 +201,29 @@ def distill(run) -> None:
                                     draws, dsm_draws, x0, labels, grid, device)
             w = _dsm_weight(d.dsm_weight, l_main, l_dsm, params) if dsm_on else 0.0
             total = l_main + w * l_dsm
-            (scaler.scale(total) if scaler is not None else total).backward()
+            backward(total, scaler)
             losses = torch.stack([l_main.detach(), l_dsm.detach(), total.detach()]).double().cpu()
         else:
             losses, w = _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast,
                                     distance, draws, dsm_draws, x0, labels, grid, device, params,
                                     d.dsm_weight, scaler)
         stats = dist.all_reduce_sum(losses) / world
-        if not torch.isfinite(stats).all():
-            last = checkpoints(ckdir)
-            raise UserError(f"distill: non-finite loss at iteration {it}; stopped. The last good "
-                            f"checkpoint is {last[-1][1] if last else 'none (none was written)'}")
-        lr = lr_at(it, d.lr, d.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if scaler is not None:
-            scaler.unscale_(opt)
-        if d.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, d.grad_clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        target.update(student)
-        for e in emas:
-            e.update(student)
+        loop.check_finite(stats, it)
+        lr = loop.step(it)             # lr schedule, clipping, step, target (Eqn. 28) and EMAs
         done = it + 1
         window += stats
-        bar.update(1)
-        if done % d.log_every == 0 or done == d.iterations:
+        if loop.due(done, d.log_every):
             now = time.perf_counter()
             n = done - it_last
             rate = n / max(now - t_last, 1e-9)
             mean = window / n                          # losses averaged over the window
             t_last, it_last, window = now, done, torch.zeros_like(window)
-            log.add(done, {"loss": float(mean[2]), "loss_main": float(mean[0]),
-                           "loss_dsm": float(mean[1]), "dsm_weight": float(w), "lr": lr,
-                           "it_per_s": rate})
-            bar.set_postfix(loss=f"{float(mean[2]):.4g}", it_s=f"{rate:.1f}")
-        if done % d.eval_every == 0 or done == d.iterations:
+            loop.log_row(done, {"loss": float(mean[2]), "loss_main": float(mean[0]),
+                                "loss_dsm": float(mean[1]), "dsm_weight": float(w), "lr": lr,
+                                "it_per_s": rate}, float(mean[2]), it_s=f"{rate:.1f}")
+        if loop.due(done, d.eval_every):
             evaluate(done)
-        if done % d.checkpoint_every == 0 or done == d.iterations:
-            log.flush()
-            save_checkpoint(ckdir, done, fp, modules, opt, d.keep_checkpoints)
-    bar.close()
-    log.flush()
+        loop.end_iteration(done)
     if dist.is_main():
         save_student(run.out_dir / "student.pt", emas[0].model, teacher.fingerprint())
         plot_curves(log, run.out_dir / "curves.png",
@@ -344,7 +312,7 @@ def _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast, distance, 
         for g in grads:
             g.copy_(flat[i:i + g.numel()].view_as(g))
             i += g.numel()
-    if adaptive:                                     # Eqn. (7) + w DSM, w from the whole batch
+    if adaptive:                                     # main loss + w DSM, w from the whole batch
         last = max(i for i, p in enumerate(params) if p.dim() >= 2)
         w = float(g_main[last].norm() / (g_dsm[last].norm() + 1e-8))
         for p, a, b in zip(params, g_main, g_dsm):

@@ -27,7 +27,6 @@ step) lives in :mod:`core.edm`, :mod:`core.jumper`, :mod:`core.dsm`, :mod:`core.
 :mod:`core.sampling`; plugins may call it.
 """
 
-from __future__ import annotations
 
 import math
 from typing import Callable, Optional, Protocol, Sequence, Tuple

@@ -35,12 +35,15 @@ import torch
 from torch import Tensor, nn
 
 from core.datasets import Dataset
-from core.edm import batch_times
+from core.edm import add_noise, append_dims, batch_times
 from core.errors import UserError
 from core.hookspecs import hookimpl
+from core.schedules import rho_grid
 
 __all__ = ["hookimpl", "UserError", "Teacher", "Network", "Preconditioning", "Solver", "Loss",
-           "StepContext", "Sampler", "Dataset", "Metric"]
+           "StepContext", "Sampler", "Dataset", "Metric",
+           # helpers a plugin may use (the host's own conventions)
+           "append_dims", "batch_times", "add_noise", "rho_grid"]
 
 
 # --- teacher (hook ctmkit_teachers) ------------------------------------------------------------

@@ -30,11 +30,12 @@ class TinyMLP(nn.Module):
         self.sigma_data = float(sigma_data)
         self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(100.0), width // 2)))
         self.t_mlp = nn.Linear(2 * (width // 2), width)
-        self.s_mlp = nn.Linear(2 * (width // 2), width) if student else None
-        self.s_proj = nn.Linear(width, width) if student else None
-        if self.s_proj is not None:                         # the zero-initialised s pathway
-            nn.init.zeros_(self.s_proj.weight)
-            nn.init.zeros_(self.s_proj.bias)
+        # the s pathway (students only): every weight named s_*, its projection zeroed
+        self.s_embed = nn.Sequential(nn.Linear(2 * (width // 2), width), nn.SiLU(),
+                                     nn.Linear(width, width)) if student else None
+        if self.s_embed is not None:
+            nn.init.zeros_(self.s_embed[2].weight)
+            nn.init.zeros_(self.s_embed[2].bias)
         self.label = nn.Embedding(num_classes, width) if num_classes > 0 else None
         self.inp = nn.Linear(dim, width)
         self.hidden = nn.ModuleList([nn.Linear(width, width) for _ in range(depth)])
@@ -46,11 +47,10 @@ class TinyMLP(nn.Module):
         t = t.reshape(-1).expand(B).to(x.dtype)
         c_in = 1.0 / torch.sqrt(self.sigma_data ** 2 + t ** 2)
         e = self.t_mlp(sinusoidal(torch.log(t) / 4.0, self.freqs))
-        s_mlp, s_proj = self.s_mlp, self.s_proj
-        if s_mlp is not None and s_proj is not None:
+        s_embed = self.s_embed                  # a local, so TorchScript can refine Optional
+        if s_embed is not None:
             s_ = t if s is None else s.reshape(-1).expand(B).to(x.dtype)
-            e = e + s_proj(torch.nn.functional.silu(s_mlp(sinusoidal(torch.log(s_) / 4.0,
-                                                                     self.freqs))))
+            e = e + s_embed(sinusoidal(torch.log(s_) / 4.0, self.freqs))
         label = self.label
         if label is not None and class_labels is not None:
             e = e + label(class_labels)

@@ -25,6 +25,10 @@ Shapes: ``B`` is the batch, ``x`` is ``[B, *shape]`` (vectors ``[B, d]``, images
 mathematics (EDM's scalings and denoiser, the jump, DSM, the Euler / Heun step, CTM's sampling
 step) lives in :mod:`core.edm`, :mod:`core.jumper`, :mod:`core.dsm`, :mod:`core.ode` and
 :mod:`core.sampling`; plugins may call it.
+Helpers re-exported here, so that a plugin needs no other ctmkit module: ``append_dims(v, x)``
+(a per-sample [B] value shaped to scale x), ``batch_times(x, t)`` (a float time as [B] of x's
+dtype and device), ``add_noise(x0, t, z)`` (x_t = x_0 + t z) and ``rho_grid(steps, t_min,
+t_max, rho)`` (EDM's time grid). Working examples of every kind: ``examples/plugins/``.
 """
 
 

@@ -119,3 +119,92 @@ def test_config_keys_default_off():
                                     "tf32": True}}, Path("x.toml"))
     d = cfg.distill
     assert (d.solve_buckets, d.compile, d.channels_last, d.tf32) == (4, True, True, True)
+
+
+RUN = """
+[run]
+out_dir = "out"
+stages = ["distill"]
+[teacher]
+kind = "gmm"
+weights = [0.5, 0.5]
+means = [[-1.0, 0.0, 0.5, 0.0], [1.0, 0.5, 0.0, -0.5]]
+stds = [0.3, 0.4]
+[network]
+name = "mlp"
+width = 32
+depth = 2
+emb_dim = 16
+[precond]
+name = "ctm"
+[distill]
+iterations = 6
+batch_size = 24
+checkpoint_every = 3
+eval_every = 6
+eval_num = 16
+eval_steps = [1]
+N = 10
+max_ode_steps = 6
+{extra}
+"""
+
+
+def _distill(tmp: Path, name: str, extra: str = "") -> dict:
+    d = tmp / name
+    d.mkdir()
+    (d / "c.toml").write_text(RUN.format(extra=extra))
+    r = subprocess.run([sys.executable, "-m", "core.run", str(d / "c.toml"), "--no-progress"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return torch.load(d / "out" / "student.pt", weights_only=False)["state_dict"]
+
+
+def _close(a: dict, b: dict, tol: float) -> float:
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < tol, worst
+    return worst
+
+
+def test_distill_speed_options_match_the_default(tmp_path):
+    """solve_buckets (2 and 1: a fixed count of masked steps) and channels_last (a no-op for
+    an MLP) end where the default run ends, to float rounding; the fingerprint ignores them,
+    so a run resumes across them."""
+    ref = _distill(tmp_path, "ref")
+    _close(ref, _distill(tmp_path, "b2", "solve_buckets = 2"), 1e-5)
+    _close(ref, _distill(tmp_path, "b1", "solve_buckets = 1\nchannels_last = true\ntf32 = true"),
+           1e-5)
+
+
+@pytest.mark.slow
+def test_distill_compiled_matches_the_default(tmp_path):
+    """compile = true (torch.compile on the CPU) with the static-shape solve."""
+    ref = _distill(tmp_path, "ref")
+    _close(ref, _distill(tmp_path, "c", "compile = true\nsolve_buckets = 2"), 1e-4)
+
+
+@pytest.mark.slow
+def test_channels_last_unet_step_matches(tmp_path):
+    """channels_last on an image network: one StepContext solve and student pass agree with
+    the contiguous ones to float rounding."""
+    from core.config import DiffusionCfg
+    from core.plugins import Context, create_network
+    from plugins.networks import EDMDenoiser
+    torch.manual_seed(0)
+    net = create_network("unet", {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
+                                  "attn_resolutions": []}, Context(diffusion=DiffusionCfg()),
+                         (1, 8, 8), 3, False, "test")
+    den = EDMDenoiser(net, 0.5).eval()
+    den_cl = copy.deepcopy(den).to(memory_format=torch.channels_last)
+    x = torch.randn(6, 1, 8, 8)
+    t = torch.linspace(0.1, 5, 6)
+    y = torch.arange(6) % 3
+    with torch.no_grad():
+        a = den(x, t, y)
+        b = den_cl(x.contiguous(memory_format=torch.channels_last), t, y)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    n = torch.tensor([0, 1, 2, 3, 4, 5])
+    k = n + torch.tensor([3, 1, 2, 1, 3, 2])
+    ref = _ctx(den, 0, y).solve(x, n, k)
+    got = _ctx(den_cl, 2, y).solve(x.contiguous(memory_format=torch.channels_last), n, k)
+    assert torch.allclose(ref, got, rtol=1e-5, atol=1e-5)

@@ -58,7 +58,7 @@ iterations = {iters}
 batch_size = {batch}
 checkpoint_every = {iters}
 eval_every = 100000
-log_every = {iters}
+log_every = {log}
 N = 18
 max_ode_steps = 17
 {extra}"""
@@ -127,7 +127,7 @@ def write_random_teacher(path: Path, network: dict, shape, num_classes: int,
 
 
 def config_from_example(example: Path, tmp: Path, device: str, iters: int, batch, sets: dict,
-                        image_shape=None) -> str:
+                        image_shape=None, log_every: int | None = None) -> str:
     """The bench config of an example: its [network], [diffusion] and [distill] as they are."""
     raw = tomllib.loads(example.read_text())
     data = raw.get("data", {})
@@ -151,7 +151,7 @@ def config_from_example(example: Path, tmp: Path, device: str, iters: int, batch
     sd = float(diffusion.get("sigma_data", 0.5))
     write_random_teacher(tmp / "teacher.pt", network, (hwc[2], hwc[0], hwc[1]), classes, sd)
     d = dict(raw.get("distill", {}))
-    d.update(iterations=iters, checkpoint_every=iters, log_every=iters, eval=[],
+    d.update(iterations=iters, checkpoint_every=iters, log_every=log_every or iters, eval=[],
              eval_every=10 ** 9)
     if batch:
         d["batch_size"] = batch
@@ -171,8 +171,12 @@ def config_from_example(example: Path, tmp: Path, device: str, iters: int, batch
 
 
 def measure(config: str | None = None, device: str = "cpu", iters: int = 60, batch=None,
-            width: int = 256, sets: dict | None = None, image_shape=None) -> dict:
-    """Step time, samples/s, peak memory, floor and overhead of one configuration."""
+            width: int = 256, sets: dict | None = None, image_shape=None,
+            warmup: bool = False) -> dict:
+    """Step time, samples/s, peak memory, floor and overhead of one configuration. The step
+    time: (time of `iters` iterations - time of 1) / (iters - 1), both runs with their start-up;
+    with `warmup`, the it/s that metrics.csv logs over iterations iters+1..2 iters of one run
+    (what torch.compile and the caching allocator need to warm up is then left out)."""
     from core.config import parse_config
     from core.stages import Run
     from core.students import build_student
@@ -185,13 +189,13 @@ def measure(config: str | None = None, device: str = "cpu", iters: int = 60, bat
         tmp = Path(tmp)
         if config is None:
             extra = "".join(f"{k} = {_toml_value(v)}\n" for k, v in sets.items())
-            text = lambda n: CONFIG.format(width=width, iters=n, batch=batch or 128,
-                                           device=device, extra=extra)
+            text = lambda n, log=None: CONFIG.format(width=width, iters=n, batch=batch or 128,
+                                                     device=device, extra=extra, log=log or n)
         else:
-            text = lambda n: config_from_example(Path(config), tmp, device, n, batch, sets,
-                                                 image_shape)
+            text = lambda n, log=None: config_from_example(Path(config), tmp, device, n, batch,
+                                                           sets, image_shape, log)
         cfg = tmp / "c.toml"
-        cfg.write_text(text(iters))
+        cfg.write_text(text(2 * iters, iters) if warmup else text(iters))
         cfg2 = tmp / "c2.toml"                    # start-up cost alone: 1 iteration
         cfg2.write_text(text(1).replace('"out"', '"out2"'))
         if cuda:
@@ -202,10 +206,16 @@ def measure(config: str | None = None, device: str = "cpu", iters: int = 60, bat
             total = time.perf_counter() - t0
             peak = (torch.cuda.max_memory_allocated() if cuda else
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-            t0 = time.perf_counter()
-            assert core_main([str(cfg2), "--no-progress"]) == 0
-            startup = time.perf_counter() - t0
-        step = (total - startup) / (iters - 1)
+            if warmup:
+                import csv
+                with open(tmp / "out" / "metrics.csv", newline="") as fh:
+                    rows = [r for r in csv.DictReader(fh) if r.get("it_per_s")]
+                step = 1.0 / float(rows[-1]["it_per_s"])
+            else:
+                t0 = time.perf_counter()
+                assert core_main([str(cfg2), "--no-progress"]) == 0
+                startup = time.perf_counter() - t0
+                step = (total - startup) / (iters - 1)
 
         run = Run(parse_config(tomllib.loads(cfg.read_text()), cfg), progress=False)
         d = run.cfg.distill
@@ -304,6 +314,8 @@ def main(argv=None):
                                                     "examples/fashion_mnist.toml")
     ap.add_argument("--image-shape", default=None,
                     help="H,W,C[,classes] of --config's data, when its format is not known")
+    ap.add_argument("--warmup", action="store_true",
+                    help="run 2 x iters and time the last iters (after compile / warm-up)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a [distill] key (TOML value), e.g. solve_buckets=4")
     args = ap.parse_args(argv)
@@ -311,7 +323,7 @@ def main(argv=None):
         ap.error("--iters must be at least 2")
     shape = [int(v) for v in args.image_shape.split(",")] if args.image_shape else None
     r = measure(args.config, args.device, args.iters, args.batch, args.width,
-                parse_sets(args.set), shape)
+                parse_sets(args.set), shape, args.warmup)
     print(f"# {_common.command_line()}")
     what = (f"{args.config}, network {r['network']}" if args.config else
             f"gmm teacher + MLP residual (width {args.width}, depth 4)")

@@ -166,7 +166,9 @@ class Solver:
     is the teacher's D_phi (labels bound), called on a subset of the batch with t of the same
     length. No gradients flow (the host calls it under ``no_grad``); x keeps its dtype.
     ``solve(denoise, x, ts)`` walks a grid ts common to all samples (default: ``step`` per
-    interval). Attribute ``order`` (int) is informative."""
+    interval). Attribute ``order`` (int) is informative. Optional keyword of ``step``:
+    ``positive=False``; the host passes ``positive=True`` when it knows every t1 > 0, so a
+    solver may skip checking that on the device (a host-device sync on a GPU)."""
     order: int = 1
 
     def step(self, denoise: Callable, x: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
@@ -187,8 +189,10 @@ class StepContext(Protocol):
     ``ctx.denoiser(F, x, t)``        c_skip(t) x + c_out(t) F
     ``ctx.target_jump(x, t, s, grad=False)``  the stop-gradient target's jump (EMA weights;
                                      ``grad=True`` lets gradients flow through x, not weights)
-    ``ctx.solve(x, n, k)``           the teacher ODE from grid[n] to grid[k] per sample
-                                     (k - n <= max_ode_steps), no gradients
+    ``ctx.solve(x, n, k, host=None)``  the teacher ODE from grid[n] to grid[k] per sample
+                                     (k - n <= max_ode_steps), no gradients; ``host``: the
+                                     CPU copies (n, k) if the loss has them (``ctx.host``, this
+                                     chunk's draws on the CPU), so no device sync is needed
     ``ctx.teacher(x, t)``            D_phi;  ``ctx.grid``: the N+1 EDM times t_0 = t_max > ...
                                      > t_N = t_min (float64, on the device);
     ``ctx.sigma_data``, ``ctx.labels`` (int64 [B] or None), ``ctx.max_ode_steps``

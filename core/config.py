@@ -313,6 +313,14 @@ class DistillCfg(TrainCfg):
     eval_schedules: dict = field(default_factory=dict)   # as [evaluate] schedules, for eval
     micro_batch: int = 0         # samples per forward/backward pass (gradient accumulation
                                  # within the batch; 0: the whole per-process batch)
+    # speed (tools/bench_train.py; README "Speed"): off by default, each changes results at
+    # most at float-rounding level
+    solve_buckets: int = 0       # teacher solve in the loss: 0 gathers the travelling samples
+                                 # each step; k >= 1 sorts them by step count and runs step j on
+                                 # a prefix rounded up to B/k rows (static shapes, no device sync)
+    compile: bool = False        # torch.compile the teacher, the student and the target
+    channels_last: bool = False  # image networks and inputs in channels_last memory format
+    tf32: bool = False           # TF32 matmuls / convolutions on CUDA
 
 
 def _train_common(s: "Section", seed: int, iterations: int, batch: int, lr: float) -> dict:
@@ -526,7 +534,10 @@ def parse_config(raw: dict, path: Path) -> Config:
                     eval_steps=s.ints("eval_steps", [1, 2, 4], min=1),
                     eval=s.strs("eval", ["trajectory"]),
                     eval_schedules=s.schedules("eval_schedules", diff.t_min, diff.t_max, {}),
-                    micro_batch=s.int("micro_batch", 0, min=0, max=MAX_BATCH))
+                    micro_batch=s.int("micro_batch", 0, min=0, max=MAX_BATCH),
+                    solve_buckets=s.int("solve_buckets", 0, min=0, max=MAX_BATCH),
+                    compile=s.bool("compile", False),
+                    channels_last=s.bool("channels_last", False), tf32=s.bool("tf32", False))
 
     teacher, precond = sec["teacher"], sec["precond"]
     if "kind" not in teacher.data:

@@ -32,10 +32,14 @@ class StepContext:
     """What a loss plugin calls: the preconditioned jumps, the teacher solver, the grid."""
 
     def __init__(self, precond, sigma_data, grid, teacher, solver, target, max_ode_steps,
-                 labels=None):
+                 labels=None, solve_buckets: int = 0, host: dict | None = None,
+                 positive_grid: bool = False):
         self.precond, self.sigma_data, self.grid = precond, sigma_data, grid
         self.teacher, self.solver, self.target = teacher, solver, target
         self.max_ode_steps, self.labels = max_ode_steps, labels
+        self.solve_buckets = solve_buckets      # 0: gather the travelling samples every step
+        self.host = host or {}                  # this chunk's draws on the CPU (n, k, ...)
+        self.positive_grid = positive_grid      # the grid ends at t > 0 (known on the host)
 
     def denoiser(self, F: Tensor, x: Tensor, t: Tensor) -> Tensor:
         return denoiser_from_output(F, x, t, self.sigma_data)
@@ -49,10 +53,13 @@ class StepContext:
             return self.jump(self.target(x, t, s, self.labels), x, t, s)
 
     @torch.no_grad()
-    def solve(self, x: Tensor, n: Tensor, k: Tensor) -> Tensor:
+    def solve(self, x: Tensor, n: Tensor, k: Tensor, host: tuple | None = None) -> Tensor:
         """Teacher PF-ODE from grid[n] to grid[k] per sample (k - n <= max_ode_steps). Each
         step runs the teacher on the samples still travelling only, so the cost follows the
-        mean number of steps, not the batch's longest path."""
+        mean number of steps, not the batch's longest path. `host`: (n, k) on the CPU, for
+        the static-shape solve (``[distill] solve_buckets``), which then needs no sync."""
+        if self.solve_buckets > 0:
+            return self._solve_sorted(x, n, k, host)
         x = x.clone()
         for j in range(int((k - n).max().item()) if len(n) else 0):
             idx = torch.nonzero((n + j) < k).squeeze(1)
@@ -63,13 +70,58 @@ class StepContext:
                                       self.grid[i0 + 1].to(x.dtype))
         return x
 
+    def _solve_sorted(self, x: Tensor, n: Tensor, k: Tensor, host: tuple | None) -> Tensor:
+        """The static-shape solve: the samples sorted by their number of steps (on the CPU,
+        from the host copy of n and k: no device sync), step j runs the solver on the first
+        c_j rows rounded up to a multiple of B / solve_buckets (at most `solve_buckets`
+        shapes per batch size; 1: every step on the whole batch, a fixed number of masked
+        steps) and keeps its result on the c_j rows still travelling. Per sample the same
+        arithmetic as the gathered solve, so the two agree to float rounding (the rows a
+        network sees together differ)."""
+        hn, hk = host if host is not None else (n.cpu(), k.cpu())
+        B = len(hn)
+        steps = (hk - hn).long()
+        if B == 0 or int(steps.max()) <= 0:
+            return x.clone()
+        order = torch.sort(steps, descending=True, stable=True).indices   # CPU
+        steps = steps[order]
+        dev = x.device
+        perm = order.to(dev, non_blocking=True)
+        xs, ns = x[perm], n[perm]
+        ls = self.labels[perm] if self.labels is not None else None
+        live = steps.to(dev, non_blocking=True)
+        last = len(self.grid) - 2                    # the largest valid start index
+        q = -(-B // self.solve_buckets)
+        counts = torch.bincount(steps, minlength=int(steps[0]) + 1).flip(0).cumsum(0).flip(0)
+        kw = {"positive": True} if self._positive_grid() else {}
+        for j in range(int(steps[0])):
+            c = int(counts[j + 1])                   # rows with more than j steps (CPU)
+            cb = min(B, -(-c // q) * q)
+            i0 = (ns[:cb] + j).clamp(max=last)
+            lab = ls[:cb] if ls is not None else None
+            D = lambda x_, t_, lab=lab: self.teacher(x_, t_, lab)
+            out = self.solver.step(D, xs[:cb], self.grid[i0].to(x.dtype),
+                                   self.grid[i0 + 1].to(x.dtype), **kw)
+            keep = (live[:cb] > j).reshape([-1] + [1] * (x.dim() - 1))
+            xs[:cb] = torch.where(keep, out, xs[:cb])
+        res = torch.empty_like(xs)
+        res[perm] = xs
+        return res
+
+    def _positive_grid(self) -> bool:
+        """The grid ends above 0 (known on the host: it comes from the config) and the solver
+        accepts `positive` (every step ends at t > 0: no check on the device)."""
+        import inspect
+        return self.positive_grid and \
+            "positive" in inspect.signature(self.solver.step).parameters
+
 
 def fingerprint(run, precond_desc: dict) -> str:
     cfg, d = run.cfg, run.cfg.distill
     keep = {k: v for k, v in vars(d).items()
             if k not in ("iterations", "checkpoint_every", "keep_checkpoints", "log_every",
                          "eval_every", "eval_num", "eval_steps", "eval_schedules",
-                         "micro_batch")}
+                         "micro_batch", "solve_buckets", "compile", "channels_last", "tf32")}
     desc = {"teacher": run.teacher.fingerprint(), "precond": precond_desc, "distill": keep,
             "network": cfg.network.data, "data": run.data_fingerprint(),
             "diffusion": vars(cfg.diffusion)}
@@ -99,6 +151,12 @@ def distill(run) -> None:
     distance = make_distance(d, device)
 
     student = build_student(run).to(device)
+    if d.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher_D = teacher_D.to(memory_format=torch.channels_last)
+    if d.tf32 and device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     target = EMA(student, d.target_ema)                                   # sg(theta), Eqn. (28)
     emas = [EMA(student, r) for r in d.ema]
     params = trainable(student)
@@ -123,8 +181,9 @@ def distill(run) -> None:
                         fields=["loss", "loss_main", "loss_dsm", "dsm_weight", "lr", "it_per_s"],
                         progress=run.progress, scaler=scaler)
     start, log = loop.start, loop.log
-    grid = torch.tensor(rho_grid(d.N, diff.t_min, diff.t_max, diff.rho), dtype=torch.float64,
-                        device=device)
+    grid_host = torch.tensor(rho_grid(d.N, diff.t_min, diff.t_max, diff.rho),
+                             dtype=torch.float64)
+    grid = grid_host.to(device)
     sampler = run.data_sampler(None, "distill")
     ref_cache: dict = {}
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16"
@@ -180,16 +239,22 @@ def distill(run) -> None:
     t_last, it_last = time.perf_counter(), start
     window = torch.zeros(3, dtype=torch.float64)      # loss sums since the last log row
     micro = d.micro_batch or local                    # samples per forward / backward pass
-    ctx_args = (precond, diff.sigma_data, grid, teacher_D, solver, target.model,
-                d.max_ode_steps)
+    fast = _compiled if d.compile else (lambda m: m)   # the modules stay as they are
+    ctx_args = dict(precond=precond, sigma_data=diff.sigma_data, grid=grid,
+                    teacher=fast(teacher_D), solver=solver, target=fast(target.model),
+                    max_ode_steps=d.max_ode_steps, solve_buckets=d.solve_buckets,
+                    positive_grid=diff.t_min > 0)
+    model_fwd = fast(model)
     for it in loop.iterations():
         gen = iteration_generator(d.seed, it)
         x0, labels = sampler(d.batch_size, gen)
         x0 = x0.float()
         draws = loss.draw(gen, x0, d.N)
         dsm_draws = dsm.draw(gen, x0) if dsm_on else None
-        # this rank's slice of the global batch
-        x0 = x0[sl].to(device)
+        # this rank's slice of the global batch (and its CPU copy: the student's inputs are
+        # made on the CPU, as the draws are, with no copy back from the device)
+        x0_host = x0[sl]
+        x0 = x0_host.to(device)
         labels = labels[sl].to(device) if labels is not None else None
         draws = {k: v[sl] for k, v in draws.items()}
         if dsm_on:
@@ -197,16 +262,18 @@ def distill(run) -> None:
         chunks = [slice(i, min(i + micro, local)) for i in range(0, local, micro)]
         opt.zero_grad(set_to_none=True)
         if len(chunks) == 1:
-            l_main, l_dsm = _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance,
-                                    draws, dsm_draws, x0, labels, grid, device)
+            l_main, l_dsm = _losses(ctx_args, loss, dsm, dsm_on, model_fwd, autocast,
+                                    distance, draws, dsm_draws, x0, labels, grid_host, device,
+                                    d.channels_last, x0_host)
             w = _dsm_weight(d.dsm_weight, l_main, l_dsm, params) if dsm_on else 0.0
             total = l_main + w * l_dsm
             backward(total, scaler)
             losses = torch.stack([l_main.detach(), l_dsm.detach(), total.detach()]).double().cpu()
         else:
             losses, w = _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast,
-                                    distance, draws, dsm_draws, x0, labels, grid, device, params,
-                                    d.dsm_weight, scaler)
+                                    distance, draws, dsm_draws, x0, labels, grid_host, device,
+                                    params, d.dsm_weight, scaler, model_fwd, d.channels_last,
+                                    x0_host)
         stats = dist.all_reduce_sum(losses) / world
         loop.check_finite(stats, it)
         lr = loop.step(it)             # lr schedule, clipping, step, target (Eqn. 28) and EMAs
@@ -247,16 +314,24 @@ def _dsm_weight(setting, l_main: Tensor, l_dsm: Tensor, params) -> float:
     return float(both[0].norm() / (both[1].norm() + 1e-8))
 
 
+def _compiled(module):
+    """torch.compile'd forward of `module` (its parameters shared, its state_dict untouched)."""
+    return torch.compile(module)
+
+
 def _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws, dsm_draws, x0,
-            labels, grid, device):
+            labels, grid, device, channels_last: bool = False, x0_host=None):
     """The batch-mean main and DSM losses of (a chunk of) this rank's samples: one pass of
     the student over [loss inputs; DSM inputs]."""
-    ctx = StepContext(*ctx_args, labels)
+    ctx = StepContext(**ctx_args, labels=labels, host=draws)
     n = x0.shape[0]
-    parts = [loss.inputs(draws, x0.cpu(), grid.cpu())]
+    x0_host = x0.cpu() if x0_host is None else x0_host
+    parts = [loss.inputs(draws, x0_host, grid.cpu())]
     if dsm_on:
-        parts.append(dsm.inputs(dsm_draws, x0.cpu()))
+        parts.append(dsm.inputs(dsm_draws, x0_host))
     X = torch.cat([p[0] for p in parts]).to(device)
+    if channels_last and X.dim() == 4:
+        X = X.contiguous(memory_format=torch.channels_last)
     T = torch.cat([p[1] for p in parts]).to(device)
     S = torch.cat([p[2] for p in parts]).to(device)
     L = torch.cat([labels] * len(parts)) if labels is not None else None
@@ -270,7 +345,8 @@ def _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws, dsm_d
 
 
 def _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws,
-                dsm_draws, x0, labels, grid, device, params, dsm_weight, scaler):
+                dsm_draws, x0, labels, grid, device, params, dsm_weight, scaler, model_fwd=None,
+                channels_last: bool = False, x0_host=None):
     """Gradient accumulation over micro-batches (``[distill] micro_batch``): each chunk's
     losses weighted by its share of the local batch, so the gradient is the full batch's (to
     float rounding), whatever micro_batch and the world size. Gradients are all-reduced once,
@@ -290,9 +366,10 @@ def _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast, distance, 
         sub = {k: v[c] for k, v in draws.items()}
         sub_dsm = {k: v[c] for k, v in dsm_draws.items()} if dsm_on else None
         with sync():
-            l_main, l_dsm = _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance,
-                                    sub, sub_dsm, x0[c], labels[c] if labels is not None
-                                    else None, grid, device)
+            l_main, l_dsm = _losses(ctx_args, loss, dsm, dsm_on, model_fwd or model,
+                                    autocast, distance, sub, sub_dsm, x0[c],
+                                    labels[c] if labels is not None else None, grid, device,
+                                    channels_last, x0_host[c] if x0_host is not None else None)
             if adaptive:
                 scale = scaler.scale if scaler is not None else (lambda v: v)
                 gm = torch.autograd.grad(scale(l_main * frac), params, retain_graph=True,

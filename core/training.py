@@ -39,8 +39,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - self.rate)
+        """One fused lerp over all parameters (bitwise the per-tensor lerp_'s result)."""
+        mine = list(self.model.parameters())
+        theirs = [p.detach() for p in model.parameters()]
+        if mine:
+            torch._foreach_lerp_(mine, theirs, 1.0 - self.rate)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 

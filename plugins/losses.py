@@ -14,6 +14,12 @@ from core.edm import add_noise
 from core.hookspecs import hookimpl
 
 
+def _host(ctx, key: str):
+    """This chunk's draw `key` on the CPU, when the step context holds it (lets the
+    static-shape solve plan its steps without a device sync), else None."""
+    return (getattr(ctx, "host", None) or {}).get(key)
+
+
 class CTMLoss(Loss):
     """d( f_sg(f_theta(x_t, t, s), s, eps), f_sg(f_sg(Solver(x_t, t, u), u, s), s, eps) )
     with t > u >= s drawn per sample on the N-point EDM grid and the teacher solver taking at most
@@ -40,10 +46,12 @@ class CTMLoss(Loss):
         n, m, k = (d[key].to(x0.device) for key in ("n", "m", "k"))
         t, s, u = grid[n], grid[m], grid[k]
         x_t = add_noise(x0, t, d["z"].to(x0.device))
-        eps = torch.full_like(t, float(grid[-1]))
+        eps = grid[-1:].expand(t.shape[0]).clone()            # t_min (no device sync)
         student = ctx.jump(F, x_t, t, s)
         with torch.no_grad():
-            x_u = ctx.solve(x_t, n, k)
+            hn, hk = _host(ctx, "n"), _host(ctx, "k")
+            x_u = ctx.solve(x_t, n, k, host=(hn, hk) if hn is not None and hk is not None
+                            else None)
             target = ctx.target_jump(ctx.target_jump(x_u, u, s), s, eps)
         # gradient flows through the input of the stop-gradient jumper, not into its weights
         student_0 = ctx.target_jump(student, s, eps, grad=True)
@@ -68,10 +76,12 @@ class CMLoss(Loss):
         n = d["n"].to(x0.device)
         t, t_next = grid[n], grid[n + 1]
         x_t = add_noise(x0, t, d["z"].to(x0.device))
-        eps = torch.full_like(t, float(grid[-1]))
+        eps = grid[-1:].expand(t.shape[0]).clone()            # t_min (no device sync)
         student = ctx.jump(F, x_t, t, eps)
         with torch.no_grad():
-            target = ctx.target_jump(ctx.solve(x_t, n, n + 1), t_next, eps)
+            hn = _host(ctx, "n")
+            x_u = ctx.solve(x_t, n, n + 1, host=(hn, hn + 1) if hn is not None else None)
+            target = ctx.target_jump(x_u, t_next, eps)
         return distance(student, target)                                  # Eqn. (5)
 
 

@@ -310,8 +310,8 @@ class RunCfg:
     seed: int = key("seed", 0, "default of the other seeds")
     device: str = key("str", "cpu", '"cpu" | "cuda" | "cuda:N"')
     preconds: list = key("tables", [], 'e.g. [{name = "ctm"}, {name = "analytic", variant = '
-                         '"backward"}]\ninstead of [precond]: teacher + coefficients once, '
-                         'then\ndistill..evaluate per entry in out_dir/<label>/ '
+                         '"backward"}] instead of [precond]: teacher + coefficients once, '
+                         'then distill..evaluate per entry in out_dir/<label>/ '
                          '(label = name[-variant])')
 
 
@@ -329,10 +329,10 @@ class DiffusionCfg:
 class CoefficientsCfg:
     path: Path = key("path", "coefficients.h5", "the HDF5 store (relative to out_dir)",
                      base="out_dir")
-    grid: str = key("str", "log", "log: log-uniform t | edm: EDM's rho-schedule",
+    grid: str = key("str", "log", "log-uniform t (log) or EDM's rho-schedule (edm)",
                     choices=("log", "edm"))
     n_timesteps: int = key("int", 120, "grid points (paper: 120 for CIFAR-10 and FFHQ, 160 "
-                           "with the edm\ngrid for ImageNet)", min=3, max=MAX_GRID)
+                           "with the edm grid for ImageNet)", min=3, max=MAX_GRID)
     n_samples: int = key("int", 4096, "x_t samples per time step for E_q(x_t) (paper: 4096 / "
                          "1024)", min=2, max=MAX_SAMPLES)
     batch: int = key("int", 512, "samples per teacher call", min=1, max=MAX_BATCH)
@@ -340,11 +340,11 @@ class CoefficientsCfg:
     data: Path | None = key("path", None, "x_0 array (.npy/.npz/.h5) for teachers that cannot "
                             "sample data", example="x0.npy")
     dtype: str = key("str", "float64", "the teacher in the JVPs (float32: 4-7x faster for "
-                     "convnets on CPU;\ndraws and inner products stay float64)",
+                     "convnets on CPU; draws and inner products stay float64)",
                      choices=("float64", "float32"))
-    dl: str = key("str", "jvp", "dl/dlambda in s_t: jvp (exact, nested forward-mode JVP; "
-                  "~2.5-3x the\ncost, s_t at a time independent of the grid) | fd (4th-order "
-                  "finite\ndifferences over the grid: cheaper, but s_t depends on the grid)",
+    dl: str = key("str", "jvp", "dl/dlambda in s_t: jvp exact (nested forward-mode JVP; "
+                  "~2.5-3x the cost, s_t at a time independent of the grid), fd 4th-order "
+                  "finite differences over the grid (cheaper, but s_t depends on the grid)",
                   choices=("jvp", "fd"))
 
 
@@ -369,8 +369,8 @@ class ExportCfg:
                      base="out_dir")
     dtype: str = key("str", "float32", "parameter / activation dtype of the exported jumper",
                      choices=("float32", "float64"))
-    source: str = key("str", "auto", "auto: the distilled student.pt if present, else the "
-                      "teacher", choices=("auto", "teacher", "student"))
+    source: str = key("str", "auto", "auto: the distilled student.pt if present, else "
+                      "the teacher", choices=("auto", "teacher", "student"))
     aoti: bool = key("bool", False, "also write <path stem>.pt2 (torch.export + AOTInductor)")
 
 
@@ -382,11 +382,11 @@ class SampleCfg:
     num: int = key("int", 1000, "total samples", min=1, max=MAX_SAMPLES)
     batch: int = key("int", 500, "samples per batch", min=1, max=MAX_BATCH)
     seed: int = key("seed", _SEED, "the noise")
-    timesteps: list[float] | None = key("floats", None, "optional: explicit decreasing times "
-                                        "t_0 > ... > t_K (overrides steps)", positive=True,
+    timesteps: list[float] | None = key("floats", None, "explicit decreasing times t_0 > ... > "
+                                        "t_K (overrides steps)", positive=True,
                                         example=[80.0, 0.8, 0.002])
-    runner: str = key("str", "python", "python | ctm_sample (the C++ binary on the exported "
-                      "file)", choices=("python", "ctm_sample"))
+    runner: str = key("str", "python", "ctm_sample: the C++ binary on the exported file",
+                      choices=("python", "ctm_sample"))
     binary: Path | None = key("path", None, "ctm_sample (default: this checkout's "
                               "build/ctm_sample)", example="build/ctm_sample")
 
@@ -413,10 +413,10 @@ class EvaluateCfg:
                             max=MAX_BATCH)
     cache_dir: Path | None = key("path", "refstats", "reference statistics (relative to "
                                  "out_dir)", base="out_dir")
-    schedules: dict = key("schedules", {}, "optional: explicit times for K steps (K+1 "
-                          "strictly decreasing,\nt_max to t_min) instead of the rho grid, for "
-                          "the trajectory error\nand the metrics; a K not in steps is "
-                          "added. metrics.json:\ntrajectory_error.K.schedule, "
+    schedules: dict = key("schedules", {}, "explicit times for K steps (K+1 "
+                          "strictly decreasing, t_max to t_min) instead of the rho grid, for "
+                          "the trajectory error and the metrics; a K not in steps is "
+                          "added. metrics.json: trajectory_error.K.schedule, "
                           "quality.schedules.K", example=_SCHEDULE)
 
 
@@ -455,9 +455,9 @@ class DistillCfg(TrainCfg):
     batch_size: int = redefault(TrainCfg, "batch_size", 128)
     lr: float = redefault(TrainCfg, "lr", 4e-4)
     loss: str = key("str", "ctm", "ctm (Eqn. 7) | cm (Eqn. 5) | dsm | any loss plugin")
-    distance: str = key("str", "l2", "lpips: images, upsampled to 224",
+    distance: str = key("str", "l2", "the loss's distance (lpips: images, upsampled to 224)",
                         choices=("l2", "l1", "pseudo_huber", "lpips"))
-    lpips_net: str = key("str", "vgg", "the lpips backbone: vgg (as CM / CTM) | alex",
+    lpips_net: str = key("str", "vgg", "the lpips backbone (vgg: as CM / CTM)",
                          choices=("vgg", "alex"))
     lpips_weights: Path | None = key("path", None, "torchvision's ImageNet backbone file "
                                      "(default: the torch hub cache)",
@@ -480,12 +480,12 @@ class DistillCfg(TrainCfg):
     eval_steps: list = key("ints", [1, 2, 4], "step counts of the evaluation", min=1)
     eval: list = key("strs", ["trajectory"], "trajectory error and/or metrics of [evaluate] "
                      "metrics (\"fid\")")
-    eval_schedules: dict = key("schedules", {}, "optional, as [evaluate] schedules: K jumps "
-                               "on these times instead\nof the rho grid (K is added to "
-                               "eval_steps); metrics.csv keeps the\ncolumn names (traj_err_2, "
+    eval_schedules: dict = key("schedules", {}, "as [evaluate] schedules: K jumps "
+                               "on these times instead of the rho grid (K is added to "
+                               "eval_steps); metrics.csv keeps the column names (traj_err_2, "
                                "fid_2, ...)", example=_SCHEDULE)
     micro_batch: int = key("int", 0, "samples per forward/backward pass: gradient "
-                           "accumulation inside\nthe batch (same result to rounding; 0: the "
+                           "accumulation inside the batch (same result to rounding; 0: the "
                            "whole per-process batch)", min=0, max=MAX_BATCH)
 
 

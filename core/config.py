@@ -1,9 +1,12 @@
 """Reading and validating `config.toml`.
 
-Every key the host understands is declared here, with its type and default, in one place;
-plugin-owned keys (the rest of `[teacher]`, `[precond]`, `[sample]`) are read by the plugin
-through the same typed `Section` accessor, and whatever nobody read is reported as unknown.
-Relative paths resolve against the folder that holds the config file.
+Every key the host understands is declared once, as a field of a config dataclass (`key()`)
+or a `Key`, with its type, default, range or choices and help; the parser, the dataclasses'
+defaults and the README's reference (`tools/config_reference.py`) follow from the declarations.
+Plugin-owned keys (the rest of `[data]`, `[network]`, `[teacher]`, `[precond]`, `[sample]`,
+`[evaluate.metric]`) are read by the plugin through the same typed `Section` accessor, and
+whatever nobody read is reported as unknown. Relative paths resolve against the folder that
+holds the config file.
 """
 
 from __future__ import annotations
@@ -218,7 +221,7 @@ class Key:
     """One config key. `kind` names the `Section` getter that reads and checks it (str int seed
     float bool path floats ints strs schedules, or table / tables: a raw TOML table / list of
     tables). `default` is the value in effect when the key is absent, written as in TOML
-    (paths as strings), or `REQUIRED`, or a `Derived`; `example` is what the reference shows
+    (paths as strings), or `_REQUIRED`, or a `Derived`; `example` is what the reference shows
     for a key without a default value (None, REQUIRED)."""
     kind: str
     default: Any
@@ -233,15 +236,11 @@ class Key:
     example: Any = None
 
     def read(self, s: Section, ctx: dict):
+        """The key's value in section `s`, checked (`ctx`: what parse_config read before)."""
         n, k = self.name, self.kind
         d = self.default.of(ctx) if isinstance(self.default, Derived) else self.default
-        if k in ("str", "bool", "seed", "strs", "ints"):
-            v = getattr(s, k)(n, d, **({"choices": self.choices} if k == "str" else
-                                       {"min": self.min} if k == "ints" else {}))
-            for x in (v if k == "strs" and self.choices else ()):
-                if x not in self.choices:
-                    s.fail(n, f"unknown {n.rstrip('s')} {x!r} (known: {', '.join(self.choices)})")
-            return v
+        if k == "str":
+            return s.str(n, d, choices=self.choices)
         if k == "int":
             return s.int(n, d, min=self.min, max=self.max)
         if k in ("float", "floats"):
@@ -249,15 +248,24 @@ class Key:
             if isinstance(v, str) and v in self.words:
                 return v
             return getattr(s, k)(n, d, min=self.min, max=self.max, positive=self.positive)
+        if k == "ints":
+            return s.ints(n, d, min=self.min)
+        if k == "strs":
+            v = s.strs(n, d)
+            for x in v if self.choices else ():
+                if x not in self.choices:
+                    s.fail(n, f"unknown {n.rstrip('s')} {x!r} (known: {', '.join(self.choices)})")
+            return v
         if k == "path":
             return s.path(n, d, base=ctx[self.base] if self.base else None)
         if k == "schedules":
             return s.schedules(n, ctx["diffusion"].t_min, ctx["diffusion"].t_max, d)
-        v = s._get(n, d)
+        if k in ("seed", "bool"):
+            return getattr(s, k)(n, d)
+        v = s._get(n, d)                         # table, tables: checked by their reader
         if k == "table" and not isinstance(v, dict):
             s.fail(n, f"must be a table ([{s.name}.{n}]) of {self.help}")
         return v
-
 
 
 def _field(k: Key):
@@ -277,7 +285,8 @@ def key(kind: str, default, help: str, **opts):
 
 
 def redefault(cls, name: str, default):
-    """Field `name` of `cls` with another default (the training keys of [distill])."""
+    """Field `name` of `cls` with another default ([teacher_train] and [distill] share keys
+    but not all their defaults)."""
     return _field(replace(next(f.metadata["key"] for f in fields(cls) if f.name == name),
                           default=default))
 

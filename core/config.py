@@ -478,7 +478,7 @@ class DistillCfg(TrainCfg):
                  max=MAX_GRID)
     max_ode_steps: int = key("int", 17, "at most this many solver steps from t to u (Table 3)",
                              min=1, max=MAX_GRID)
-    target_ema: float = key("float", 0.999, "mu of the stop-gradient target, Eqn. (28)",
+    target_ema: float = key("float", 0.999, "mu of the stop-gradient target (see Eqn. 28)",
                             min=0.0, max=1.0)
     dsm_weight: Any = key("float", 1.0, "weight of the DSM loss, or \"adaptive\" (CTM's "
                           "gradient-norm balance)", min=0.0, words=("adaptive",))
@@ -496,6 +496,16 @@ class DistillCfg(TrainCfg):
     micro_batch: int = key("int", 0, "samples per forward/backward pass: gradient "
                            "accumulation inside the batch (same result to rounding; 0: the "
                            "whole per-process batch)", min=0, max=MAX_BATCH)
+    # speed (tools/bench_train.py; README "Speed"): off by default, each changes results at
+    # most at float-rounding level
+    solve_buckets: int = key("int", 0, "the teacher solve in the loss: 0 gathers the "
+                             "travelling samples each step; k >= 1 sorts them by step count "
+                             "and runs step j on a prefix rounded up to B/k rows (static "
+                             "shapes, no device sync)", min=0, max=MAX_BATCH)
+    compile: bool = key("bool", False, "torch.compile the teacher, the student and the target")
+    channels_last: bool = key("bool", False, "image networks and inputs in channels_last "
+                              "memory format")
+    tf32: bool = key("bool", False, "TF32 matmuls / convolutions on CUDA")
 
 
 def declared() -> dict[str, list[Key]]:

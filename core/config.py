@@ -1,19 +1,23 @@
 """Reading and validating `config.toml`.
 
-Every key the host understands is declared here, with its type and default, in one place;
-plugin-owned keys (the rest of `[teacher]`, `[precond]`, `[sample]`) are read by the plugin
-through the same typed `Section` accessor, and whatever nobody read is reported as unknown.
-Relative paths resolve against the folder that holds the config file.
+Every key the host understands is declared once, as a field of a config dataclass (`key()`)
+or a `Key`, with its type, default, range or choices and help; the parser, the dataclasses'
+defaults and the README's reference (`tools/config_reference.py`) follow from the declarations.
+Plugin-owned keys (the rest of `[data]`, `[network]`, `[teacher]`, `[precond]`, `[sample]`,
+`[evaluate.metric]`) are read by the plugin through the same typed `Section` accessor, and
+whatever nobody read is reported as unknown. Relative paths resolve against the folder that
+holds the config file.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from core.errors import UserError
 
@@ -121,13 +125,14 @@ class Section:
             self.fail(key, f"expected true or false, got {v!r}")
         return v
 
-    def floats(self, key: str, default=_REQUIRED, positive=False, nonempty=True) -> list[float]:
+    def floats(self, key: str, default=_REQUIRED, positive=False, nonempty=True, min=None,
+               max=None) -> list[float]:
         v = self._get(key, default)
         if v is None:
             return None
         if not isinstance(v, list) or (nonempty and not v):
             self.fail(key, f"expected a non-empty list of numbers, got {v!r}")
-        return [self._check_float(key, x, positive=positive) for x in v]
+        return [self._check_float(key, x, min, max, positive) for x in v]
 
     def ints(self, key: str, default=_REQUIRED, min=None) -> list[int]:
         v = self._get(key, default)
@@ -199,135 +204,325 @@ class Section:
 
 
 # ---------------------------------------------------------------------------------------------
+# Declaring a key: once, with its type, default, range or choices and help. Parsing, the
+# dataclasses' defaults, unknown-key errors and the README's reference
+# (tools/config_reference.py) all follow from the declarations.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Derived:
+    """A default computed from keys read before it, e.g. a stage's seed from [run] seed."""
+    text: str                           # how the reference names it, e.g. "[run] seed"
+    of: Callable[[dict], Any]           # its value, from the parse context ({"run": RunCfg})
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key. `kind` names the `Section` getter that reads and checks it (str int seed
+    float bool path floats ints strs schedules, or table / tables: a raw TOML table / list of
+    tables). `default` is the value in effect when the key is absent, written as in TOML
+    (paths as strings), or `_REQUIRED`, or a `Derived`; `example` is what the reference shows
+    for a key without a default value (None, REQUIRED)."""
+    kind: str
+    default: Any
+    help: str
+    name: str = ""               # the TOML name (default: the dataclass field's)
+    min: Any = None
+    max: Any = None
+    positive: bool = False       # floats: > 0
+    choices: tuple | None = None
+    words: tuple = ()            # floats: these strings too, as they are ("adaptive")
+    base: str | None = None      # paths: "out_dir" resolves relative ones against out_dir
+    example: Any = None
+
+    def read(self, s: Section, ctx: dict):
+        """The key's value in section `s`, checked (`ctx`: what parse_config read before)."""
+        n, k = self.name, self.kind
+        d = self.default.of(ctx) if isinstance(self.default, Derived) else self.default
+        if k == "str":
+            return s.str(n, d, choices=self.choices)
+        if k == "int":
+            return s.int(n, d, min=self.min, max=self.max)
+        if k in ("float", "floats"):
+            v = s._get(n, d)
+            if isinstance(v, str) and v in self.words:
+                return v
+            return getattr(s, k)(n, d, min=self.min, max=self.max, positive=self.positive)
+        if k == "ints":
+            return s.ints(n, d, min=self.min)
+        if k == "strs":
+            v = s.strs(n, d)
+            for x in v if self.choices else ():
+                if x not in self.choices:
+                    s.fail(n, f"unknown {n.rstrip('s')} {x!r} (known: {', '.join(self.choices)})")
+            return v
+        if k == "path":
+            return s.path(n, d, base=ctx[self.base] if self.base else None)
+        if k == "schedules":
+            return s.schedules(n, ctx["diffusion"].t_min, ctx["diffusion"].t_max, d)
+        if k in ("seed", "bool"):
+            return getattr(s, k)(n, d)
+        v = s._get(n, d)                         # table, tables: checked by their reader
+        if k == "table" and not isinstance(v, dict):
+            s.fail(n, f"must be a table ([{s.name}.{n}]) of {self.help}")
+        return v
+
+
+def _field(k: Key):
+    """The dataclass field of key `k`: its default where the default is a plain value."""
+    meta = {"key": k}
+    if k.default is _REQUIRED or isinstance(k.default, Derived) or (
+            k.kind == "path" and k.default is not None):
+        return field(metadata=meta)              # set by parse_config
+    if isinstance(k.default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(k.default), metadata=meta)
+    return field(default=k.default, metadata=meta)
+
+
+def key(kind: str, default, help: str, **opts):
+    """A dataclass field declared as a config key (see `Key`)."""
+    return _field(Key(kind, default, help, **opts))
+
+
+def redefault(cls, name: str, default):
+    """Field `name` of `cls` with another default ([teacher_train] and [distill] share keys
+    but not all their defaults)."""
+    return _field(replace(next(f.metadata["key"] for f in fields(cls) if f.name == name),
+                          default=default))
+
+
+def keys(cls) -> list[Key]:
+    """The keys a config dataclass declares, in order, named."""
+    return [replace(f.metadata["key"], name=f.metadata["key"].name or f.name)
+            for f in fields(cls) if "key" in f.metadata]
+
+
+def _read(cls, s: Section, ctx: dict):
+    """`cls` from section `s`: every declared key read and checked."""
+    return cls(**{f.name: k.read(s, ctx) for f, k in zip(
+        [f for f in fields(cls) if "key" in f.metadata], keys(cls))})
+
+
+# ---------------------------------------------------------------------------------------------
 # Host-owned sections. Defaults follow EDM / the paper's Appendix B.
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
+_SEED = Derived("[run] seed", lambda c: c["run"].seed)
+_SCHEDULE = {2: [80.0, 0.6, 0.002]}
+
+
+@dataclass(kw_only=True)
 class RunCfg:
-    out_dir: Path
-    stages: list[str]
-    seed: int = 0                # global seed; stages derive theirs from it unless given
-    device: str = "cpu"          # "cpu" | "cuda" | "cuda:N"
-    preconds: list = field(default_factory=list)   # compare several [precond] tables
+    out_dir: Path = key("path", "runs/default", "every file the stages write")
+    stages: list[str] = key("strs", ["coefficients", "export", "sample", "evaluate"],
+                            "any subset, run in this order", choices=STAGES)
+    seed: int = key("seed", 0, "default of the other seeds")
+    device: str = key("str", "cpu", '"cpu" | "cuda" | "cuda:N"')
+    preconds: list = key("tables", [], 'e.g. [{name = "ctm"}, {name = "analytic", variant = '
+                         '"backward"}] instead of [precond]: teacher + coefficients once, '
+                         'then distill..evaluate per entry in out_dir/<label>/ '
+                         '(label = name[-variant])')
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DiffusionCfg:
-    sigma_data: float = 0.5      # EDM's sigma_data
-    t_min: float = 0.002         # epsilon, the trajectory's end
-    t_max: float = 80.0          # T, the noise level sampling starts from
-    rho: float = 7.0             # EDM's time-step schedule exponent
+    sigma_data: float = key("float", 0.5, "EDM's sigma_data (CM/BCM/EDM scalings)",
+                            positive=True)
+    t_min: float = key("float", 0.002, "epsilon, the trajectory's end; below t_max",
+                       positive=True)
+    t_max: float = key("float", 80.0, "T, the noise level sampling starts from", positive=True)
+    rho: float = key("float", 7.0, "EDM's time-step schedule exponent", positive=True)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CoefficientsCfg:
-    path: Path                   # HDF5 store (default out_dir/coefficients.h5)
-    grid: str = "log"            # "log": log-uniform t | "edm": EDM rho-schedule
-    n_timesteps: int = 120       # grid points (paper: 120 for CIFAR-10/FFHQ, 160 ImageNet)
-    n_samples: int = 4096        # x_t samples per time step for E_q(x_t)
-    batch: int = 512             # samples per teacher call
-    seed: int = 0                # seeds data, noise and probes (common across time steps)
-    data: Path | None = None     # x_0 array (.npy/.npz) when the teacher cannot sample data
-    dtype: str = "float64"       # the teacher's dtype in the JVPs (float32: ~7x faster convs
-                                 # on CPU); draws and inner products are float64 either way
-    dl: str = "jvp"              # dl/dlambda: "jvp" exact (nested forward-mode JVP, ~2.5x the
-                                 # cost) | "fd" finite differences over the time grid
-    smooth: float = 0.0          # 0: l_t, s_t exactly as Eqns. (15), (17). > 0: DEVIATION from
-                                 # them: Gaussian-smoothed over lambda, this std (numerics.smooth)
+    path: Path = key("path", "coefficients.h5", "the HDF5 store (relative to out_dir)",
+                     base="out_dir")
+    grid: str = key("str", "log", "log-uniform t (log) or EDM's rho-schedule (edm)",
+                    choices=("log", "edm"))
+    n_timesteps: int = key("int", 120, "grid points (paper: 120 for CIFAR-10 and FFHQ, 160 "
+                           "with the edm grid for ImageNet)", min=3, max=MAX_GRID)
+    n_samples: int = key("int", 4096, "x_t samples per time step for E_q(x_t) (paper: 4096 / "
+                         "1024)", min=2, max=MAX_SAMPLES)
+    batch: int = key("int", 512, "samples per teacher call", min=1, max=MAX_BATCH)
+    seed: int = key("seed", _SEED, "same data, noise and probes at every time step")
+    data: Path | None = key("path", None, "x_0 array (.npy/.npz/.h5) for teachers that cannot "
+                            "sample data", example="x0.npy")
+    dtype: str = key("str", "float64", "the teacher in the JVPs (float32: 4-7x faster for "
+                     "convnets on CPU; draws and inner products stay float64)",
+                     choices=("float64", "float32"))
+    dl: str = key("str", "jvp", "dl/dlambda in s_t: jvp exact (nested forward-mode JVP; "
+                  "~2.5-3x the cost, s_t at a time independent of the grid), fd 4th-order "
+                  "finite differences over the grid (cheaper, but s_t depends on the grid)",
+                  choices=("jvp", "fd"))
+    smooth: float = key("float", 0.0, "0: l_t, s_t exactly as Eqns. (15), (17). > 0: a "
+                        "DEVIATION from the paper, for study only: both Gaussian-smoothed over "
+                        "lambda with this std (numerics.smooth; end values, constants and L = S "
+                        "= 1, eta = 0 at t_max kept); logged, in the store's settings and in "
+                        "metrics.json (\"deviation\")", min=0.0, max=10.0)
 
 
-@dataclass
+#: [student]: the one host key.
+STUDENT_KEYS = [Key("str", "teacher", "the student starts as the teacher (the paper's "
+                    "initialisation)", name="init", choices=("teacher",))]
+
+#: The keys the host reads in the plugin-owned sections: the plugin each one names (the
+#: plugin reads the rest of its section).
+PLUGIN_KEYS = {
+    "network": [Key("str", "mlp", "mlp | unet | any network plugin", name="name")],
+    "teacher": [Key("str", _REQUIRED, "gmm | torchscript | network | edm | openai | any "
+                    "teacher plugin", name="kind", example="gmm")],
+    "precond": [Key("str", "analytic", "cm | ctm | bcm | analytic | any preconditioning plugin",
+                    name="name")],
+}
+
+
+@dataclass(kw_only=True)
 class ExportCfg:
-    path: Path                   # TorchScript jumper (default out_dir/jumper.pt)
-    dtype: str = "float32"       # parameter / activation dtype of the exported jumper
-    source: str = "auto"         # auto: the distilled student.pt if present, else the teacher
-    aoti: bool = False           # also write <path stem>.pt2 (torch.export + AOTInductor)
+    path: Path = key("path", "jumper.pt", "the TorchScript jumper (relative to out_dir)",
+                     base="out_dir")
+    dtype: str = key("str", "float32", "parameter / activation dtype of the exported jumper",
+                     choices=("float32", "float64"))
+    source: str = key("str", "auto", "auto: the distilled student.pt if present, else "
+                      "the teacher", choices=("auto", "teacher", "student"))
+    aoti: bool = key("bool", False, "also write <path stem>.pt2 (torch.export + AOTInductor)")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SampleCfg:
-    sampler: str = "ctm"
-    steps: int = 2               # jumps from t_max to t_min
-    num: int = 1000              # total samples
-    batch: int = 500
-    seed: int = 0
-    timesteps: list[float] | None = None   # explicit t_0 > ... > t_K (overrides the rho grid)
-    runner: str = "python"       # python | ctm_sample (the C++ binary on the exported file)
-    binary: Path | None = None   # ctm_sample (default build/ctm_sample of this checkout)
+    sampler: str = key("str", "ctm", "ctm | cm | any sampler plugin")
+    steps: int = key("int", 2, "jumps on EDM's rho grid from t_max to t_min", min=1,
+                     max=MAX_GRID)
+    num: int = key("int", 1000, "total samples", min=1, max=MAX_SAMPLES)
+    batch: int = key("int", 500, "samples per batch", min=1, max=MAX_BATCH)
+    seed: int = key("seed", _SEED, "the noise")
+    timesteps: list[float] | None = key("floats", None, "explicit decreasing times t_0 > ... > "
+                                        "t_K (overrides steps)", positive=True,
+                                        example=[80.0, 0.8, 0.002])
+    runner: str = key("str", "python", "ctm_sample: the C++ binary on the exported file",
+                      choices=("python", "ctm_sample"))
+    binary: Path | None = key("path", None, "ctm_sample (default: this checkout's "
+                              "build/ctm_sample)", example="build/ctm_sample")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvaluateCfg:
-    steps: list[int] = field(default_factory=lambda: [1, 2, 3, 5])
-    num: int = 1000              # noise draws for the trajectory error
-    seed: int = 1
-    projections: int = 256       # sliced-Wasserstein directions (d > 1)
-    data: Path | None = None     # reference x_0 array when the teacher cannot sample data
-    trajectory: bool = True      # trajectory error vs the teacher ODE (costly for big teachers)
-    metrics: list = field(default_factory=list)    # metric plugins, e.g. ["fid", "kid"]
-    metric_options: dict = field(default_factory=dict)   # [evaluate.metric]: their options
-    sample_num: int = 10000      # samples per step count for the metrics
-    sample_batch: int = 500
-    cache_dir: Path | None = None   # reference statistics (default out_dir/refstats)
-    schedules: dict = field(default_factory=dict)   # {K: [t_max, ..., t_min]}: explicit times
-                                 # for K steps instead of the rho grid (K is evaluated too)
+    steps: list[int] = key("ints", [1, 2, 3, 5], "step counts for the trajectory error and "
+                           "the metrics", min=1)
+    num: int = key("int", 1000, "noise draws for the trajectory error", min=2,
+                   max=MAX_SAMPLES)
+    seed: int = key("seed", Derived("[run] seed + 1", lambda c: min(c["run"].seed + 1,
+                                                                     SEED_MAX)), "the draws")
+    projections: int = key("int", 256, "sliced-W1 directions (d > 1)", min=1, max=MAX_GRID)
+    data: Path | None = key("path", None, "reference x_0 array for teachers that cannot "
+                            "sample data", example="x0.npy")
+    trajectory: bool = key("bool", True, "trajectory error vs the teacher ODE (costly for "
+                           "big teachers)")
+    metrics: list = key("strs", [], "metric plugins: fid, kid (images), for each of steps "
+                        "and samples.npy")
+    metric_options: dict = key("table", {}, "the metric plugins' options", name="metric")
+    sample_num: int = key("int", 10000, "samples per step count for the metrics", min=2,
+                          max=MAX_SAMPLES)
+    sample_batch: int = key("int", 500, "samples per batch for the metrics", min=1,
+                            max=MAX_BATCH)
+    cache_dir: Path | None = key("path", "refstats", "reference statistics (relative to "
+                                 "out_dir)", base="out_dir")
+    schedules: dict = key("schedules", {}, "explicit times for K steps (K+1 "
+                          "strictly decreasing, t_max to t_min) instead of the rho grid, for "
+                          "the trajectory error and the metrics; a K not in steps is "
+                          "added. metrics.json: trajectory_error.K.schedule, "
+                          "quality.schedules.K", example=_SCHEDULE)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainCfg:
     """Keys shared by [teacher_train] and [distill]."""
-    iterations: int
-    batch_size: int
-    lr: float
-    optimizer: str = "adam"      # adam | radam
-    warmup: int = 0              # linear learning-rate warm-up iterations
-    grad_clip: float = 0.0       # max global gradient norm (0: off)
-    ema: list = field(default_factory=lambda: [0.999])   # EMA rates; the first is exported
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
-    precision: str = "fp32"      # fp32 | bf16 | fp16 (GPU only; CPU trains in fp32)
+    iterations: int = key("int", _REQUIRED, "optimiser steps", min=1)
+    batch_size: int = key("int", _REQUIRED, "global batch: split over torchrun processes",
+                          min=1, max=MAX_BATCH)
+    lr: float = key("float", _REQUIRED, "learning rate", positive=True)
+    optimizer: str = key("str", "adam", "", choices=("adam", "radam"))
+    warmup: int = key("int", 0, "linear learning-rate warm-up iterations", min=0)
+    grad_clip: float = key("float", 0.0, "max global gradient norm (0: off)", min=0.0)
+    ema: list = key("floats", [0.999], "EMA rates; the first one is saved / exported",
+                    min=0.0, max=1.0)
+    checkpoint_every: int = key("int", 500, "iterations between checkpoints", min=1)
+    keep_checkpoints: int = key("int", 2, "checkpoints kept", min=1)
+    log_every: int = key("int", 10, "iterations between log lines", min=1)
+    seed: int = key("seed", _SEED, "initialisation, data order and noise")
+    precision: str = key("str", "fp32", "bf16 / fp16 on GPU only (CPU trains in fp32)",
+                         choices=("fp32", "bf16", "fp16"))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TeacherTrainCfg(TrainCfg):
-    p_mean: float = -1.2         # EDM's log-normal training noise levels
-    p_std: float = 1.2
+    iterations: int = redefault(TrainCfg, "iterations", 2000)
+    batch_size: int = redefault(TrainCfg, "batch_size", 256)
+    lr: float = redefault(TrainCfg, "lr", 1e-3)
+    p_mean: float = key("float", -1.2, "EDM's log-normal training noise levels: mean of ln t")
+    p_std: float = key("float", 1.2, "and its standard deviation", positive=True)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DistillCfg(TrainCfg):
-    loss: str = "ctm"            # ctm (Eqn. 7) | cm (Eqn. 5) | dsm | any loss plugin
-    distance: str = "l2"         # l2 | l1 | pseudo_huber | lpips
-    lpips_net: str = "vgg"       # lpips backbone: vgg (as CM / CTM) | alex
-    lpips_weights: Path | None = None   # torchvision ImageNet backbone file (default: hub cache)
-    lpips_random: bool = False   # random backbone: for tests only, the values mean nothing
-    solver: str = "heun"         # teacher ODE solver in the loss
-    N: int = 18                  # EDM grid for t, s, u (Appendix B.2)
-    max_ode_steps: int = 17      # teacher solver steps from t to u at most
-    target_ema: float = 0.999    # mu of the stop-gradient target, Eqn. (28)
-    dsm_weight: Any = 1.0        # weight of the DSM loss, or "adaptive" (CTM's balance)
-    eval_every: int = 100        # EMA-student trajectory error every so many iterations
-    eval_num: int = 256
-    eval_steps: list = field(default_factory=lambda: [1, 2, 4])
-    eval: list = field(default_factory=lambda: ["trajectory"])   # and/or [evaluate] metrics
-    eval_schedules: dict = field(default_factory=dict)   # as [evaluate] schedules, for eval
-    micro_batch: int = 0         # samples per forward/backward pass (gradient accumulation
-                                 # within the batch; 0: the whole per-process batch)
+    iterations: int = redefault(TrainCfg, "iterations", 1000)
+    batch_size: int = redefault(TrainCfg, "batch_size", 128)
+    lr: float = redefault(TrainCfg, "lr", 4e-4)
+    loss: str = key("str", "ctm", "ctm (Eqn. 7) | cm (Eqn. 5) | dsm | any loss plugin")
+    distance: str = key("str", "l2", "the loss's distance (lpips: images, upsampled to 224)",
+                        choices=("l2", "l1", "pseudo_huber", "lpips"))
+    lpips_net: str = key("str", "vgg", "the lpips backbone (vgg: as CM / CTM)",
+                         choices=("vgg", "alex"))
+    lpips_weights: Path | None = key("path", None, "torchvision's ImageNet backbone file "
+                                     "(default: the torch hub cache)",
+                                     example="vgg16-397923af.pth")
+    lpips_random: bool = key("bool", False, "a random backbone: for tests only, the values "
+                             "mean nothing")
+    solver: str = key("str", "heun", "euler | heun: the teacher ODE solver inside the loss")
+    N: int = key("int", 18, "EDM grid for t, s, u (Appendix B.2, Table 3)", min=2,
+                 max=MAX_GRID)
+    max_ode_steps: int = key("int", 17, "at most this many solver steps from t to u (Table 3)",
+                             min=1, max=MAX_GRID)
+    target_ema: float = key("float", 0.999, "mu of the stop-gradient target (see Eqn. 28)",
+                            min=0.0, max=1.0)
+    dsm_weight: Any = key("float", 1.0, "weight of the DSM loss, or \"adaptive\" (CTM's "
+                          "gradient-norm balance)", min=0.0, words=("adaptive",))
+    eval_every: int = key("int", 100, "the EMA student's evaluation every so many iterations",
+                          min=1)
+    eval_num: int = key("int", 256, "noise draws / samples per evaluation", min=2,
+                        max=MAX_SAMPLES)
+    eval_steps: list = key("ints", [1, 2, 4], "step counts of the evaluation", min=1)
+    eval: list = key("strs", ["trajectory"], "trajectory error and/or metrics of [evaluate] "
+                     "metrics (\"fid\")")
+    eval_schedules: dict = key("schedules", {}, "as [evaluate] schedules: K jumps "
+                               "on these times instead of the rho grid (K is added to "
+                               "eval_steps); metrics.csv keeps the column names (traj_err_2, "
+                               "fid_2, ...)", example=_SCHEDULE)
+    micro_batch: int = key("int", 0, "samples per forward/backward pass: gradient "
+                           "accumulation inside the batch (same result to rounding; 0: the "
+                           "whole per-process batch)", min=0, max=MAX_BATCH)
+    # speed (tools/bench_train.py; README "Speed"): off by default, each changes results at
+    # most at float-rounding level
+    solve_buckets: int = key("int", 0, "the teacher solve in the loss: 0 gathers the "
+                             "travelling samples each step; k >= 1 sorts them by step count "
+                             "and runs step j on a prefix rounded up to B/k rows (static "
+                             "shapes, no device sync)", min=0, max=MAX_BATCH)
+    compile: bool = key("bool", False, "torch.compile the teacher, the student and the target")
+    channels_last: bool = key("bool", False, "image networks and inputs in channels_last "
+                              "memory format")
+    tf32: bool = key("bool", False, "TF32 matmuls / convolutions on CUDA")
 
 
-def _train_common(s: "Section", seed: int, iterations: int, batch: int, lr: float) -> dict:
-    return dict(iterations=s.int("iterations", iterations, min=1),
-                batch_size=s.int("batch_size", batch, min=1, max=MAX_BATCH), lr=s.float("lr", lr, positive=True),
-                optimizer=s.str("optimizer", "adam", choices=("adam", "radam")),
-                warmup=s.int("warmup", 0, min=0), grad_clip=s.float("grad_clip", 0.0, min=0.0),
-                ema=[s._check_float("ema", r, min=0.0, max=1.0) for r in
-                     (s.floats("ema", [0.999]))],
-                checkpoint_every=s.int("checkpoint_every", 500, min=1),
-                keep_checkpoints=s.int("keep_checkpoints", 2, min=1),
-                log_every=s.int("log_every", 10, min=1), seed=s.seed("seed", seed),
-                precision=s.str("precision", "fp32", choices=("fp32", "bf16", "fp16")))
+def declared() -> dict[str, list[Key]]:
+    """Every key the host declares, by section ([evaluate] metric is the table
+    [evaluate.metric]); [data] and the rest of [network], [teacher], [precond], [sample] and
+    [evaluate.metric] belong to plugins (and `core.data`)."""
+    return {"run": keys(RunCfg), "diffusion": keys(DiffusionCfg), "data": [],
+            "network": PLUGIN_KEYS["network"], "teacher": PLUGIN_KEYS["teacher"],
+            "teacher_train": keys(TeacherTrainCfg), "precond": PLUGIN_KEYS["precond"],
+            "coefficients": keys(CoefficientsCfg), "student": STUDENT_KEYS,
+            "distill": keys(DistillCfg), "export": keys(ExportCfg), "sample": keys(SampleCfg),
+            "evaluate": keys(EvaluateCfg)}
 
 
 @dataclass
@@ -416,16 +611,15 @@ def parse_config(raw: dict, path: Path) -> Config:
             raise UserError(f"{src}: unknown section [{name}] "
                             f"(known: {', '.join(KNOWN_SECTIONS)})")
     sec = {name: Section(name, raw.get(name, {}), src, base) for name in KNOWN_SECTIONS}
+    ctx: dict = {}
 
     s = sec["run"]
-    out_dir = s.path("out_dir", "runs/default")
-    stages = s.strs("stages", ["coefficients", "export", "sample", "evaluate"])
-    for st in stages:
-        if st not in STAGES:
-            s.fail("stages", f"unknown stage {st!r} (known: {', '.join(STAGES)})")
-    if len(set(stages)) != len(stages):
+    run = ctx["run"] = _read(RunCfg, s, ctx)
+    ctx["out_dir"] = run.out_dir
+    if len(set(run.stages)) != len(run.stages):
         s.fail("stages", "lists a stage twice")
-    preconds = s._get("preconds", [])
+    run.stages = sorted(run.stages, key=STAGES.index)
+    preconds = run.preconds
     if not isinstance(preconds, list) or not all(isinstance(p, dict) and isinstance(
             p.get("name"), str) for p in preconds):
         s.fail("preconds", "expected a list of tables with a name, e.g. [{name = \"ctm\"}, "
@@ -444,102 +638,38 @@ def parse_config(raw: dict, path: Path) -> Config:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", lab) or ".." in lab:
             s.fail("preconds", f"label {lab!r} must be a plain folder name (letters, digits, "
                                f"_ . + -; no '/' or '..')")
-    run = RunCfg(out_dir=out_dir, stages=sorted(stages, key=STAGES.index),
-                 seed=s.seed("seed", 0), device=s.str("device", "cpu"),
-                 preconds=[dict(p, label=lab) for p, lab in zip(preconds, labels)])
+    run.preconds = [dict(p, label=lab) for p, lab in zip(preconds, labels)]
 
     s = sec["diffusion"]
-    diff = DiffusionCfg(sigma_data=s.float("sigma_data", 0.5, positive=True),
-                        t_min=s.float("t_min", 0.002, positive=True),
-                        t_max=s.float("t_max", 80.0, positive=True),
-                        rho=s.float("rho", 7.0, positive=True))
+    diff = ctx["diffusion"] = _read(DiffusionCfg, s, ctx)
     if diff.t_min >= diff.t_max:
         s.fail("t_min", f"must be below t_max ({diff.t_max}), got {diff.t_min}")
 
-    s = sec["coefficients"]
-    coef = CoefficientsCfg(path=s.path("path", "coefficients.h5", base=out_dir),
-                           grid=s.str("grid", "log", choices=("log", "edm")),
-                           n_timesteps=s.int("n_timesteps", 120, min=3, max=MAX_GRID),
-                           n_samples=s.int("n_samples", 4096, min=2, max=MAX_SAMPLES),
-                           batch=s.int("batch", 512, min=1, max=MAX_BATCH),
-                           seed=s.seed("seed", run.seed),
-                           data=s.path("data", None),
-                           dtype=s.str("dtype", "float64", choices=("float64", "float32")),
-                           dl=s.str("dl", "jvp", choices=("jvp", "fd")),
-                           smooth=s.float("smooth", 0.0, min=0.0, max=10.0))
-
-    s = sec["student"]
-    student_init = s.str("init", "teacher", choices=("teacher",))
-
-    s = sec["export"]
-    export = ExportCfg(path=s.path("path", "jumper.pt", base=out_dir),
-                       dtype=s.str("dtype", "float32", choices=("float32", "float64")),
-                       source=s.str("source", "auto", choices=("auto", "teacher", "student")),
-                       aoti=s.bool("aoti", False))
-
+    coef = _read(CoefficientsCfg, sec["coefficients"], ctx)
+    student_init = STUDENT_KEYS[0].read(sec["student"], ctx)
+    export = _read(ExportCfg, sec["export"], ctx)
     if export.path.suffix == ".pt2":
         sec["export"].fail("path", "is the TorchScript file; name it *.pt (aoti = true writes the "
                                    ".pt2 package beside it)")
 
     s = sec["sample"]
-    sample = SampleCfg(sampler=s.str("sampler", "ctm"), steps=s.int("steps", 2, min=1, max=MAX_GRID),
-                       num=s.int("num", 1000, min=1, max=MAX_SAMPLES),
-                       batch=s.int("batch", 500, min=1, max=MAX_BATCH),
-                       seed=s.seed("seed", run.seed),
-                       timesteps=s.floats("timesteps", None, positive=True),
-                       runner=s.str("runner", "python", choices=("python", "ctm_sample")),
-                       binary=s.path("binary", None))
+    sample = _read(SampleCfg, s, ctx)
     if sample.timesteps is not None:
         ts = sample.timesteps
         if len(ts) < 2 or any(a <= b for a, b in zip(ts, ts[1:])):
             s.fail("timesteps", "must hold at least two strictly decreasing times")
         sample.steps = len(ts) - 1
 
-    s = sec["evaluate"]
-    ev = EvaluateCfg(steps=s.ints("steps", [1, 2, 3, 5], min=1), num=s.int("num", 1000, min=2, max=MAX_SAMPLES),
-                     seed=s.seed("seed", min(run.seed + 1, SEED_MAX)), projections=s.int("projections", 256, min=1, max=MAX_GRID),
-                     data=s.path("data", None), trajectory=s.bool("trajectory", True),
-                     metrics=s.strs("metrics", []),
-                     metric_options=s._get("metric", {}),
-                     sample_num=s.int("sample_num", 10000, min=2, max=MAX_SAMPLES),
-                     sample_batch=s.int("sample_batch", 500, min=1, max=MAX_BATCH),
-                     cache_dir=s.path("cache_dir", "refstats", base=out_dir),
-                     schedules=s.schedules("schedules", diff.t_min, diff.t_max, {}))
-    if not isinstance(ev.metric_options, dict):
-        s.fail("metric", "must be a table ([evaluate.metric]) of the metric plugins' options")
-
-    s = sec["teacher_train"]
-    tt = TeacherTrainCfg(**_train_common(s, run.seed, 2000, 256, 1e-3),
-                         p_mean=s.float("p_mean", -1.2), p_std=s.float("p_std", 1.2, positive=True))
-    s = sec["distill"]
-    dw = s._get("dsm_weight", 1.0)
-    if dw != "adaptive":
-        dw = s.float("dsm_weight", 1.0, min=0.0)
-    ds = DistillCfg(**_train_common(s, run.seed, 1000, 128, 4e-4),
-                    loss=s.str("loss", "ctm"),
-                    distance=s.str("distance", "l2", choices=("l2", "l1", "pseudo_huber",
-                                                               "lpips")),
-                    lpips_net=s.str("lpips_net", "vgg", choices=("vgg", "alex")),
-                    lpips_weights=s.path("lpips_weights", None),
-                    lpips_random=s.bool("lpips_random", False),
-                    solver=s.str("solver", "heun"), N=s.int("N", 18, min=2, max=MAX_GRID),
-                    max_ode_steps=s.int("max_ode_steps", 17, min=1, max=MAX_GRID),
-                    target_ema=s.float("target_ema", 0.999, min=0.0, max=1.0), dsm_weight=dw,
-                    eval_every=s.int("eval_every", 100, min=1), eval_num=s.int("eval_num", 256, min=2, max=MAX_SAMPLES),
-                    eval_steps=s.ints("eval_steps", [1, 2, 4], min=1),
-                    eval=s.strs("eval", ["trajectory"]),
-                    eval_schedules=s.schedules("eval_schedules", diff.t_min, diff.t_max, {}),
-                    micro_batch=s.int("micro_batch", 0, min=0, max=MAX_BATCH))
+    ev = _read(EvaluateCfg, sec["evaluate"], ctx)
+    tt = _read(TeacherTrainCfg, sec["teacher_train"], ctx)
+    ds = _read(DistillCfg, sec["distill"], ctx)
 
     teacher, precond = sec["teacher"], sec["precond"]
     if "kind" not in teacher.data:
         teacher.fail("kind", "is required (e.g. \"gmm\" or \"torchscript\")")
-    teacher.str("kind")
-    precond.str("name", "analytic")
-    precond.data.setdefault("name", "analytic")
-
-    sec["network"].str("name", "mlp")
-    sec["network"].data.setdefault("name", "mlp")
+    for name, ks in PLUGIN_KEYS.items():        # the plugin's name; it reads the rest
+        for k in ks:
+            sec[name].data.setdefault(k.name, k.read(sec[name], ctx))
     for name in ("run", "diffusion", "coefficients", "student", "export", "evaluate",
                  "teacher_train"):
         sec[name].finish()
@@ -556,8 +686,6 @@ def for_precond(cfg: Config, entry: dict, own_dir: bool = True) -> Config:
     """The config of one entry of ``[run] preconds``: its own out_dir (``<out_dir>/<label>``,
     unless `own_dir` is false) and [precond] table, sharing the teacher, the coefficient store
     and the metrics' reference statistics of the parent run."""
-    import copy
-
     raw = copy.deepcopy(cfg.raw)
     run = raw.setdefault("run", {})
     run.pop("preconds", None)

@@ -50,37 +50,53 @@ def check_array_sizes(path: Path) -> None:
         raise UserError(f"{path}: unreadable data file ({e.__class__.__name__})") from None
 
 
-def load_arrays(path: Path, shape: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(x [N, *shape] float64, labels [N] int64 or None); one-line errors on bad files."""
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
+
+
+def _pick(names, keys):
+    return next((k for k in keys if k in names), None)
+
+
+def read_array_file(path: Path, what: str = "data") -> tuple[np.ndarray, np.ndarray | None]:
+    """(x, labels or None) as stored in a .npy, .npz (x: ``X_KEYS``, labels: ``Y_KEYS``) or
+    HDF5 file, sizes checked before anything is allocated; one-line errors ("unreadable
+    <what> file") for bad files. The one array reader of [data] files and the ``array``
+    dataset plugin."""
     path = regular_file(path)
     check_array_sizes(path)
-    y = None
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz", ".h5", ".hdf5"):
+        raise UserError(f"{path}: unsupported {what} file (use .npy, .npz, .h5 or .hdf5)")
     try:
-        if path.suffix == ".npy":
-            x = np.load(path, allow_pickle=False)
-        elif path.suffix == ".npz":
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False), None
+        if suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
-                xk = next((k for k in X_KEYS if k in z.files), None)
+                xk, yk = _pick(z.files, X_KEYS), _pick(z.files, Y_KEYS)
                 if xk is None:
                     raise UserError(f"{path}: no array named {' / '.join(X_KEYS)}")
-                x = z[xk]
-                yk = next((k for k in Y_KEYS if k in z.files), None)
-                y = z[yk] if yk else None
-        elif path.suffix in (".h5", ".hdf5"):
-            import h5py
-            with h5py.File(path, "r") as h:
-                xk = next((k for k in X_KEYS if k in h), None)
-                if xk is None:
-                    raise UserError(f"{path}: no dataset named {' / '.join(X_KEYS)}")
-                x = h[xk][()]
-                yk = next((k for k in Y_KEYS if k in h), None)
-                y = h[yk][()] if yk else None
-        else:
-            raise UserError(f"{path}: unsupported data format (use .npy, .npz or .h5)")
+                return z[xk], (z[yk] if yk else None)
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            xk, yk = _pick(f, X_KEYS), _pick(f, Y_KEYS)
+            if xk is None:
+                raise UserError(f"{path}: no dataset named {' / '.join(X_KEYS)}")
+            for k in (xk, yk):
+                if k is not None and not isinstance(f[k], h5py.Dataset):
+                    raise UserError(f"{path}: {k!r} is a group, not a dataset")
+            return f[xk][()], (f[yk][()] if yk else None)
     except UserError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: unreadable data file ({e.__class__.__name__})") from None
+    except (ValueError, OSError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: unreadable {what} file ({one_line(e)})") from None
+
+
+def load_arrays(path: Path, shape: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x [N, *shape] float64, labels [N] int64 or None); one-line errors on bad files."""
+    x, y = read_array_file(path, "data")
     x = np.asarray(x)
     if x.ndim < 1 or x.shape[0] < 1 or tuple(x.shape[1:]) != tuple(shape):
         raise UserError(f"{path}: data has shape {x.shape}, expected [N, {', '.join(map(str, shape))}]")
@@ -117,11 +133,16 @@ class DataSource:
             section.fail("path", "give exactly one of path = \"x0.npy\" (with format = ... for "
                          "image datasets) or gmm = {weights, means, stds}")
         if gmm is not None:
-            from core.config import Section
-            from plugins.teachers.gmm import GMMTeacher
+            from types import SimpleNamespace
 
-            self.gmm = GMMTeacher.from_options(Section("data.gmm", gmm, section.source,
-                                                       section.base_dir))
+            from core.config import Section
+            from core.plugins import build
+
+            # the analytic mixture is the built-in ``gmm`` teacher's, fetched by name
+            self.gmm = build("teacher", "gmm", Section("data.gmm", gmm, section.source,
+                                                       section.base_dir),
+                             ctx or SimpleNamespace(base_dir=section.base_dir),
+                             section.where("gmm"))
             self.shape, self.x, self.y = self.gmm.shape, None, None
         else:
             self.shape = tuple(section.ints("shape", None, min=1) or ())

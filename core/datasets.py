@@ -63,10 +63,8 @@ def load(section, ctx) -> Dataset:
     from core.errors import UserError
 
     name = section.str("format")
-    plugin = plugins.get("dataset", name, section.where("format"))
-    dataset = plugin.factory(section, ctx)
+    dataset = plugins.build("dataset", name, section, ctx, section.where("format"))
     if not isinstance(dataset, Dataset):
-        raise UserError(f"dataset plugin {name!r} ({plugin.source}) returned a "
-                        f"{type(dataset).__name__}, not a core.datasets.Dataset")
-    section.finish()
+        raise UserError(f"dataset plugin {name!r} ({plugins.get('dataset', name).source}) "
+                        f"returned a {type(dataset).__name__}, not a core.datasets.Dataset")
     return dataset

@@ -2,7 +2,7 @@
 
 Per iteration: draw the global batch (data, noise, t/s/u indices) from the iteration's generator,
 keep this rank's slice, run the student once on [loss inputs; DSM inputs], add the loss and the
-weighted DSM loss, step the optimiser, update the stop-gradient target by Eqn. (28) and the EMAs.
+weighted DSM loss, step the optimiser, update the stop-gradient target (see Eqn. 28) and the EMAs.
 Checkpoints are atomic; rerunning the same command resumes from the newest and ends with the
 same weights as an uninterrupted run.
 """
@@ -10,56 +10,56 @@ same weights as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import time
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from core import distributed as dist
 from core import plugins
+from core.distances import make_distance
+from core.dsm import DSMLoss
+from core.edm import denoiser_from_output
 from core.errors import UserError
+from core.jumper import jump
 from core.schedules import rho_grid
 from core.students import build_student, save_student, trainable
-from core.training import (EMA, MetricsLog, checkpoints, iteration_generator, lr_at,
-                           make_optimizer, plot_curves, resume, save_checkpoint)
-
-
-def _col(v: Tensor, x: Tensor) -> Tensor:
-    return v.reshape([-1] + [1] * (x.dim() - 1)).to(x.dtype)
+from core.training import (EMA, TrainingLoop, backward, config_digest, iteration_generator,
+                           make_optimizer, plot_curves)
 
 
 class StepContext:
     """What a loss plugin calls: the preconditioned jumps, the teacher solver, the grid."""
 
     def __init__(self, precond, sigma_data, grid, teacher, solver, target, max_ode_steps,
-                 labels=None):
+                 labels=None, solve_buckets: int = 0, host: dict | None = None,
+                 positive_grid: bool = False):
         self.precond, self.sigma_data, self.grid = precond, sigma_data, grid
         self.teacher, self.solver, self.target = teacher, solver, target
         self.max_ode_steps, self.labels = max_ode_steps, labels
+        self.solve_buckets = solve_buckets      # 0: gather the travelling samples every step
+        self.host = host or {}                  # this chunk's draws on the CPU (n, k, ...)
+        self.positive_grid = positive_grid      # the grid ends at t > 0 (known on the host)
 
     def denoiser(self, F: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        sd, t = self.sigma_data, t.double()
-        c_skip = sd ** 2 / (sd ** 2 + t ** 2)                            # Eqn. (3)
-        c_out = sd * t / torch.sqrt(sd ** 2 + t ** 2)
-        return _col(c_skip, x) * x + _col(c_out, x) * F
+        return denoiser_from_output(F, x, t, self.sigma_data)
 
     def jump(self, F: Tensor, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
         f, g = self.precond(t, s)                                         # Table 1
-        inner = self.denoiser(F, x, t) if self.precond.jumps_denoiser else F
-        return _col(f, x) * x + _col(g, x) * inner                        # Eqn. (8)
+        return jump(x, F, t, f, g, self.sigma_data, self.precond.jumps_denoiser)
 
     def target_jump(self, x: Tensor, t: Tensor, s: Tensor, grad: bool = False) -> Tensor:
         with contextlib.nullcontext() if grad else torch.no_grad():
             return self.jump(self.target(x, t, s, self.labels), x, t, s)
 
     @torch.no_grad()
-    def solve(self, x: Tensor, n: Tensor, k: Tensor) -> Tensor:
+    def solve(self, x: Tensor, n: Tensor, k: Tensor, host: tuple | None = None) -> Tensor:
         """Teacher PF-ODE from grid[n] to grid[k] per sample (k - n <= max_ode_steps). Each
         step runs the teacher on the samples still travelling only, so the cost follows the
-        mean number of steps, not the batch's longest path."""
+        mean number of steps, not the batch's longest path. `host`: (n, k) on the CPU, for
+        the static-shape solve (``[distill] solve_buckets``), which then needs no sync."""
+        if self.solve_buckets > 0:
+            return self._solve_sorted(x, n, k, host)
         x = x.clone()
         for j in range(int((k - n).max().item()) if len(n) else 0):
             idx = torch.nonzero((n + j) < k).squeeze(1)
@@ -70,23 +70,67 @@ class StepContext:
                                       self.grid[i0 + 1].to(x.dtype))
         return x
 
+    def _solve_sorted(self, x: Tensor, n: Tensor, k: Tensor, host: tuple | None) -> Tensor:
+        """The static-shape solve: the samples sorted by their number of steps (on the CPU,
+        from the host copy of n and k: no device sync), step j runs the solver on the first
+        c_j rows rounded up to a multiple of B / solve_buckets (at most `solve_buckets`
+        shapes per batch size; 1: every step on the whole batch, a fixed number of masked
+        steps) and keeps its result on the c_j rows still travelling. Per sample the same
+        arithmetic as the gathered solve, so the two agree to float rounding (the rows a
+        network sees together differ)."""
+        hn, hk = host if host is not None else (n.cpu(), k.cpu())
+        B = len(hn)
+        steps = (hk - hn).long()
+        if B == 0 or int(steps.max()) <= 0:
+            return x.clone()
+        order = torch.sort(steps, descending=True, stable=True).indices   # CPU
+        steps = steps[order]
+        dev = x.device
+        perm = order.to(dev, non_blocking=True)
+        xs, ns = x[perm], n[perm]
+        ls = self.labels[perm] if self.labels is not None else None
+        live = steps.to(dev, non_blocking=True)
+        last = len(self.grid) - 2                    # the largest valid start index
+        q = -(-B // self.solve_buckets)
+        counts = torch.bincount(steps, minlength=int(steps[0]) + 1).flip(0).cumsum(0).flip(0)
+        kw = {"positive": True} if self._positive_grid() else {}
+        for j in range(int(steps[0])):
+            c = int(counts[j + 1])                   # rows with more than j steps (CPU)
+            cb = min(B, -(-c // q) * q)
+            i0 = (ns[:cb] + j).clamp(max=last)
+            lab = ls[:cb] if ls is not None else None
+            D = lambda x_, t_, lab=lab: self.teacher(x_, t_, lab)
+            out = self.solver.step(D, xs[:cb], self.grid[i0].to(x.dtype),
+                                   self.grid[i0 + 1].to(x.dtype), **kw)
+            keep = (live[:cb] > j).reshape([-1] + [1] * (x.dim() - 1))
+            xs[:cb] = torch.where(keep, out, xs[:cb])
+        res = torch.empty_like(xs)
+        res[perm] = xs
+        return res
+
+    def _positive_grid(self) -> bool:
+        """The grid ends above 0 (known on the host: it comes from the config) and the solver
+        accepts `positive` (every step ends at t > 0: no check on the device)."""
+        import inspect
+        return self.positive_grid and \
+            "positive" in inspect.signature(self.solver.step).parameters
+
 
 def fingerprint(run, precond_desc: dict) -> str:
     cfg, d = run.cfg, run.cfg.distill
     keep = {k: v for k, v in vars(d).items()
             if k not in ("iterations", "checkpoint_every", "keep_checkpoints", "log_every",
                          "eval_every", "eval_num", "eval_steps", "eval_schedules",
-                         "micro_batch")}
+                         "micro_batch", "solve_buckets", "compile", "channels_last", "tf32")}
     desc = {"teacher": run.teacher.fingerprint(), "precond": precond_desc, "distill": keep,
             "network": cfg.network.data, "data": run.data_fingerprint(),
             "diffusion": vars(cfg.diffusion)}
-    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+    return config_digest(desc)
 
 
 def distill(run) -> None:
     from core.evaluate import trajectory_errors
     from core.jumper import Jumper
-    from plugins.losses import DSMLoss, make_distance
 
     cfg, d, diff = run.cfg, run.cfg.distill, run.cfg.diffusion
     world, device = dist.world(), run.device
@@ -101,11 +145,18 @@ def distill(run) -> None:
     precond = run.precond().to(device)
     solver = plugins.create("solver", _solver_section(cfg), run.ctx, "solver", d.solver)
     loss = plugins.create("loss", cfg.sections["distill"], run.ctx, "loss", d.loss)
-    dsm = loss if isinstance(loss, DSMLoss) else DSMLoss()
-    dsm_on = not isinstance(loss, DSMLoss) and d.dsm_weight != 0.0
+    is_dsm = bool(getattr(loss, "is_dsm", False))      # a DSM loss gets no DSM regulariser
+    dsm = loss if is_dsm else DSMLoss()
+    dsm_on = not is_dsm and d.dsm_weight != 0.0
     distance = make_distance(d, device)
 
     student = build_student(run).to(device)
+    if d.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher_D = teacher_D.to(memory_format=torch.channels_last)
+    if d.tf32 and device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     target = EMA(student, d.target_ema)                                   # sg(theta), Eqn. (28)
     emas = [EMA(student, r) for r in d.ema]
     params = trainable(student)
@@ -121,22 +172,23 @@ def distill(run) -> None:
                            "options": cfg.precond.data,
                            "coefficients": run.coefficients_digest() if precond.name == "analytic"
                            else None})
-    ckdir = run.out_dir / "checkpoints"
-    if dist.is_main():        # fails (one line) before any log or checkpoint is written
-        ckdir.mkdir(parents=True, exist_ok=True)
-    start, resumed = resume(ckdir, fp, modules, opt)
-    if resumed is not None and dist.is_main():
-        print(f"[ctmkit] distill: resuming from {resumed.name} (iteration {start})")
-    log = MetricsLog(run.out_dir / "metrics.csv", ["loss", "loss_main", "loss_dsm", "dsm_weight",
-                                                   "lr", "it_per_s"], start)
-    grid = torch.tensor(rho_grid(d.N, diff.t_min, diff.t_max, diff.rho), dtype=torch.float64,
-                        device=device)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    loop = TrainingLoop("distill", ckdir=run.out_dir / "checkpoints", fingerprint=fp,
+                        modules=modules, optimizer=opt, params=params, ema_source=student,
+                        emas=[target, *emas], lr=d.lr, warmup=d.warmup, grad_clip=d.grad_clip,
+                        iterations=d.iterations, checkpoint_every=d.checkpoint_every,
+                        keep_checkpoints=d.keep_checkpoints, metrics=run.out_dir / "metrics.csv",
+                        fields=["loss", "loss_main", "loss_dsm", "dsm_weight", "lr", "it_per_s"],
+                        progress=run.progress, scaler=scaler)
+    start, log = loop.start, loop.log
+    grid_host = torch.tensor(rho_grid(d.N, diff.t_min, diff.t_max, diff.rho),
+                             dtype=torch.float64)
+    grid = grid_host.to(device)
     sampler = run.data_sampler(None, "distill")
     ref_cache: dict = {}
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16"
                                else torch.float16) if precision != "fp32"
                 else contextlib.nullcontext())
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     metric_names = [n for n in d.eval if n != "trajectory"]
     unknown = [n for n in metric_names if n not in cfg.evaluate.metrics]
@@ -146,7 +198,7 @@ def distill(run) -> None:
     quality = None
     if dist.is_main() and metric_names:
         from core.quality import metric_objects
-        from plugins.samplers import CTMSampler
+        from core.sampling import CTMSampler
 
         ref = run.data_for(cfg.evaluate.data, "evaluate")
         if ref is None:
@@ -187,21 +239,25 @@ def distill(run) -> None:
             print(f"[ctmkit] distill: {K}-step evaluations on the schedule {ts}")
     if start == 0:
         evaluate(0)
-    bar = tqdm(total=d.iterations, initial=start, desc="distill", unit="it",
-               disable=not (run.progress and dist.is_main()), leave=False)
     t_last, it_last = time.perf_counter(), start
     window = torch.zeros(3, dtype=torch.float64)      # loss sums since the last log row
     micro = d.micro_batch or local                    # samples per forward / backward pass
-    ctx_args = (precond, diff.sigma_data, grid, teacher_D, solver, target.model,
-                d.max_ode_steps)
-    for it in range(start, d.iterations):
+    fast = _compiled if d.compile else (lambda m: m)   # the modules stay as they are
+    ctx_args = dict(precond=precond, sigma_data=diff.sigma_data, grid=grid,
+                    teacher=fast(teacher_D), solver=solver, target=fast(target.model),
+                    max_ode_steps=d.max_ode_steps, solve_buckets=d.solve_buckets,
+                    positive_grid=diff.t_min > 0)
+    model_fwd = fast(model)
+    for it in loop.iterations():
         gen = iteration_generator(d.seed, it)
         x0, labels = sampler(d.batch_size, gen)
         x0 = x0.float()
         draws = loss.draw(gen, x0, d.N)
         dsm_draws = dsm.draw(gen, x0) if dsm_on else None
-        # this rank's slice of the global batch
-        x0 = x0[sl].to(device)
+        # this rank's slice of the global batch (and its CPU copy: the student's inputs are
+        # made on the CPU, as the draws are, with no copy back from the device)
+        x0_host = x0[sl]
+        x0 = x0_host.to(device)
         labels = labels[sl].to(device) if labels is not None else None
         draws = {k: v[sl] for k, v in draws.items()}
         if dsm_on:
@@ -209,56 +265,35 @@ def distill(run) -> None:
         chunks = [slice(i, min(i + micro, local)) for i in range(0, local, micro)]
         opt.zero_grad(set_to_none=True)
         if len(chunks) == 1:
-            l_main, l_dsm = _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance,
-                                    draws, dsm_draws, x0, labels, grid, device)
+            l_main, l_dsm = _losses(ctx_args, loss, dsm, dsm_on, model_fwd, autocast,
+                                    distance, draws, dsm_draws, x0, labels, grid_host, device,
+                                    d.channels_last, x0_host)
             w = _dsm_weight(d.dsm_weight, l_main, l_dsm, params) if dsm_on else 0.0
             total = l_main + w * l_dsm
-            (scaler.scale(total) if scaler is not None else total).backward()
+            backward(total, scaler)
             losses = torch.stack([l_main.detach(), l_dsm.detach(), total.detach()]).double().cpu()
         else:
             losses, w = _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast,
-                                    distance, draws, dsm_draws, x0, labels, grid, device, params,
-                                    d.dsm_weight, scaler)
+                                    distance, draws, dsm_draws, x0, labels, grid_host, device,
+                                    params, d.dsm_weight, scaler, model_fwd, d.channels_last,
+                                    x0_host)
         stats = dist.all_reduce_sum(losses) / world
-        if not torch.isfinite(stats).all():
-            last = checkpoints(ckdir)
-            raise UserError(f"distill: non-finite loss at iteration {it}; stopped. The last good "
-                            f"checkpoint is {last[-1][1] if last else 'none (none was written)'}")
-        lr = lr_at(it, d.lr, d.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if scaler is not None:
-            scaler.unscale_(opt)
-        if d.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, d.grad_clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        target.update(student)
-        for e in emas:
-            e.update(student)
+        loop.check_finite(stats, it)
+        lr = loop.step(it)             # lr schedule, clipping, step, target (Eqn. 28) and EMAs
         done = it + 1
         window += stats
-        bar.update(1)
-        if done % d.log_every == 0 or done == d.iterations:
+        if loop.due(done, d.log_every):
             now = time.perf_counter()
             n = done - it_last
             rate = n / max(now - t_last, 1e-9)
             mean = window / n                          # losses averaged over the window
             t_last, it_last, window = now, done, torch.zeros_like(window)
-            log.add(done, {"loss": float(mean[2]), "loss_main": float(mean[0]),
-                           "loss_dsm": float(mean[1]), "dsm_weight": float(w), "lr": lr,
-                           "it_per_s": rate})
-            bar.set_postfix(loss=f"{float(mean[2]):.4g}", it_s=f"{rate:.1f}")
-        if done % d.eval_every == 0 or done == d.iterations:
+            loop.log_row(done, {"loss": float(mean[2]), "loss_main": float(mean[0]),
+                                "loss_dsm": float(mean[1]), "dsm_weight": float(w), "lr": lr,
+                                "it_per_s": rate}, float(mean[2]), it_s=f"{rate:.1f}")
+        if loop.due(done, d.eval_every):
             evaluate(done)
-        if done % d.checkpoint_every == 0 or done == d.iterations:
-            log.flush()
-            save_checkpoint(ckdir, done, fp, modules, opt, d.keep_checkpoints)
-    bar.close()
-    log.flush()
+        loop.end_iteration(done)
     if dist.is_main():
         save_student(run.out_dir / "student.pt", emas[0].model, teacher.fingerprint())
         plot_curves(log, run.out_dir / "curves.png",
@@ -282,16 +317,24 @@ def _dsm_weight(setting, l_main: Tensor, l_dsm: Tensor, params) -> float:
     return float(both[0].norm() / (both[1].norm() + 1e-8))
 
 
+def _compiled(module):
+    """torch.compile'd forward of `module` (its parameters shared, its state_dict untouched)."""
+    return torch.compile(module)
+
+
 def _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws, dsm_draws, x0,
-            labels, grid, device):
+            labels, grid, device, channels_last: bool = False, x0_host=None):
     """The batch-mean main and DSM losses of (a chunk of) this rank's samples: one pass of
     the student over [loss inputs; DSM inputs]."""
-    ctx = StepContext(*ctx_args, labels)
+    ctx = StepContext(**ctx_args, labels=labels, host=draws)
     n = x0.shape[0]
-    parts = [loss.inputs(draws, x0.cpu(), grid.cpu())]
+    x0_host = x0.cpu() if x0_host is None else x0_host
+    parts = [loss.inputs(draws, x0_host, grid.cpu())]
     if dsm_on:
-        parts.append(dsm.inputs(dsm_draws, x0.cpu()))
+        parts.append(dsm.inputs(dsm_draws, x0_host))
     X = torch.cat([p[0] for p in parts]).to(device)
+    if channels_last and X.dim() == 4:
+        X = X.contiguous(memory_format=torch.channels_last)
     T = torch.cat([p[1] for p in parts]).to(device)
     S = torch.cat([p[2] for p in parts]).to(device)
     L = torch.cat([labels] * len(parts)) if labels is not None else None
@@ -305,7 +348,8 @@ def _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws, dsm_d
 
 
 def _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws,
-                dsm_draws, x0, labels, grid, device, params, dsm_weight, scaler):
+                dsm_draws, x0, labels, grid, device, params, dsm_weight, scaler, model_fwd=None,
+                channels_last: bool = False, x0_host=None):
     """Gradient accumulation over micro-batches (``[distill] micro_batch``): each chunk's
     losses weighted by its share of the local batch, so the gradient is the full batch's (to
     float rounding), whatever micro_batch and the world size. Gradients are all-reduced once,
@@ -325,9 +369,10 @@ def _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast, distance, 
         sub = {k: v[c] for k, v in draws.items()}
         sub_dsm = {k: v[c] for k, v in dsm_draws.items()} if dsm_on else None
         with sync():
-            l_main, l_dsm = _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance,
-                                    sub, sub_dsm, x0[c], labels[c] if labels is not None
-                                    else None, grid, device)
+            l_main, l_dsm = _losses(ctx_args, loss, dsm, dsm_on, model_fwd or model,
+                                    autocast, distance, sub, sub_dsm, x0[c],
+                                    labels[c] if labels is not None else None, grid, device,
+                                    channels_last, x0_host[c] if x0_host is not None else None)
             if adaptive:
                 scale = scaler.scale if scaler is not None else (lambda v: v)
                 gm = torch.autograd.grad(scale(l_main * frac), params, retain_graph=True,
@@ -347,7 +392,7 @@ def _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast, distance, 
         for g in grads:
             g.copy_(flat[i:i + g.numel()].view_as(g))
             i += g.numel()
-    if adaptive:                                     # Eqn. (7) + w DSM, w from the whole batch
+    if adaptive:                                     # main loss + w DSM, w from the whole batch
         last = max(i for i, p in enumerate(params) if p.dim() >= 2)
         w = float(g_main[last].norm() / (g_dsm[last].norm() + 1e-8))
         for p, a, b in zip(params, g_main, g_dsm):

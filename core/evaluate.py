@@ -13,8 +13,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from core.sampling import CTMSampler
 from core.schedules import rho_grid
-from plugins.samplers import CTMSampler
 
 
 def w1_1d(a: np.ndarray, b: np.ndarray) -> float:

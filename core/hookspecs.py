@@ -11,8 +11,11 @@ A third-party distribution exposes a module through its packaging metadata::
     [project.entry-points.ctmkit]
     my_precond = "my_package.precond"
 
-and implements any of the hooks below with ``from core.hookspecs import hookimpl``.
-Built-in plugins (the ``plugins`` package) are registered through the very same hooks.
+and implements any of the hooks below with ``from core.hookspecs import hookimpl`` (also
+``core.api.hookimpl``). What each factory's object must provide is the contract of its kind in
+:mod:`core.api` (``Teacher``, ``Network``, ``Preconditioning``, ``Solver``, ``Loss``,
+``Sampler``, ``Dataset``, ``Metric``). Built-in plugins (the ``plugins`` package) are registered
+through the very same hooks, and the host fetches them by name like any other.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def ctmkit_preconditionings() -> dict:
     """Consistency-function preconditionings ``f_theta = f(t,s) x + g(t,s) D_theta`` (or F_theta).
 
-    Each factory returns a :class:`plugins.preconditionings.Preconditioning` (a TorchScript-able
+    Each factory returns a :class:`core.api.Preconditioning` (a TorchScript-able
     ``nn.Module`` whose ``forward(t, s)`` returns the coefficients ``(f, g)``). Example::
 
         @hookimpl
@@ -40,8 +43,10 @@ def ctmkit_preconditionings() -> dict:
 
 @hookspec
 def ctmkit_solvers() -> dict:
-    """Teacher PF-ODE solvers. Each factory returns an object with
-    ``solve(denoise, x, ts) -> x`` stepping ``dx/dt = (x - D(x, t)) / t`` along ``ts``. Example::
+    """Teacher PF-ODE solvers. Each factory returns a :class:`core.api.Solver`:
+    ``step(denoise, x, t0, t1) -> x`` with per-sample times t0, t1 [B] (what distillation
+    calls) and ``solve(denoise, x, ts) -> x`` stepping ``dx/dt = (x - D(x, t)) / t`` along a
+    common grid ``ts``. Example::
 
         @hookimpl
         def ctmkit_solvers():
@@ -51,7 +56,9 @@ def ctmkit_solvers() -> dict:
 
 @hookspec
 def ctmkit_losses() -> dict:
-    """Distillation losses (consistency/trajectory/DSM). Example::
+    """Distillation losses (consistency/trajectory/DSM). Each factory gets the [distill] section
+    and returns a :class:`core.api.Loss` (``draw``, ``inputs``, ``per_sample``; what it may call
+    on its step context is :class:`core.api.StepContext`). Example::
 
         @hookimpl
         def ctmkit_losses():
@@ -61,9 +68,9 @@ def ctmkit_losses() -> dict:
 
 @hookspec
 def ctmkit_samplers() -> dict:
-    """Samplers that run an exported jumper. Each factory returns an object with
+    """Samplers that run an exported jumper. Each factory returns a :class:`core.api.Sampler`:
     ``timesteps(steps, t_min, t_max, rho)`` and ``sample(jumper, x, timesteps, generator,
-    class_labels)``. Example::
+    class_labels=None, trajectory=None)``, called under ``no_grad``. Example::
 
         @hookimpl
         def ctmkit_samplers():
@@ -74,7 +81,7 @@ def ctmkit_samplers() -> dict:
 @hookspec
 def ctmkit_teachers() -> dict:
     """Teachers: denoisers ``D_phi(x, t[, class_labels])``. Each factory returns a
-    :class:`plugins.teachers.base.Teacher`. Example::
+    :class:`core.api.Teacher`. Example::
 
         @hookimpl
         def ctmkit_teachers():
@@ -86,7 +93,9 @@ def ctmkit_teachers() -> dict:
 def ctmkit_networks() -> dict:
     """Free-form networks F(x, t, s[, class_labels]). Each factory is called as
     ``factory(options, ctx, shape=..., num_classes=..., student=...)`` and returns an
-    ``nn.Module``; ``student=True`` adds the zero-initialised s pathway (see plugins/networks.py).
+    ``nn.Module`` meeting :class:`core.api.Network` (accepts ``s=None``, applies c_in itself,
+    ends in an ``nn.Linear``, student-only weights named ``s_*``); ``student=True`` adds the
+    zero-initialised s pathway.
     Example::
 
         @hookimpl
@@ -99,7 +108,7 @@ def ctmkit_networks() -> dict:
 def ctmkit_datasets() -> dict:
     """Datasets of x_0 (images or vectors). Each factory is called as ``factory(options, ctx)``
     with the ``[data]`` section (its ``format`` key names the plugin) and returns a
-    ``core.datasets.Dataset``: float32 ``x`` [N, *shape] (images [N, C, H, W] in [-1, 1]),
+    ``core.datasets.Dataset`` (``core.api.Dataset``): float32 ``x`` [N, *shape] (images [N, C, H, W] in [-1, 1]),
     int64 ``y`` [N] or None, and ``fingerprint()``. Example::
 
         @hookimpl
@@ -111,7 +120,8 @@ def ctmkit_datasets() -> dict:
 @hookspec
 def ctmkit_metrics() -> dict:
     """Sample-quality metrics. Each factory is called as ``factory(options, ctx)`` and returns
-    a ``core.metrics.Metric`` (``name``, ``compute(samples, reference) -> dict``)."""
+    a :class:`core.api.Metric` (``name``, ``compute(samples, reference_dataset, cache_dir) ->
+    {key: value}``, optionally ``describe()``)."""
 
 
 #: hook name -> the KIND printed by ``--list-plugins``

@@ -222,3 +222,20 @@ def load_torch(path: str | os.PathLike, what: str, fmt: str | None = None,
         if not isinstance(body.get(k), types):
             raise UserError(f"{path}: {what} lacks {k!r} or it has the wrong type")
     return obj
+
+
+def jit_load(path: Path, what: str, device: str = "cpu", extra_files: dict | None = None):
+    """torch.jit.load with one-line errors for missing, truncated or foreign files."""
+    import warnings
+
+    import torch
+
+    regular_file(path, f"{what} file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)   # TorchScript is deprecated in 2.14
+            return torch.jit.load(str(path), map_location=device,
+                                  _extra_files=extra_files if extra_files is not None else {})
+    except Exception as e:  # torch raises RuntimeError/ValueError/... for bad archives
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"{path}: not a loadable TorchScript {what} ({first[:160]})") from None

@@ -2,7 +2,7 @@
 export / load (DESIGN.md, "Exported jumper").
 
     f_theta(x, t, s) = f(t, s) x + g(t, s) D_theta(x, t, s),  D_theta = c_skip x + c_out F_theta
-    (or f x + g F_theta for preconditionings with ``jumps_denoiser = False``; Table 1)
+    (or f x + g F_theta for preconditionings with ``jumps_denoiser = False``; Table 1): `jump`
 
 The file is a TorchScript archive whose extra file ``meta.json`` describes it; the same file is
 what the C++ ``ctm_sample`` loads.
@@ -20,8 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from core import __version__
+from core.edm import TeacherAsNetwork  # noqa: F401  (re-exported)
+from core.edm import append_dims, denoiser_from_output
 from core.errors import UserError
-from core.io import write_bytes
+from core.io import jit_load, write_bytes
 
 FORMAT, VERSION = "ctmkit.jumper", 1
 DTYPES_BY_NAME = {"float32": torch.float32, "float64": torch.float64}
@@ -29,29 +31,13 @@ META_KEYS = ("format", "version", "precond", "variant", "sigma_data", "t_min", "
              "shape", "num_classes", "dtype", "ctmkit_version")
 
 
-def _edm_scalings(t: Tensor, sigma_data: float):
-    t = t.double()
-    c_skip = sigma_data ** 2 / (sigma_data ** 2 + t ** 2)                # Eqn. (3)
-    c_out = sigma_data * t / torch.sqrt(sigma_data ** 2 + t ** 2)        # Eqn. (3)
-    return c_skip, c_out
-
-
-class TeacherAsNetwork(nn.Module):
-    """F_theta(x, t, s) := F_phi(x, t) = (D_phi(x, t) - c_skip(t) x) / c_out(t) for every s:
-    the student at the paper's initialisation point (``[student] init = "teacher"``), so that
-    D_theta(x, t, s) = D_phi(x, t)."""
-
-    def __init__(self, denoiser: nn.Module, sigma_data: float):
-        super().__init__()
-        self.denoiser = denoiser
-        self.sigma_data = float(sigma_data)
-
-    def forward(self, x: Tensor, t: Tensor, s: Tensor,
-                class_labels: Optional[Tensor] = None) -> Tensor:
-        c_skip, c_out = _edm_scalings(t, self.sigma_data)
-        view = [x.shape[0]] + [1] * (x.dim() - 1)
-        D = self.denoiser(x, t, class_labels)
-        return (D - c_skip.to(x.dtype).view(view) * x) / c_out.to(x.dtype).view(view)
+def jump(x: Tensor, F: Tensor, t: Tensor, f: Tensor, g: Tensor, sigma_data: float,
+         jumps_denoiser: bool) -> Tensor:
+    """f_theta(x, t, s) = f x + g D_theta with D_theta = c_skip(t) x + c_out(t) F, or f x + g F
+    when the preconditioning does not jump the denoiser (CM / BCM, Table 1); f, g [B] (float64
+    from the preconditioning at (t, s)), F the network's output for x."""
+    inner = denoiser_from_output(F, x, t, sigma_data) if jumps_denoiser else F
+    return append_dims(f, x) * x + append_dims(g, x) * inner                  # Eqn. (8)
 
 
 class Jumper(nn.Module):
@@ -69,15 +55,9 @@ class Jumper(nn.Module):
         B = x.shape[0]
         t = t.to(x.device).reshape(-1).expand(B)
         s = s.to(x.device).reshape(-1).expand(B)
-        view = [B] + [1] * (x.dim() - 1)
         f, g = self.precond(t, s)                                         # float64, [B]
         F = self.network(x, t.to(x.dtype), s.to(x.dtype), class_labels)
-        f, g = f.to(x.dtype).view(view), g.to(x.dtype).view(view)
-        if self.jumps_denoiser:
-            c_skip, c_out = _edm_scalings(t, self.sigma_data)
-            D = c_skip.to(x.dtype).view(view) * x + c_out.to(x.dtype).view(view) * F
-            return f * x + g * D                                          # Eqn. (8)
-        return f * x + g * F                                              # Table 1, CM / BCM
+        return jump(x, F, t, f, g, self.sigma_data, self.jumps_denoiser)
 
 
 def make_meta(precond, *, sigma_data, t_min, t_max, rho, shape, num_classes, dtype,
@@ -157,8 +137,6 @@ def validate_meta(meta: dict, where: str) -> dict:
 
 def load(path: str | Path, device: str = "cpu"):
     """(scripted jumper, meta) from an exported file; one-line errors for bad files."""
-    from plugins.teachers.torchscript import jit_load
-
     extra = {"meta.json": ""}
     module = jit_load(Path(path), "jumper", device, extra_files=extra)
     if not extra["meta.json"]:

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core.api import Metric  # noqa: F401  (the metric contract; re-exported)
 from core.errors import UserError
 from core.io import atomic_path
 
@@ -72,26 +73,6 @@ INCEPTION_RESIZE = {
 # ---------------------------------------------------------------------------------------------
 # Metric interface and the naming rule
 # ---------------------------------------------------------------------------------------------
-
-class Metric:
-    """A sample-quality metric (what a ``ctmkit_metrics`` factory returns).
-
-    ``compute(samples, reference_dataset, cache_dir)`` gets the generated images (float
-    [N, C, H, W] in [-1, 1]), the reference :class:`core.datasets.Dataset` and a folder for
-    cached reference statistics, and returns ``{key: value}``.
-    """
-
-    name: str = "metric"
-
-    def compute(self, samples, reference_dataset, cache_dir) -> dict[str, float]:
-        raise NotImplementedError
-
-    def describe(self) -> Optional[dict]:
-        """What the last :meth:`compute` measured with (features, mode, reference), as a
-        JSON-serialisable dict, or None. :func:`core.quality.compute_metrics` reports it as
-        ``"<name>_info"``."""
-        return None
-
 
 def inception_name(mode: str = "clean") -> str:
     """The Inception extractor's name in `mode`: ``inception_v3`` or ``inception_v3_legacy_tf``."""

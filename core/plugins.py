@@ -141,12 +141,14 @@ def get(kind: str, name: str, where: str = "") -> Plugin:
     return table[name]
 
 
-def create(kind: str, options, ctx: Context, key: str, name: str | None = None):
-    """Build the plugin named `name` (default: ``options[key]``) from the rest of ``options``."""
-    plugin = get(kind, name if name is not None else options.data.get(key), options.where(key))
-    options._read.add(key)
+def build(kind: str, name: str, options, ctx, where: str, **kwargs):
+    """The one way a plugin is made: look `name` up among the `kind` plugins (an unknown name
+    is a UserError naming `where` and the choices), call its factory as ``factory(options,
+    ctx, **kwargs)``, then report the keys of `options` nobody read. A third-party factory's
+    unexpected exception is a one-line UserError naming the plugin and its distribution."""
+    plugin = get(kind, name, where)
     try:
-        obj = plugin.factory(options, ctx)
+        obj = plugin.factory(options, ctx, **kwargs)
     except UserError:
         raise
     except Exception as e:
@@ -158,6 +160,13 @@ def create(kind: str, options, ctx: Context, key: str, name: str | None = None):
     return obj
 
 
+def create(kind: str, options, ctx: Context, key: str, name: str | None = None):
+    """Build the plugin named `name` (default: ``options[key]``) from the rest of ``options``."""
+    name = name if name is not None else options.data.get(key)
+    options._read.add(key)
+    return build(kind, name, options, ctx, options.where(key))
+
+
 def create_network(name: str, options: dict, ctx: Context, shape, num_classes: int,
                    student: bool, source: str):
     """Build network plugin `name` from its `options` (a plain dict, e.g. ``[network]`` less
@@ -167,11 +176,9 @@ def create_network(name: str, options: dict, ctx: Context, shape, num_classes: i
 
     from core.config import Section
 
-    sec = Section("network", dict(options), source, Path("."))
-    plugin = get("network", name, f"{source}: network")
-    net = plugin.factory(sec, ctx, shape=tuple(shape), num_classes=num_classes, student=student)
-    sec.finish()
-    return net
+    return build("network", name, Section("network", dict(options), source, Path(".")), ctx,
+                 f"{source}: network", shape=tuple(shape), num_classes=num_classes,
+                 student=student)
 
 
 def list_lines() -> list[str]:

@@ -20,9 +20,7 @@ def metric_objects(cfg, ctx, names=None) -> list:
     for name in (cfg.evaluate.metrics if names is None else names):
         options = Section("evaluate.metric", dict(cfg.evaluate.metric_options), str(cfg.path),
                           cfg.base_dir)
-        plugin = plugins.get("metric", name, f"{cfg.path}: [evaluate] metrics")
-        out.append(plugin.factory(options, ctx))
-        options.finish()
+        out.append(plugins.build("metric", name, options, ctx, f"{cfg.path}: [evaluate] metrics"))
     return out
 
 

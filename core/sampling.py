@@ -11,15 +11,58 @@ The C++ ``ctm_sample`` follows the same order, so both produce the same samples.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
+
+from core.api import Sampler
+from core.edm import batch_times
+from core.schedules import rho_grid
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def randn_like(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Per-step noise like x, drawn on the CPU from `generator` (the convention above)."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+
+
+class CTMSampler(Sampler):
+    """CTM's sampler (Appendix B.3): x_{t_n} = f_theta(x_{t_{n-1}}, t_{n-1}, t_n) on EDM's
+    rho-grid. With gamma > 0 (CTM's gamma-sampling) each intermediate jump lands at
+    u = max(sqrt(1 - gamma^2) t_n, t_min) and fresh noise of std sqrt(t_n^2 - u^2) (= gamma t_n
+    unless clipped) restores noise level t_n; gamma = 0 is deterministic, gamma = 1 is exactly
+    CM's multistep sampling. The C++ ``ctm_sample`` implements the same."""
+    runs_in_ctm_sample = True
+
+    def __init__(self, gamma: float = 0.0):
+        self.gamma = gamma
+
+    def timesteps(self, steps: int, t_min: float, t_max: float, rho: float) -> list[float]:
+        return rho_grid(steps, t_min, t_max, rho)
+
+    @torch.no_grad()
+    def sample(self, jumper, x: Tensor, timesteps, generator: torch.Generator,
+               class_labels: Optional[Tensor] = None, trajectory: Optional[list] = None) -> Tensor:
+        K, t_min = len(timesteps) - 1, timesteps[-1]
+        for n in range(K):
+            t, s = timesteps[n], timesteps[n + 1]
+            last = n + 1 == K
+            target = s if (last or self.gamma == 0.0) else \
+                max(math.sqrt(1 - self.gamma ** 2) * s, t_min)
+            x = jumper(x, batch_times(x, t), batch_times(x, target), class_labels)
+            if not last and self.gamma > 0.0:
+                x = x + math.sqrt(s * s - target * target) * randn_like(x, generator)
+            if trajectory is not None:
+                trajectory.append(x)
+        return x
+
+
+@torch.no_grad()
 def draw(jumper, meta: dict, sampler, timesteps: list[float], num: int, batch: int, seed: int,
          device: str = "cpu", class_label: Optional[int] = None, progress: bool = True
          ) -> tuple[np.ndarray, Optional[np.ndarray]]:

@@ -1,12 +1,10 @@
-"""Time grids and EDM's denoiser preconditioning (paper Eqn. 3)."""
+"""Time grids: EDM's rho-schedule and log-uniform grids."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import torch
-from torch import Tensor
 
 
 def rho_grid(n_steps: int, t_min: float, t_max: float, rho: float) -> list[float]:
@@ -34,11 +32,3 @@ def coefficient_grid(kind: str, n: int, t_min: float, t_max: float, rho: float) 
     if kind == "edm":
         return np.asarray(rho_grid(n - 1, t_min, t_max, rho), dtype=np.float64)
     raise ValueError(f"unknown grid {kind!r}")
-
-
-def c_skip(t: Tensor, sigma_data: float) -> Tensor:
-    return sigma_data ** 2 / (sigma_data ** 2 + t ** 2)                 # Eqn. (3)
-
-
-def c_out(t: Tensor, sigma_data: float) -> Tensor:
-    return sigma_data * t / torch.sqrt(sigma_data ** 2 + t ** 2)        # Eqn. (3)

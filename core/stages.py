@@ -324,9 +324,7 @@ def _check_scriptable(precond, name: str) -> None:
 
 def ctm_sample_binary(cfg, sampler) -> Path:
     """The C++ sampler for [sample] runner = "ctm_sample" (which implements CTM's sampler)."""
-    from plugins.samplers import CTMSampler
-
-    if not isinstance(sampler, CTMSampler):
+    if not getattr(sampler, "runs_in_ctm_sample", False):
         raise UserError(f"{cfg.path}: [sample] runner = \"ctm_sample\" implements the ctm "
                         f"sampler only, not {cfg.sample.sampler!r}")
     import os
@@ -506,8 +504,8 @@ def teacher_grid(run: Run, rows: int = 8, steps: int = 18) -> None:
     """teacher_samples.png: images from the teacher's PF-ODE (EDM's Heun sampler, `steps`
     steps on the rho grid); a conditional teacher gets one class per grid column."""
     from core.metrics import save_grid
+    from core.ode import HeunSolver
     from core.schedules import rho_grid
-    from plugins.solvers import HeunSolver
 
     d, teacher = run.cfg.diffusion, run.teacher
     gen = torch.Generator().manual_seed(run.cfg.sample.seed)

@@ -19,10 +19,22 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from core.edm import TeacherAsNetwork
 from core.errors import UserError
-from core.jumper import TeacherAsNetwork
 
 FORMAT, VERSION = "ctmkit.student", 1
+
+
+class StudentNetwork(nn.Module):
+    """F_theta(x, t, s) for the jumper: a student network plugin called with its s input."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor,
+                class_labels: Optional[Tensor] = None) -> Tensor:
+        return self.net(x, t, s, class_labels)
 
 
 class TeacherResidual(nn.Module):
@@ -55,13 +67,9 @@ def build_student(run) -> nn.Module:
 
 
 def _build(run, teacher, cfg) -> nn.Module:
-    from plugins.networks import StudentNetwork
     from core.plugins import create_network
-    from plugins.teachers.network import NetworkTeacher
 
-    if isinstance(teacher, NetworkTeacher):
-        return StudentNetwork(teacher.student_network()).float()
-    if hasattr(teacher, "student_network"):   # pretrained teachers: F_theta(x, t, s, labels)
+    if hasattr(teacher, "student_network"):   # F_theta(x, t, s, labels), teacher-initialised
         return teacher.student_network().float()
     opts = {k: v for k, v in cfg.network.data.items() if k != "name"}
     residual = create_network(cfg.network.data.get("name", "mlp"), opts, run.ctx, teacher.shape,

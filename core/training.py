@@ -1,16 +1,20 @@
-"""What every training loop here shares: checkpoints (atomic, last k kept, exact resume), EMA,
-the metrics CSV and its PNG, and keyed random draws."""
+"""What every training loop here shares: the loop skeleton (`TrainingLoop`: lr schedule,
+backward, clipping, step, EMA, logging, checkpoints, fingerprint, resume), checkpoints (atomic,
+last k kept, exact resume), EMA, the metrics CSV and its PNG, and keyed random draws."""
 
 from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import io
+import json
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from core import distributed as dist
 from core.errors import UserError
@@ -27,7 +31,7 @@ def iteration_generator(seed: int, iteration: int, stream: int = 0) -> torch.Gen
 
 
 class EMA:
-    """theta_ema <- mu theta_ema + (1 - mu) theta (also Eqn. 28 for the stop-gradient target)."""
+    """theta_ema <- mu theta_ema + (1 - mu) theta (also the stop-gradient target, see Eqn. 28)."""
 
     def __init__(self, model: nn.Module, rate: float):
         self.rate = rate
@@ -35,8 +39,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - self.rate)
+        """One fused lerp over all parameters (bitwise the per-tensor lerp_'s result)."""
+        mine = list(self.model.parameters())
+        theirs = [p.detach() for p in model.parameters()]
+        if mine:
+            torch._foreach_lerp_(mine, theirs, 1.0 - self.rate)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 
@@ -219,3 +226,98 @@ def make_optimizer(name: str, params, lr: float):
 
 def lr_at(iteration: int, lr: float, warmup: int) -> float:
     return lr * min(1.0, (iteration + 1) / warmup) if warmup > 0 else lr
+
+
+def config_digest(desc: dict) -> str:
+    """The fingerprint of a training run: SHA-256 of everything that determines its weights
+    (a JSON-able description); a checkpoint of another fingerprint is not resumed."""
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def backward(loss, scaler=None) -> None:
+    """loss.backward(), through the fp16 GradScaler when there is one."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+class TrainingLoop:
+    """The skeleton of the teacher stage's and distillation's training loops::
+
+        loop = TrainingLoop("distill", ...)          # resumes from the newest checkpoint
+        for it in loop.iterations():                 # a progress bar from loop.start
+            ... draw the batch of iteration `it`, compute the loss, backward(loss, scaler) ...
+            loop.check_finite(stats, it)             # one-line error naming the last checkpoint
+            lr = loop.step(it)                       # lr schedule, unscale, clip, step, EMAs
+            if loop.due(it + 1, log_every): loop.log_row(it + 1, {...})
+            loop.end_iteration(it + 1)               # progress, checkpoint when due
+
+    Checkpoints hold `modules` and the optimiser under `fingerprint` in `ckdir`; metrics go to
+    the CSV `metrics` (its columns `fields`, rows past the resumed checkpoint dropped)."""
+
+    def __init__(self, name: str, *, ckdir: Path, fingerprint: str, modules: dict, optimizer,
+                 params: list, ema_source: nn.Module, emas: list, lr: float, warmup: int,
+                 grad_clip: float, iterations: int, checkpoint_every: int,
+                 keep_checkpoints: int, metrics: Path, fields: list, progress: bool,
+                 scaler=None):
+        self.name, self.ckdir, self.fingerprint = name, ckdir, fingerprint
+        self.modules, self.optimizer, self.params = modules, optimizer, params
+        self.ema_source, self.emas, self.scaler = ema_source, emas, scaler
+        self.lr, self.warmup, self.grad_clip = lr, warmup, grad_clip
+        self.total, self.checkpoint_every = iterations, checkpoint_every
+        self.keep, self.progress = keep_checkpoints, progress
+        if dist.is_main():    # fails (one line) before any log or checkpoint is written
+            ckdir.mkdir(parents=True, exist_ok=True)
+        self.start, resumed = resume(ckdir, fingerprint, modules, optimizer)
+        if resumed is not None and dist.is_main():
+            print(f"[ctmkit] {name}: resuming from {resumed.name} (iteration {self.start})")
+        self.log = MetricsLog(metrics, fields, self.start)
+        self.bar = None
+
+    def iterations(self):
+        """The iterations still to run, with a progress bar; the metrics CSV is written at the
+        end."""
+        self.bar = tqdm(total=self.total, initial=self.start, desc=self.name, unit="it",
+                        disable=not (self.progress and dist.is_main()), leave=False)
+        yield from range(self.start, self.total)
+        self.bar.close()
+        self.log.flush()
+
+    def due(self, done: int, every: int) -> bool:
+        return done % every == 0 or done == self.total
+
+    def check_finite(self, stats: torch.Tensor, it: int) -> None:
+        if not torch.isfinite(stats).all():
+            last = checkpoints(self.ckdir)
+            raise UserError(f"{self.name}: non-finite loss at iteration {it}; stopped. The last "
+                            f"good checkpoint is "
+                            f"{last[-1][1] if last else 'none (none was written)'}")
+
+    def step(self, it: int) -> float:
+        """The optimiser step of iteration `it` (gradients in place): the warm-up lr, the
+        scaler's unscale, gradient clipping, the step, then every EMA. Returns the lr."""
+        lr = lr_at(it, self.lr, self.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        scaler = self.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        for e in self.emas:
+            e.update(self.ema_source)
+        return lr
+
+    def log_row(self, done: int, values: dict, loss: float, **postfix) -> None:
+        self.log.add(done, values)
+        self.bar.set_postfix(loss=f"{loss:.4g}", **postfix)
+
+    def end_iteration(self, done: int) -> None:
+        self.bar.update(1)
+        if self.due(done, self.checkpoint_every):
+            self.log.flush()
+            save_checkpoint(self.ckdir, done, self.fingerprint, self.modules, self.optimizer,
+                            self.keep)

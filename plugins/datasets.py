@@ -101,7 +101,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from core.data import X_KEYS, Y_KEYS
+from core.data import one_line as _one_line, read_array_file
 from core.datasets import Dataset, digest
 from core.errors import UserError
 from core.hookspecs import hookimpl
@@ -147,11 +147,6 @@ def _dataset(fmt: str, x: torch.Tensor, y: Optional[np.ndarray], common: Common,
 # ---------------------------------------------------------------------------------------------
 # Files, hashes and checks shared by the loaders
 # ---------------------------------------------------------------------------------------------
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
-
 
 def _read_bytes(path: Path, what: str = "file") -> bytes:
     from core.io import regular_file
@@ -285,51 +280,6 @@ def _folder(options, ctx) -> Dataset:
 # format = "array"
 # ---------------------------------------------------------------------------------------------
 
-def _pick(names, keys) -> Optional[str]:
-    return next((k for k in keys if k in names), None)
-
-
-def _read_array_file(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    from core.data import check_array_sizes
-    _read_check(path)
-    check_array_sizes(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".npy", ".npz", ".h5", ".hdf5"):
-        raise UserError(f"{path}: unsupported array file (use .npy, .npz, .h5 or .hdf5)")
-    try:
-        if suffix == ".npy":
-            return np.load(path, allow_pickle=False), None
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                xk, yk = _pick(z.files, X_KEYS), _pick(z.files, Y_KEYS)
-                if xk is None:
-                    raise UserError(f"{path}: no array named {' / '.join(X_KEYS)}")
-                return z[xk], (z[yk] if yk else None)
-        return _read_h5(path)
-    except UserError:
-        raise
-    except (ValueError, OSError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: unreadable array file ({_one_line(e)})") from None
-
-
-def _read_check(path: Path) -> None:
-    from core.io import regular_file
-    regular_file(path)
-
-
-def _read_h5(path: Path):
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        xk, yk = _pick(f, X_KEYS), _pick(f, Y_KEYS)
-        if xk is None:
-            raise UserError(f"{path}: no dataset named {' / '.join(X_KEYS)}")
-        for k in (xk, yk):
-            if k is not None and not isinstance(f[k], h5py.Dataset):
-                raise UserError(f"{path}: {k!r} is a group, not a dataset")
-        return f[xk][()], (f[yk][()] if yk else None)
-
-
 def _as_images(x: np.ndarray, layout: str, path: Path) -> np.ndarray:
     """[N, d] stays; [N, H, W] -> [N, 1, H, W]; 4-D -> NCHW following `layout`."""
     if x.ndim == 2:
@@ -379,7 +329,7 @@ def _array(options, ctx) -> Dataset:
     value_range = options.str("range", "auto", choices=("auto", "unit", "byte"))
     common = _common(options)
 
-    x, y = _read_array_file(path)
+    x, y = read_array_file(path, "array")
     x = np.asarray(x)
     if x.dtype.kind not in "iuf":
         raise UserError(f"{path}: data must be integers or floats, got {x.dtype}")

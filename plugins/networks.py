@@ -1,10 +1,10 @@
 """Network plugins: free-form networks F(x, t, s[, class_labels]) in EDM's parameterisation.
 
 A network receives the raw x, t, s and applies EDM's input scaling itself (c_in(t) x and the
-noise embedding of c_noise = log(t) / 4, paper footnote 1); the jumper forms
-D = c_skip(t) x + c_out(t) F (Eqn. 3). A *teacher* network has no s input. A *student* has an
-extra embedding of s whose projection is zero-initialised, so that a student made from a
-teacher's weights equals the teacher at step 0 for every s (as CTM initialises students).
+noise embedding of c_noise = log(t) / 4, paper footnote 1); the host forms
+D = c_skip(t) x + c_out(t) F (see Eqn. 3); the contract is core.api.Network. A *teacher*
+network has no s input. A *student* has an extra embedding of s whose projection is
+zero-initialised, so that a student made from a teacher's weights equals the teacher at step 0 for every s (as CTM initialises students).
 """
 
 import math
@@ -13,22 +13,29 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from core.edm import EDMDenoiser  # noqa: F401  (re-exported)
 from core.hookspecs import hookimpl
+from core.students import StudentNetwork  # noqa: F401  (re-exported)
 
 
 class FourierEmbedding(nn.Module):
-    """[cos, sin](2 pi c_noise * f_k) with fixed random frequencies, then a 2-layer MLP."""
+    """[cos, sin](2 pi c_noise * w_k), w_k ~ N(0, scale^2) fixed (random Fourier features) of
+    c_noise = log(t) / 4; with ``mlp``, followed by Linear-SiLU-Linear (the MLP's form)."""
 
-    def __init__(self, dim: int, scale: float = 16.0, seed: int = 0):
+    def __init__(self, dim: int, scale: float = 16.0, seed: int = 0, mlp: bool = False):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("freqs", torch.randn(dim // 2, generator=g) * scale)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = (nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim)) if mlp
+                    else None)
 
-    def forward(self, t: Tensor) -> Tensor:
-        c_noise = torch.log(t).reshape(-1, 1) / 4.0
-        arg = 2 * math.pi * c_noise * self.freqs.to(c_noise.dtype).reshape(1, -1)
-        return self.mlp(torch.cat([torch.cos(arg), torch.sin(arg)], dim=1))
+    def forward(self, c_noise: Tensor) -> Tensor:
+        arg = 2 * math.pi * c_noise.reshape(-1, 1) * self.freqs.to(c_noise.dtype).reshape(1, -1)
+        e = torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+        mlp = self.mlp
+        if mlp is not None:
+            e = mlp(e)
+        return e
 
 
 class ResBlock(nn.Module):
@@ -53,8 +60,8 @@ class MLP(nn.Module):
         self.dim, self.sigma_data, self.student = dim, float(sigma_data), student
         self.num_classes = num_classes
         self.inp = nn.Linear(dim, width)
-        self.t_emb = FourierEmbedding(emb_dim, seed=1)
-        self.s_emb = FourierEmbedding(emb_dim, seed=2) if student else None
+        self.t_emb = FourierEmbedding(emb_dim, seed=1, mlp=True)
+        self.s_emb = FourierEmbedding(emb_dim, seed=2, mlp=True) if student else None
         self.s_proj = nn.Linear(emb_dim, emb_dim) if student else None
         if self.s_proj is not None:        # the zero-initialised s pathway
             nn.init.zeros_(self.s_proj.weight)
@@ -70,12 +77,12 @@ class MLP(nn.Module):
         t = t.reshape(-1).expand(B).to(x.dtype)
         c_in = 1.0 / torch.sqrt(self.sigma_data ** 2 + t ** 2)
         h = self.inp(x.reshape(B, -1) * c_in.reshape(-1, 1))
-        e = self.t_emb(t)
+        e = self.t_emb(torch.log(t) / 4.0)
         s_emb = self.s_emb
         s_proj = self.s_proj
         if s_emb is not None and s_proj is not None:
             s_ = t if s is None else s.reshape(-1).expand(B).to(x.dtype)
-            e = e + s_proj(s_emb(s_))
+            e = e + s_proj(s_emb(torch.log(s_) / 4.0))
         lab = self.label
         if lab is not None and class_labels is not None:
             e = e + lab(class_labels)
@@ -83,36 +90,6 @@ class MLP(nn.Module):
         for blk in self.blocks:
             h = blk(h, e)
         return self.out(torch.nn.functional.silu(self.out_norm(h))).reshape(x.shape)
-
-
-class EDMDenoiser(nn.Module):
-    """D(x, t) = c_skip(t) x + c_out(t) F(x, t) (Eqn. 3) around a teacher network."""
-
-    def __init__(self, net: nn.Module, sigma_data: float):
-        super().__init__()
-        self.net = net
-        self.sigma_data = float(sigma_data)
-
-    def forward(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
-        B = x.shape[0]
-        t64 = t.reshape(-1).expand(B).double()
-        sd = self.sigma_data
-        view = [B] + [1] * (x.dim() - 1)
-        c_skip = (sd ** 2 / (sd ** 2 + t64 ** 2)).to(x.dtype).view(view)
-        c_out = (sd * t64 / torch.sqrt(sd ** 2 + t64 ** 2)).to(x.dtype).view(view)
-        return c_skip * x + c_out * self.net(x, t, None, class_labels)
-
-
-class StudentNetwork(nn.Module):
-    """F_theta(x, t, s) for the jumper: the student network called with its s input."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor, t: Tensor, s: Tensor,
-                class_labels: Optional[Tensor] = None) -> Tensor:
-        return self.net(x, t, s, class_labels)
 
 
 def _mlp(options, ctx, *, shape, num_classes, student):

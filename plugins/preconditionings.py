@@ -3,10 +3,11 @@
 Every preconditioning is a TorchScript-able module whose ``forward(t, s)`` returns the pair
 ``(f(t, s), g(t, s))``; the jumper then forms
 
-    f_theta(x, t, s) = f(t, s) x + g(t, s) D_theta(x, t, s)    (CTM, Analytic-Precond; Eqn. 8)
+    f_theta(x, t, s) = f(t, s) x + g(t, s) D_theta(x, t, s)    (CTM, Analytic-Precond; see Eqn. 8)
     f_theta(x, t, s) = f(t, s) x + g(t, s) F_theta(x, t, s)    (CM, BCM)
 
-with D_theta = c_skip(t) x + c_out(t) F_theta (Eqn. 3). ``jumps_denoiser`` says which.
+with D_theta = c_skip(t) x + c_out(t) F_theta (see Eqn. 3); ``jumps_denoiser`` says which, and
+core.jumper.jump forms it. The contract is core.api.Preconditioning.
 All satisfy the boundary condition f(t, t) = 1, g(t, t) = 0. Coefficients are computed in
 float64 whatever the dtype of t and s.
 """
@@ -16,24 +17,15 @@ import math
 from typing import Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from core.api import Preconditioning
 from core.coefficients.lookup import lookup
 from core.hookspecs import hookimpl
 
 
-class Preconditioning(nn.Module):
-    """Base: subclasses set ``name``/``variant``/``jumps_denoiser`` and implement ``forward``."""
-    name: str = ""
-    variant: str = ""
-    jumps_denoiser: bool = True
-
-    def forward(self, t: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:  # pragma: no cover
-        raise NotImplementedError
-
-
 class CMPrecond(Preconditioning):
-    """Consistency models (Song et al. 2023), Table 1 / Eqn. (4) with epsilon -> s."""
+    """Consistency models (Song et al. 2023), Table 1 / Eqn. 4 with epsilon -> s."""
 
     def __init__(self, sigma_data: float):
         super().__init__()
@@ -44,7 +36,7 @@ class CMPrecond(Preconditioning):
         t, s, sd = t.double(), s.double(), self.sigma_data
         f = sd ** 2 / (sd ** 2 + (t - s) ** 2)
         g = sd * (t - s) / torch.sqrt(sd ** 2 + t ** 2)
-        return f, g
+        return f, g                                                       # Eqn. (4)
 
 
 class BCMPrecond(Preconditioning):
@@ -63,7 +55,7 @@ class BCMPrecond(Preconditioning):
 
 
 class CTMPrecond(Preconditioning):
-    """Consistency trajectory models (Kim et al. 2023): the Euler step of Eqn. (9) / Eqn. (6)."""
+    """Consistency trajectory models (Kim et al. 2023): the Euler step of Eqn. 9, i.e. Eqn. 6."""
 
     def __init__(self):
         super().__init__()
@@ -77,7 +69,7 @@ class CTMPrecond(Preconditioning):
 class AnalyticPrecond(Preconditioning):
     """Analytic-Precond (Section 3): coefficients from the teacher's l_t, s_t tables.
 
-    ``forward`` variant, Eqn. (14):
+    ``forward`` variant, Eqn. 14:
         f = (L_t S_t + (l_t - 1)(eta_s - eta_t)) / (L_s S_t),  g = (eta_s - eta_t) / (L_s S_t)
     ``backward`` variant, Table 1 (the one the paper trains with):
         f = L_t S_s / (L_s S_s + (1 - l_s)(eta_s - eta_t)),

@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.hookspecs import hookimpl
+from plugins.networks import FourierEmbedding
 
 SKIP_SCALE = 1.0 / math.sqrt(2.0)        # DDPM++ rescales every residual sum by 1/sqrt(2)
 
@@ -96,19 +97,6 @@ class PositionalEmbedding(nn.Module):
 
     def forward(self, c: Tensor) -> Tensor:
         arg = c.reshape(-1, 1) * self.freqs.to(c.dtype).reshape(1, -1)
-        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
-
-
-class FourierEmbedding(nn.Module):
-    """[cos, sin](2 pi c_noise * w_k), w_k ~ N(0, scale^2) fixed (random Fourier features)."""
-
-    def __init__(self, dim: int, scale: float = 16.0, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("freqs", torch.randn(dim // 2, generator=g) * scale)
-
-    def forward(self, c: Tensor) -> Tensor:
-        arg = 2 * math.pi * c.reshape(-1, 1) * self.freqs.to(c.dtype).reshape(1, -1)
         return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
 
 

@@ -84,11 +84,13 @@ def test_tiny_benchmark_report_structure(tmp_path, monkeypatch):
             assert lv["median"] == ba.score(c)
             assert lv["median_is_upper_bound"] == (c["case"] == "not reached")
     assert isinstance(r["acceleration_is_upper_bound"], bool)
-    assert r["acceleration"] == r["metrics"]["2-step paper"]["levels"]["analytic-backward"]["1"][
-        "median"]
-    # the paper's middle time is really used: the two 2-step metrics differ at iteration 0
-    assert r["metrics"]["2-step paper"]["init"]["ctm"] != r["metrics"]["2-step rho-grid"]["init"][
-        "ctm"]
+    # the headline is the paper's (and CTM's) 2-step schedule, the rho grid
+    assert ba.HEADLINE == "2-step rho-grid" and r["headline"] == ba.HEADLINE
+    assert r["acceleration"] == r["metrics"]["2-step rho-grid"]["levels"]["analytic-backward"][
+        "1"]["median"]
+    # the middle time 0.6 is really used: the two 2-step metrics differ at iteration 0
+    assert r["metrics"]["2-step mid 0.6"]["init"]["ctm"] != r["metrics"]["2-step rho-grid"][
+        "init"]["ctm"]
     assert sum(line.startswith("seed 0 ") for line in lines) == 2
     ba.print_report(r, log=lines.append)
     ba.plot(r, tmp_path / "a.png")

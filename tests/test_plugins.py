@@ -12,7 +12,7 @@ import pytest
 from conftest import QUICK_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "plugin_example"
+EXAMPLE = ROOT / "examples" / "plugins" / "powerlaw"
 
 
 def _install(src: Path, target: Path) -> None:

@@ -12,6 +12,13 @@ dtype = "float32"`` runs them:
 
     python tools/bench_coefficients.py --edm ../shared/fixtures/edm/edm-ddpmpp-cond-aug.pkl
     python tools/bench_coefficients.py --cifar10-ddpmpp      # full size, random weights
+
+An example config's teacher network (random weights) with its [coefficients] settings (dtype,
+dl, batch), on --device; the stage's time (n_timesteps x n_samples) as a fraction of a Table-3
+training run ([distill] iterations x the step time of tools/bench_train.py --config, measured
+here with --train-iters steps, or given by --step-s):
+
+    python tools/bench_coefficients.py --config examples/fashion_mnist.toml --device cuda
 """
 
 from __future__ import annotations
@@ -51,22 +58,26 @@ class MLPDenoiser(nn.Module):
 
 
 def bench(denoise, sample_x0, n_samples, batch, n_times, repeats=3, dtype=torch.float64,
-          dl: str = "jvp"):
+          dl: str = "jvp", device: str = "cpu"):
     ts = log_grid(n_times, 0.002, 80.0)
-    x0, _ = sample_x0(batch, torch.Generator().manual_seed(0))
-    x0 = x0.to(dtype)
-    tt = torch.full((batch,), 1.0, dtype=dtype)
+    x0, y0 = sample_x0(batch, torch.Generator().manual_seed(0))
+    x0 = x0.to(device, dtype)
+    y0 = y0.to(device) if y0 is not None else None
+    tt = torch.full((batch,), 1.0, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def fwd():
         with torch.no_grad():
             for _ in range(n_samples // batch):
                 for t in ts:
-                    denoise(x0 + t, tt * t, None)
+                    denoise(x0 + t, tt * t, y0)
+        sync()
 
     def est():
         with torch.no_grad():
-            collect(denoise, sample_x0, ts, n_samples, batch, 0, progress=False, dtype=dtype,
-                    dl=dl)
+            collect(denoise, sample_x0, ts, n_samples, batch, 0, device=device, progress=False,
+                    dtype=dtype, dl=dl)
+        sync()
 
     fwd(), est()                                             # warm-up
     t_f = t_e = float("inf")
@@ -80,6 +91,53 @@ def _timed(fn):
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def bench_config(args) -> dict:
+    """An example's teacher network (random weights) and [coefficients] settings on
+    args.device: time per (t x sample), forward-equivalents, and the stage's share of a Table-3
+    training run."""
+    import tempfile
+    import tomllib
+
+    from bench_train import DATA_SHAPES, measure, write_random_teacher
+    from plugins.networks import EDMDenoiser
+    from plugins.teachers.network import NetworkTeacher  # noqa: F401 (the file format)
+
+    raw = tomllib.loads(Path(args.config).read_text())
+    (h, w, c), classes = DATA_SHAPES[raw.get("data", {}).get("format")]
+    coef, dist_cfg = raw.get("coefficients", {}), raw.get("distill", {})
+    dtype = torch.float32 if coef.get("dtype", "float64") == "float32" else torch.float64
+    dl = coef.get("dl", "jvp")
+    n_t, n_s = coef.get("n_timesteps", 120), coef.get("n_samples", 4096)
+    batch = args.coef_batch or coef.get("batch", 512)
+    with tempfile.TemporaryDirectory() as tmp:
+        from core.io import load_torch
+        from core.plugins import Context, create_network
+        from core.config import DiffusionCfg
+
+        f = Path(tmp) / "teacher.pt"
+        write_random_teacher(f, raw.get("network", {}), (c, h, w), classes)
+        st = load_torch(f, "teacher")
+        net = create_network(st["network"], st["options"], Context(diffusion=DiffusionCfg()),
+                             st["shape"], classes, False, str(f))
+        net.load_state_dict(st["state_dict"])
+    den = EDMDenoiser(net, 0.5).to(args.device, dtype).eval().requires_grad_(False)
+
+    def sample(n, g):
+        x = torch.rand((n, c, h, w), generator=g, dtype=torch.float64) * 2 - 1
+        return x, (torch.randint(0, classes, (n,), generator=g) if classes else None)
+    ratio, per, per_f = bench(lambda x, t, y: den(x, t, y), sample, batch, batch, args.times,
+                              repeats=2, dtype=dtype, dl=dl, device=args.device)
+    stage = per * n_t * n_s
+    step = args.step_s
+    if step is None:
+        step = measure(args.config, args.device, args.train_iters,
+                       args.train_batch)["step_s"]
+    iters = dist_cfg.get("iterations", 1000)
+    return dict(ratio=ratio, per=per, per_f=per_f, stage_s=stage, step_s=step, iters=iters,
+                train_s=step * iters, fraction=stage / (step * iters), n_t=n_t, n_s=n_s,
+                batch=batch, dtype=str(dtype).replace("torch.", ""), dl=dl)
 
 
 def main(argv=None):
@@ -98,23 +156,49 @@ def main(argv=None):
     ap.add_argument("--image-samples", type=int, default=8, help="samples for image teachers")
     ap.add_argument("--image-batch", type=int, default=4)
     ap.add_argument("--image-times", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--config", default=None, help="an example config (its teacher network "
+                                                    "with random weights)")
+    ap.add_argument("--coef-batch", type=int, default=None, help="default: the config's batch")
+    ap.add_argument("--step-s", type=float, default=None,
+                    help="the distill step time (s) of the Table-3 run; default: measured")
+    ap.add_argument("--train-iters", type=int, default=5)
+    ap.add_argument("--train-batch", type=int, default=None, help="default: the config's")
     args = ap.parse_args(argv)
+    if args.config:
+        r = bench_config(args)
+        dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
+        print(f"# {_common.command_line()}")
+        print(f"# torch {torch.__version__}, {dev}, teacher {r['dtype']}, dl {r['dl']}, "
+              f"batch {r['batch']}, {args.times} time steps timed")
+        print(f"per (t x sample)   {r['per'] * 1e3:9.3f} ms  ({r['ratio']:.2f} forward-equivalents;"
+              f" forward {r['per_f'] * 1e3:.3f} ms)")
+        print(f"coefficient stage  {r['stage_s']:9.1f} s   ({r['n_t']} time steps x {r['n_s']} "
+              f"samples)")
+        print(f"training run       {r['train_s']:9.1f} s   ({r['iters']} iterations x "
+              f"{r['step_s'] * 1e3:.1f} ms)")
+        print(f"overhead           {100 * r['fraction']:9.2f} %   (coefficient stage / training "
+              f"run; target < 1 %)")
+        return r
     if args.edm or args.cifar10_ddpmpp:
         return bench_images(args)
     torch.manual_seed(0)
     print(f"# {_common.command_line()}")
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float64, CPU, "
-          f"dl/dlambda by {args.dl}")
-    mlp = MLPDenoiser(args.dim, args.width).double().eval()
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float64, "
+          f"{args.device}, dl/dlambda by {args.dl}")
+    mlp = MLPDenoiser(args.dim, args.width).double().eval().to(args.device)
     gauss = lambda n, g: (torch.randn((n, args.dim), generator=g, dtype=torch.float64), None)
     gmm = GMMTeacher(np.full(8, 1 / 8), np.random.default_rng(0).normal(size=(8, args.dim)),
                      np.full(8, 0.5))
     den = gmm.denoiser()
-    rows = [("mlp", mlp, gauss), ("gmm", lambda x, t, y: den(x, t, y), gmm.sample_data)]
+    rows = [("mlp", mlp, gauss)]
+    if args.device == "cpu":
+        rows.append(("gmm", lambda x, t, y: den(x, t, y), gmm.sample_data))
     print(f"{'teacher':<8}{'fwd-equiv per (t x sample)':>28}{'us / (t x sample)':>20}"
           f"{'us / forward':>14}")
     for name, fn, sampler in rows:
-        ratio, per, per_f = bench(fn, sampler, args.samples, args.batch, args.times, dl=args.dl)
+        ratio, per, per_f = bench(fn, sampler, args.samples, args.batch, args.times, dl=args.dl,
+                                  device=args.device)
         print(f"{name:<8}{ratio:>28.2f}{per * 1e6:>20.2f}{per_f * 1e6:>14.2f}")
     print("target: <= 6 forward-equivalents (one forward for D, then J v and dD/dlambda as two "
           "vmapped tangents of one JVP; the GMM's forward is too cheap for the ratio to mean much)")

@@ -2,12 +2,21 @@
 
 One CTM iteration (Eqn. 7 + DSM) on a batch of B needs: the student's forward + backward on 2B
 inputs (loss and DSM parts together), the stop-gradient jumper's forward on B twice (target path)
-and forward + backward on B once (the student's path to eps), and the teacher's Heun solver,
-2 forwards on B per grid step (the drawn mean number of steps). The floor is the time of those
-bare passes, measured on the same network and shapes in the same run; the overhead is
+and forward + backward on B once (the student's path to eps), the teacher's solver, 2 forwards
+(Heun; 1 for Euler) on B per grid step (the drawn mean number of steps), and with the LPIPS
+distance one LPIPS forward + backward on B pairs. The floor is the time of those bare passes,
+measured on the same networks and shapes in the same run; the overhead is
 (step time / floor) - 1.
 
     python tools/bench_train.py [--width 256] [--batch 128] [--iters 60]
+    python tools/bench_train.py --config examples/fashion_mnist.toml --device cuda --iters 30
+    python tools/bench_train.py --config examples/cifar10.toml --device cpu --batch 2 --iters 3 \\
+        --set solve_buckets=4 --set compile=true
+
+With --config the example's [network], [diffusion] and [distill] settings are used as they are
+(the teacher: that network with random weights; the data: random images of the dataset's shape;
+[precond] ctm; no evaluations; LPIPS with a random backbone when its weights are not on disk:
+the same cost). --set KEY=VALUE overrides a [distill] key (TOML value), e.g. solve_buckets=4.
 """
 
 from __future__ import annotations
@@ -15,10 +24,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import resource
 import tempfile
 import time
+import tomllib
+from pathlib import Path
 
 import _common
+import numpy as np
 import torch
 
 from core.run import main as core_main
@@ -27,6 +40,7 @@ CONFIG = """
 [run]
 out_dir = "out"
 stages = ["distill"]
+device = "{device}"
 [teacher]
 kind = "gmm"
 weights = [0.5, 0.5]
@@ -44,84 +58,279 @@ iterations = {iters}
 batch_size = {batch}
 checkpoint_every = {iters}
 eval_every = 100000
-log_every = {iters}
+log_every = {log}
 N = 18
 max_ode_steps = 17
-"""
+{extra}"""
+
+#: image shape (H, W, C) and classes of an example's dataset format, for random stand-in data
+DATA_SHAPES = {"idx": ((28, 28, 1), 10), "cifar10": ((32, 32, 3), 10)}
 
 
-def timed(fn, repeats=5) -> float:
+def timed(fn, repeats=5, sync=lambda: None) -> float:
     fn()
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    return repr(v)
+
+
+def dump_toml(tables: dict) -> str:
+    lines = []
+    for name, body in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
+    return "\n".join(lines) + "\n"
+
+
+def parse_sets(sets) -> dict:
+    out = {}
+    for s in sets or []:
+        key, _, value = s.partition("=")
+        out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+    return out
+
+
+def write_random_teacher(path: Path, network: dict, shape, num_classes: int,
+                         sigma_data: float = 0.5, seed: int = 0) -> None:
+    """A `network` teacher file with the [network] table's architecture and random weights."""
+    from core.config import DiffusionCfg
+    from core.io import save_torch
+    from core.plugins import Context, create_network
+    from plugins.teachers.network import FORMAT
+
+    name = network.get("name", "mlp")
+    options = {k: v for k, v in network.items() if k != "name"}
+    torch.manual_seed(seed)
+    net = create_network(name, options, Context(diffusion=DiffusionCfg(sigma_data=sigma_data)),
+                         shape, num_classes, False, str(path))
+    save_torch(path, {"format": FORMAT, "version": 1, "network": name, "options": options,
+                      "shape": list(shape), "num_classes": num_classes,
+                      "sigma_data": sigma_data,
+                      "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}})
+
+
+def config_from_example(example: Path, tmp: Path, device: str, iters: int, batch, sets: dict,
+                        image_shape=None, log_every: int | None = None) -> str:
+    """The bench config of an example: its [network], [diffusion] and [distill] as they are."""
+    raw = tomllib.loads(example.read_text())
+    data = raw.get("data", {})
+    fmt = data.get("format")
+    if image_shape is None:
+        if fmt not in DATA_SHAPES:
+            raise SystemExit(f"{example}: [data] format {fmt!r}: pass --image-shape H,W,C[,K]")
+        (hwc, classes) = DATA_SHAPES[fmt]
+    else:
+        hwc, classes = tuple(image_shape[:3]), (image_shape[3] if len(image_shape) > 3 else 0)
+    if not data.get("conditional", True):
+        classes = 0
+    rng = np.random.default_rng(0)
+    n = 512
+    arrays = {"x": rng.integers(0, 256, (n, *hwc)).astype(np.uint8)}
+    if classes:
+        arrays["y"] = np.arange(n) % classes
+    np.savez(tmp / "data.npz", **arrays)
+    network = dict(raw.get("network", {}))
+    diffusion = dict(raw.get("diffusion", {}))
+    sd = float(diffusion.get("sigma_data", 0.5))
+    write_random_teacher(tmp / "teacher.pt", network, (hwc[2], hwc[0], hwc[1]), classes, sd)
+    d = dict(raw.get("distill", {}))
+    d.update(iterations=iters, checkpoint_every=iters, log_every=log_every or iters, eval=[],
+             eval_every=10 ** 9)
+    if batch:
+        d["batch_size"] = batch
+        d.pop("micro_batch", None)
+    if d.get("distance") == "lpips":
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
+        if not (d.get("lpips_weights") or hub.is_file()):
+            d["lpips_random"] = True          # same network, same cost
+    d.update(sets)
+    tables = {"run": {"out_dir": "out", "stages": ["distill"], "device": device},
+              "data": {"format": "array", "path": str(tmp / "data.npz")},
+              "network": network, "teacher": {"kind": "network", "path": str(tmp / "teacher.pt")},
+              "precond": {"name": "ctm"}, "distill": d}
+    if diffusion:
+        tables["diffusion"] = diffusion
+    return dump_toml(tables)
+
+
+def measure(config: str | None = None, device: str = "cpu", iters: int = 60, batch=None,
+            width: int = 256, sets: dict | None = None, image_shape=None,
+            warmup: bool = False) -> dict:
+    """Step time, samples/s, peak memory, floor and overhead of one configuration. The step
+    time: (time of `iters` iterations - time of 1) / (iters - 1), both runs with their start-up;
+    with `warmup`, the it/s that metrics.csv logs over iterations iters+1..2 iters of one run
+    (what torch.compile and the caching allocator need to warm up is then left out)."""
+    from core.config import parse_config
+    from core.stages import Run
+    from core.students import build_student
+    from plugins.losses import CMLoss, CTMLoss, DSMLoss, make_distance
+
+    sets = dict(sets or {})
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if config is None:
+            extra = "".join(f"{k} = {_toml_value(v)}\n" for k, v in sets.items())
+            text = lambda n, log=None: CONFIG.format(width=width, iters=n, batch=batch or 128,
+                                                     device=device, extra=extra, log=log or n)
+        else:
+            text = lambda n, log=None: config_from_example(Path(config), tmp, device, n, batch,
+                                                           sets, image_shape, log)
+        cfg = tmp / "c.toml"
+        cfg.write_text(text(2 * iters, iters) if warmup else text(iters))
+        cfg2 = tmp / "c2.toml"                    # start-up cost alone: 1 iteration
+        cfg2.write_text(text(1).replace('"out"', '"out2"'))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with contextlib.redirect_stdout(io.StringIO()):
+            t0 = time.perf_counter()
+            assert core_main([str(cfg), "--no-progress"]) == 0
+            total = time.perf_counter() - t0
+            peak = (torch.cuda.max_memory_allocated() if cuda else
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            if warmup:
+                import csv
+                with open(tmp / "out" / "metrics.csv", newline="") as fh:
+                    rows = [r for r in csv.DictReader(fh) if r.get("it_per_s")]
+                step = 1.0 / float(rows[-1]["it_per_s"])
+            else:
+                t0 = time.perf_counter()
+                assert core_main([str(cfg2), "--no-progress"]) == 0
+                startup = time.perf_counter() - t0
+                step = (total - startup) / (iters - 1)
+
+        run = Run(parse_config(tomllib.loads(cfg.read_text()), cfg), progress=False)
+        d = run.cfg.distill
+        B = d.batch_size
+        prec = d.precision if cuda else "fp32"
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if prec == "bf16"
+                                   else torch.float16) if prec != "fp32"
+                    else contextlib.nullcontext())
+        net = build_student(run).to(device)
+        tgt = build_student(run).to(device).requires_grad_(False)
+        teacher = run.teacher.denoiser(torch.float32, device)
+        shape, classes = tuple(run.teacher.shape), run.teacher.num_classes
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((B, *shape), generator=g).to(device)
+        t = (torch.rand(B, generator=g) * 10 + 0.01).to(device)
+        y = torch.randint(0, classes, (B,), generator=g).to(device) if classes else None
+        loss = run_loss(run)
+        dsm_on = not isinstance(loss, DSMLoss) and d.dsm_weight != 0.0
+        m = 2 if dsm_on else 1
+        xm, tm = torch.cat([x] * m), torch.cat([t] * m)
+        ym = torch.cat([y] * m) if y is not None else None
+
+        def fwd_bwd_student():
+            net.zero_grad(set_to_none=True)
+            with autocast:
+                out = net(xm, tm, tm, ym).float()
+            out.square().mean().backward()
+
+        def fwd_target():
+            with torch.no_grad(), autocast:
+                tgt(x, t, t, y)
+
+        def fwd_bwd_input_target():
+            xi = x.clone().requires_grad_(True)
+            with autocast:
+                out = tgt(xi, t, t, y).float()
+            out.square().mean().backward()
+
+        def teacher_pass():
+            with torch.no_grad(), autocast:
+                teacher(x, t, y)
+
+        order = 2 if d.solver == "heun" else 1
+        if isinstance(loss, CTMLoss):
+            draws = loss.draw(torch.Generator().manual_seed(0), torch.zeros(100_000, 1), d.N)
+            mean_steps = float((draws["k"] - draws["n"]).float().mean())
+            n_tf, n_tb = 2, 1
+        elif isinstance(loss, CMLoss):
+            mean_steps, n_tf, n_tb = 1.0, 1, 0
+        else:
+            mean_steps, n_tf, n_tb = 0.0, 0, 0
+        floor = (timed(fwd_bwd_student, sync=sync) + n_tf * timed(fwd_target, sync=sync)
+                 + (n_tb * timed(fwd_bwd_input_target, sync=sync) if n_tb else 0.0)
+                 + (order * mean_steps * timed(teacher_pass, sync=sync) if mean_steps else 0.0))
+        if d.distance == "lpips" and not isinstance(loss, DSMLoss):
+            dist = make_distance(d, device)
+            a = torch.rand((B, *shape), generator=g).to(device) * 2 - 1
+
+            def lpips_pass():
+                ai = a.clone().requires_grad_(True)
+                with autocast:
+                    v = dist(ai, x.clamp(-1, 1)).float()
+                v.mean().backward()
+            floor += timed(lpips_pass, sync=sync)
+    return {"step_s": step, "it_per_s": 1 / step, "samples_per_s": B / step, "floor_s": floor,
+            "overhead": step / floor - 1, "peak_bytes": peak, "peak_kind":
+            "CUDA max allocated" if cuda else "process max RSS", "batch": B,
+            "mean_steps": mean_steps, "precision": prec,
+            "device": torch.cuda.get_device_name(0) if cuda else "CPU",
+            "network": dict(run.cfg.network.data), "options": sets}
+
+
+def run_loss(run):
+    from core import plugins
+    return plugins.create("loss", run.cfg.sections["distill"], run.ctx, "loss",
+                          run.cfg.distill.loss)
+
+
+def report(r: dict, what: str) -> str:
+    return (f"step time          {r['step_s'] * 1e3:9.2f} ms   ({r['samples_per_s']:,.0f} "
+            f"samples/s, {r['it_per_s']:.2f} it/s, batch {r['batch']})\n"
+            f"floor (bare passes){r['floor_s'] * 1e3:9.2f} ms   (teacher steps per sample: "
+            f"{r['mean_steps']:.2f})\n"
+            f"peak memory        {r['peak_bytes'] / 2 ** 20:9.1f} MiB ({r['peak_kind']})\n"
+            f"overhead           {100 * r['overhead']:9.1f} %    (step / floor = "
+            f"{1 + r['overhead']:.2f}x; {what})")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=None, help="default: 128, or the config's")
     ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--config", default=None, help="an example config, e.g. "
+                                                    "examples/fashion_mnist.toml")
+    ap.add_argument("--image-shape", default=None,
+                    help="H,W,C[,classes] of --config's data, when its format is not known")
+    ap.add_argument("--warmup", action="store_true",
+                    help="run 2 x iters and time the last iters (after compile / warm-up)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a [distill] key (TOML value), e.g. solve_buckets=4")
     args = ap.parse_args(argv)
-    from core.config import parse_config
-    from core.stages import Run
-    from core.students import build_student
-    from plugins.losses import CTMLoss
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = _common.Path(tmp) / "c.toml"
-        cfg.write_text(CONFIG.format(width=args.width, iters=args.iters, batch=args.batch))
-        with contextlib.redirect_stdout(io.StringIO()):
-            t0 = time.perf_counter()
-            assert core_main([str(cfg), "--no-progress"]) == 0
-            total = time.perf_counter() - t0
-            cfg2 = _common.Path(tmp) / "c2.toml"          # start-up cost alone: 1 iteration
-            cfg2.write_text(CONFIG.format(width=args.width, iters=1, batch=args.batch)
-                            .replace('"out"', '"out2"'))
-            t0 = time.perf_counter()
-            assert core_main([str(cfg2), "--no-progress"]) == 0
-            startup = time.perf_counter() - t0
-        step = (total - startup) / (args.iters - 1)
-
-        import tomllib
-        run = Run(parse_config(tomllib.loads(cfg.read_text()), cfg), progress=False)
-        net = build_student(run)
-        teacher = run.teacher.denoiser(torch.float32)
-        B, d = args.batch, run.teacher.dim
-        x, t = torch.randn(B, d), torch.rand(B) * 10 + 0.01
-        x2, t2 = torch.randn(2 * B, d), torch.rand(2 * B) * 10 + 0.01
-
-        def fwd_bwd_2b():
-            net.zero_grad(set_to_none=True)
-            net(x2, t2, t2).square().mean().backward()
-
-        def fwd_b():
-            with torch.no_grad():
-                net(x, t, t)
-
-        def fwd_bwd_input_b():
-            xi = x.clone().requires_grad_(True)
-            net(xi, t, t).square().mean().backward()
-
-        def teacher_b():
-            with torch.no_grad():
-                teacher(x, t)
-
-        gen = torch.Generator().manual_seed(0)
-        draws = CTMLoss(17).draw(gen, torch.zeros(100_000, 1), 18)
-        mean_steps = float((draws["k"] - draws["n"]).float().mean())
-        floor = (timed(fwd_bwd_2b) + 2 * timed(fwd_b) + timed(fwd_bwd_input_b)
-                 + 2 * mean_steps * timed(teacher_b))
+    if args.iters < 2:
+        ap.error("--iters must be at least 2")
+    shape = [int(v) for v in args.image_shape.split(",")] if args.image_shape else None
+    r = measure(args.config, args.device, args.iters, args.batch, args.width,
+                parse_sets(args.set), shape, args.warmup)
     print(f"# {_common.command_line()}")
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32; "
-          f"student = gmm teacher + MLP residual (width {args.width}, depth 4), batch {B}")
-    print(f"step time          {step * 1e3:9.2f} ms   ({B / step:,.0f} samples/s)")
-    print(f"floor (bare passes){floor * 1e3:9.2f} ms   (teacher Heun steps per sample: "
-          f"{mean_steps:.2f})")
-    print(f"overhead           {100 * (step / floor - 1):9.1f} %")
+    what = (f"{args.config}, network {r['network']}" if args.config else
+            f"gmm teacher + MLP residual (width {args.width}, depth 4)")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {r['device']}, "
+          f"{r['precision']}; {what}; options {r['options'] or 'none'}")
+    print(report(r, args.config or "default config"))
+    return r
 
 
 if __name__ == "__main__":

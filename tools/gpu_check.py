@@ -6,6 +6,14 @@ ctm_sample --device cuda, compared with ctm_sample on the CPU.
     python tools/gpu_check.py [--out DIR] [--no-cpp] [--edm PKL] [--only-edm] [--device cuda]
 
 (`--only-edm --device cpu` runs the EDM part on a machine without a GPU, to check the script.)
+
+    python tools/gpu_check.py --bench [--device cuda] [--bench-iters 20]
+
+runs only the speed figures of issue #13 (README "Speed"), each on its own, a failure printed
+and the rest run: the distill step of the Fashion-MNIST and CIFAR-10 example configs (samples/s,
+it/s, peak memory, overhead over the bare passes) as they are and with the speed options
+(solve_buckets, compile, channels_last, tf32), the default tools/bench_train.py figures, and
+the coefficient stage as a share of a Table-3 training run.
 """
 
 from __future__ import annotations
@@ -128,6 +136,56 @@ def edm_check(out, pkl, device: str, cpp: bool) -> dict:
     return res
 
 
+#: the [distill] speed options the GPU figures are measured with (besides the defaults)
+FAST = {"solve_buckets": 4, "compile": True, "channels_last": True, "tf32": True}
+
+
+def bench(device: str = "cuda", iters: int = 20, quick: bool = False) -> dict:
+    """Every speed figure of issue #13, each in try/except; `quick` (CPU smoke): tiny sizes."""
+    import traceback
+
+    from bench_coefficients import main as coef_main
+    from bench_train import measure, report
+
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
+    print(f"# device: {name}; torch {torch.__version__}", flush=True)
+    figures = {}
+
+    def figure(label, fn):
+        t0 = time.perf_counter()
+        try:
+            figures[label] = r = fn()
+            print(f"--- {label} ({time.perf_counter() - t0:.0f}s)")
+            if isinstance(r, dict) and "step_s" in r and "floor_s" in r:
+                print(report(r, label))
+        except BaseException as e:      # noqa: BLE001 (SystemExit of a tool included)
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            figures[label] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"--- {label}: FAILED after {time.perf_counter() - t0:.0f}s\n"
+                  f"{traceback.format_exc()[-1500:]}")
+        sys.stdout.flush()
+
+    small = dict(batch=2, iters=2) if quick else dict(iters=iters)
+    figure("default bench_train", lambda: measure(None, device, **(dict(iters=3) if quick
+                                                                   else {})))
+    figure("default bench_train + solve_buckets=4",
+           lambda: measure(None, device, sets={"solve_buckets": 4},
+                           **(dict(iters=3) if quick else {})))
+    for ex in ("fashion_mnist", "cifar10"):
+        cfg = str(ROOT / "examples" / f"{ex}.toml")
+        figure(f"{ex} distill step", lambda: measure(cfg, device, warmup=True, **small))
+        figure(f"{ex} distill step, {FAST}",
+               lambda: measure(cfg, device, warmup=True, sets=FAST, **small))
+        step = figures.get(f"{ex} distill step, {FAST}", {}).get("step_s") or \
+            figures.get(f"{ex} distill step", {}).get("step_s") or 1.0
+        coef_args = ["--config", cfg, "--device", device, "--step-s", str(step)]
+        if quick:
+            coef_args += ["--coef-batch", "2", "--times", "1"]
+        figure(f"{ex} coefficient stage", lambda: coef_main(coef_args))
+    return figures
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "runs" / "gpu_check"))
@@ -136,9 +194,17 @@ def main():
                                          "edm-ddpmpp-cond-aug.pkl"), help="EDM snapshot")
     ap.add_argument("--only-edm", action="store_true", help="only the EDM teacher part")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--bench", action="store_true", help="only the speed figures (issue #13)")
+    ap.add_argument("--bench-iters", type=int, default=20)
+    ap.add_argument("--bench-quick", action="store_true", help="tiny sizes (a CPU smoke test)")
     args = ap.parse_args()
     out = _common.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.bench:
+        figures = bench(args.device, args.bench_iters, args.bench_quick)
+        (out / "bench.json").write_text(json.dumps(figures, indent=1, default=str))
+        print(f"figures -> {out / 'bench.json'}")
+        return
     print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, "
           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-'}")
     if not args.no_cpp:

@@ -219,8 +219,9 @@ def finalize(ts: np.ndarray, stats: np.ndarray, dim: int) -> Estimate:
         dl = derivative(lam, l)                                           # dl/dlambda
     dl_est = dl
     c, dl = (1.0 - l)[:, None], dl[:, None]
-    # g . dg/dlambda and ||g||^2 per sample, expanded from Eqn. (27) with g = D - c x:
-    num = DDdot + dl * Dx - c * DD + c * Dx - c * xDdot - c * dl * xx + c * c * Dx - c * c * xx
+    # g . dg/dlambda and ||g||^2 per sample, expanded with g = D - c x:
+    num = (DDdot + dl * Dx - c * DD + c * Dx - c * xDdot - c * dl * xx + c * c * Dx    # Eqn. (27)
+           - c * c * xx)
     den = DD - 2 * c * Dx + c * c * xx
     num_m, den_m = num.mean(1), den.mean(1)
     guarded = den_m <= GUARD_REL * (DD.mean(1) + xx.mean(1))

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
+from core.api import Teacher
+from core.edm import EDMDenoiser
 from core.errors import UserError
 from core.plugins import create_network
-from plugins.teachers.base import Teacher
-
-FORMAT = "ctmkit.teacher"
+from core.teacher_training import FORMAT
 
 
 def read_teacher_file(path: Path) -> dict:
@@ -50,19 +50,20 @@ class NetworkTeacher(Teacher):
         return cls(options.path("path", "teacher.pt", base=ctx.out_dir), ctx)
 
     def denoiser(self, dtype=torch.float64, device="cpu"):
-        from plugins.networks import EDMDenoiser
         return EDMDenoiser(copy.deepcopy(self.net), self.ctx.diffusion.sigma_data).to(
             device=device, dtype=dtype).eval()
 
     def student_network(self):
-        """The student: same architecture plus the zero-initialised s pathway, teacher weights."""
+        """The student: same architecture plus the zero-initialised s pathway, teacher weights
+        (wrapped as core.students.StudentNetwork, F_theta(x, t, s, class_labels))."""
+        from core.students import StudentNetwork
         net = create_network(self.file["network"], self.file["options"], self.ctx, self.shape,
                             self.num_classes, True, str(self.path))
         missing, unexpected = net.load_state_dict(self.file["state_dict"], strict=False)
         if unexpected or any(not k.startswith("s_") for k in missing):
             raise UserError(f"{self.path}: network {self.file['network']!r} has no student form "
                             f"whose extra weights are only the s pathway")
-        return net
+        return StudentNetwork(net)
 
     def fingerprint(self) -> str:
         return "network:" + self.file["sha256"][:32]      # the content digest, checked on load

@@ -20,10 +20,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from core.api import Teacher
+from core.edm import output_from_denoiser
 from core.errors import UserError
 from core.io import file_digest, regular_file
-from core.jumper import _edm_scalings
-from plugins.teachers.base import Teacher
 
 
 class _TeacherDenoiser(nn.Module):
@@ -54,11 +54,8 @@ class DenoiserStudent(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor,
                 class_labels: Optional[Tensor] = None) -> Tensor:
-        B = x.shape[0]
-        c_skip, c_out = _edm_scalings(t.reshape(-1).expand(B), self.sigma_data)   # Eqn. (3)
-        view = [B] + [1] * (x.dim() - 1)
-        c_skip, c_out = c_skip.to(x.dtype).view(view), c_out.to(x.dtype).view(view)
-        return (self.net(x, t, class_labels, s) - c_skip * x) / c_out
+        D = self.net(x, t, class_labels, s)
+        return output_from_denoiser(D, x, t.reshape(-1).expand(x.shape[0]), self.sigma_data)
 
 
 class PretrainedTeacher(Teacher):

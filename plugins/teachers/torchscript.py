@@ -2,29 +2,15 @@
 
 
 import hashlib
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from typing import Optional
 
+from core.api import Teacher
 from core.errors import UserError
-from plugins.teachers.base import Teacher
-
-
-def jit_load(path: Path, what: str, device: str = "cpu", extra_files: dict | None = None):
-    """torch.jit.load with one-line errors for missing, truncated or foreign files."""
-    from core.io import regular_file
-    regular_file(path, f"{what} file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)   # TorchScript is deprecated in 2.14
-            return torch.jit.load(str(path), map_location=device,
-                                  _extra_files=extra_files if extra_files is not None else {})
-    except Exception as e:  # torch raises RuntimeError/ValueError/... for bad archives
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"{path}: not a loadable TorchScript {what} ({first[:160]})") from None
+from core.io import jit_load  # noqa: F401  (re-exported)
 
 
 class TorchScriptTeacher(Teacher):

@@ -9,7 +9,7 @@ from typing import Tuple
 from torch import Tensor
 
 from core.hookspecs import hookimpl
-from plugins.preconditionings import Preconditioning
+from core.api import Preconditioning
 
 
 class PowerLawPrecond(Preconditioning):

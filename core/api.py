@@ -1,0 +1,281 @@
+"""The plugin contracts: what the host asks of each kind of plugin, in one module a plugin author
+imports (``from core.api import Preconditioning, hookimpl, UserError``).
+
+Every plugin kind registers through a hook of :mod:`core.hookspecs` returning
+``{name: factory}``; the host builds a plugin by calling ``factory(options, ctx)`` (networks get
+three keywords more, see :class:`Network`):
+
+``options``
+    a :class:`core.config.Section` holding the plugin's own keys. Read them with the typed
+    getters ``options.str / int / float / bool / floats / ints / strs / matrix / path(key,
+    default, ...)``; a key nobody reads is reported to the user as unknown once the factory
+    returns. Report a bad value with ``options.fail(key, "why")`` (raises a :class:`UserError`
+    naming the file, the section and the key).
+``ctx``
+    a :class:`core.plugins.Context`: ``ctx.diffusion`` (``sigma_data``, ``t_min``, ``t_max``,
+    ``rho``), ``ctx.device``, ``ctx.base_dir``, ``ctx.out_dir``, ``ctx.progress`` and
+    ``ctx.coefficients()`` (the validated Analytic-Precond table; loads it on demand).
+
+Errors: raise :class:`UserError` (``core.errors``) for anything the user can fix; the host
+prints its message as one ``error:`` line and exits with status 2. Any other exception from a
+third-party plugin is reported as one line naming the plugin and its distribution.
+
+Shapes: ``B`` is the batch, ``x`` is ``[B, *shape]`` (vectors ``[B, d]``, images
+``[B, C, H, W]`` in [-1, 1]); times ``t``, ``s`` are per sample, ``[B]``. The host's own
+mathematics (EDM's scalings and denoiser, the jump, DSM, the Euler / Heun step, CTM's sampling
+step) lives in :mod:`core.edm`, :mod:`core.jumper`, :mod:`core.dsm`, :mod:`core.ode` and
+:mod:`core.sampling`; plugins may call it.
+Helpers re-exported here, so that a plugin needs no other ctmkit module: ``append_dims(v, x)``
+(a per-sample [B] value shaped to scale x), ``batch_times(x, t)`` (a float time as [B] of x's
+dtype and device), ``add_noise(x0, t, z)`` (x_t = x_0 + t z) and ``rho_grid(steps, t_min,
+t_max, rho)`` (EDM's time grid). Working examples of every kind: ``examples/plugins/``.
+"""
+
+
+import math
+from typing import Callable, Optional, Protocol, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from core.datasets import Dataset
+from core.edm import add_noise, append_dims, batch_times
+from core.errors import UserError
+from core.hookspecs import hookimpl
+from core.schedules import rho_grid
+
+__all__ = ["hookimpl", "UserError", "Teacher", "Network", "Preconditioning", "Solver", "Loss",
+           "StepContext", "Sampler", "Dataset", "Metric",
+           # helpers a plugin may use (the host's own conventions)
+           "append_dims", "batch_times", "add_noise", "rho_grid"]
+
+
+# --- teacher (hook ctmkit_teachers) ------------------------------------------------------------
+
+class Teacher:
+    """A teacher diffusion model: the denoiser D_phi(x, t[, class_labels]) and facts about it.
+
+    Attributes a subclass sets: ``name`` (its plugin name), ``shape`` (one sample's shape, a
+    tuple of ints), ``num_classes`` (0: unconditional; else labels are int64 in
+    [0, num_classes)), ``can_sample_data`` (True when :meth:`sample_data` works).
+
+    Required: :meth:`denoiser`, :meth:`fingerprint`. Optional: :meth:`sample_data` (an analytic
+    data distribution), :meth:`reference_solve` (a more accurate ODE solution than the default
+    Heun one) and ``student_network()``: an ``nn.Module`` F_theta(x, t, s, class_labels) with
+    the teacher's architecture and weights plus a zero-initialised s pathway, in float32,
+    such that the jumper's D_theta(x, t, s) = c_skip x + c_out F_theta equals D_phi(x, t) for
+    every s at initialisation. A teacher without it gets a residual student (core.students).
+    """
+    name: str = ""
+    shape: tuple = ()
+    num_classes: int = 0
+    can_sample_data: bool = False
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.shape)
+
+    def denoiser(self, dtype: torch.dtype = torch.float64, device: str = "cpu") -> nn.Module:
+        """A TorchScript-able module ``forward(x, t, class_labels=None) -> D_phi(x, t)``: x of
+        `dtype` on `device`, t [B] (or a scalar) of x's dtype, result shaped and typed like x.
+        A fresh module each call (the caller may move or cast it); no gradients needed."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A digest that changes whenever the denoiser would (used to reuse coefficients)."""
+        raise NotImplementedError
+
+    def sample_data(self, n: int, generator: torch.Generator) -> tuple[Tensor, Optional[Tensor]]:
+        """n draws (x_0 float64 [n, *shape], int64 class labels [n] or None) from the data
+        distribution, all randomness from `generator`."""
+        raise UserError(f"teacher {self.name!r} cannot sample its data distribution; "
+                        f"give a data file ([coefficients] data / [evaluate] data)")
+
+    def reference_solve(self, x: Tensor, t_start: float, times: list[float],
+                        class_labels: Optional[Tensor] = None) -> list[Tensor]:
+        """High-accuracy teacher PF-ODE solution from x at t_start, returned (float64) at each
+        of the decreasing `times`. Default: Heun with >= 64 log-uniform steps per segment."""
+        from core.ode import HeunSolver
+
+        D = self.denoiser(torch.float64, str(x.device))
+        den = lambda x_, t_: D(x_, t_, class_labels)
+        out, cur, t0 = [], x.double(), t_start
+        for t1 in times:
+            if t1 < t0:
+                n = max(64, int(math.ceil(64 * math.log(t0 / t1))))
+                grid = torch.exp(torch.linspace(math.log(t0), math.log(t1), n + 1,
+                                                dtype=torch.float64)).tolist()
+                cur = HeunSolver().solve(den, cur, grid)
+            out.append(cur)
+            t0 = t1
+        return out
+
+
+# --- network (hook ctmkit_networks) ------------------------------------------------------------
+
+class Network(Protocol):
+    """A free-form network F(x, t, s=None, class_labels=None) -> [B, *shape] in EDM's
+    parameterisation; the factory is called as ``factory(options, ctx, shape=(...),
+    num_classes=k, student=bool)`` and returns an ``nn.Module`` (TorchScript-able: the
+    exported jumper contains it).
+
+    * ``forward(x, t, s=None, class_labels=None)``: x [B, *shape] float32 (float64 when the
+      coefficient stage asks), t and s [B] (or scalars; broadcast them to B) of x's dtype,
+      class_labels int64 [B] or None. It gets the *raw* x and t and applies c_in(t) =
+      1 / sqrt(sigma_data^2 + t^2) and the noise embedding c_noise(t) itself; the host forms
+      D = c_skip(t) x + c_out(t) F (:func:`core.edm.denoiser_from_output`).
+    * ``student=False`` (a teacher) must accept ``s=None``; ``student=True`` adds an embedding of
+      s whose projection is zero-initialised, so that the student loading the teacher's
+      weights with ``strict=False`` equals the teacher for every s. Every student-only weight
+      is named ``s_*`` (the only missing keys allowed when a student loads a teacher file).
+    * The last ``nn.Linear`` among ``modules()`` is the output layer: a residual student
+      R_theta (teachers without a student form) is zeroed there, so it must end the forward.
+    """
+
+    def __call__(self, x: Tensor, t: Tensor, s: Optional[Tensor] = None,
+                 class_labels: Optional[Tensor] = None) -> Tensor: ...
+
+
+# --- preconditioning (hook ctmkit_preconditionings) ---------------------------------------------
+
+class Preconditioning(nn.Module):
+    """The coefficients of f_theta(x, t, s) = f(t, s) x + g(t, s) D_theta(x, t, s) (or
+    F_theta when ``jumps_denoiser`` is False; paper Table 1).
+
+    Attributes: ``name`` (the plugin name), ``variant`` (a string, "" if none; recorded in the
+    exported file), ``jumps_denoiser`` (bool). ``forward(t, s) -> (f, g)``: t, s [B] of any float
+    dtype; returns two float64 [B] tensors satisfying the boundary condition f(t, t) = 1,
+    g(t, t) = 0. Must be TorchScript-able (it is exported inside the jumper) and pure (no
+    state changes); times outside its valid range raise."""
+    name: str = ""
+    variant: str = ""
+    jumps_denoiser: bool = True
+
+    def forward(self, t: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+# --- solver (hook ctmkit_solvers) ---------------------------------------------------------------
+
+class Solver:
+    """A teacher PF-ODE solver for dx/dt = (x - D(x, t)) / t.
+
+    Required: ``step(denoise, x, t0, t1) -> x`` taking one step from t0 to t1 with
+    *per-sample* times t0, t1 [B] of x's dtype (distillation's samples travel between
+    different grid times; 0 < t1 < t0 there, t1 = 0 may occur elsewhere). ``denoise(x, t)``
+    is the teacher's D_phi (labels bound), called on a subset of the batch with t of the same
+    length. No gradients flow (the host calls it under ``no_grad``); x keeps its dtype.
+    ``solve(denoise, x, ts)`` walks a grid ts common to all samples (default: ``step`` per
+    interval). Attribute ``order`` (int) is informative. Optional keyword of ``step``:
+    ``positive=False``; the host passes ``positive=True`` when it knows every t1 > 0, so a
+    solver may skip checking that on the device (a host-device sync on a GPU)."""
+    order: int = 1
+
+    def step(self, denoise: Callable, x: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def solve(self, denoise: Callable, x: Tensor, ts: Sequence[float]) -> Tensor:
+        for t0, t1 in zip(ts[:-1], ts[1:]):
+            x = self.step(denoise, x, batch_times(x, t0), batch_times(x, t1))
+        return x
+
+
+# --- loss (hook ctmkit_losses) -----------------------------------------------------------------
+
+class StepContext(Protocol):
+    """What a loss may call during a distillation step (:class:`core.distill.StepContext`).
+
+    ``ctx.jump(F, x, t, s)``         f(t, s) x + g(t, s) D (or F) from a student output F
+    ``ctx.denoiser(F, x, t)``        c_skip(t) x + c_out(t) F
+    ``ctx.target_jump(x, t, s, grad=False)``  the stop-gradient target's jump (EMA weights;
+                                     ``grad=True`` lets gradients flow through x, not weights)
+    ``ctx.solve(x, n, k, host=None)``  the teacher ODE from grid[n] to grid[k] per sample
+                                     (k - n <= max_ode_steps), no gradients; ``host``: the
+                                     CPU copies (n, k) if the loss has them (``ctx.host``, this
+                                     chunk's draws on the CPU), so no device sync is needed
+    ``ctx.teacher(x, t)``            D_phi;  ``ctx.grid``: the N+1 EDM times t_0 = t_max > ...
+                                     > t_N = t_min (float64, on the device);
+    ``ctx.sigma_data``, ``ctx.labels`` (int64 [B] or None), ``ctx.max_ode_steps``
+    """
+
+
+class Loss:
+    """A distillation loss. The host calls, per iteration:
+
+    1. ``draw(gen, x0, N) -> {key: tensor}``: every random quantity for the *global* batch
+       (x0 [B_global, *shape] float32 on the CPU) from the CPU generator `gen`, each tensor with
+       the batch as its first dimension (the host slices them per process and micro-batch);
+    2. ``inputs(draws, x0, grid) -> (x, t, s)``: the student's inputs for this slice, on the
+       CPU (grid: the N+1 float64 times); the host runs the student once on them and on the
+       DSM inputs together;
+    3. ``per_sample(ctx, draws, x0, F, distance) -> [B]``: the loss per sample, on the device,
+       differentiable w.r.t. F (the student's output for ``inputs``) through ``ctx``'s methods
+       (:class:`StepContext`); ``distance(a, b) -> [B]`` is ``[distill] distance``.
+
+    ``is_dsm``: the loss is itself DSM, so the host adds no DSM regulariser. The host averages
+    per_sample over the batch and processes; it runs under autocast when ``[distill]
+    precision`` asks."""
+    is_dsm: bool = False
+
+    def draw(self, gen: torch.Generator, x0: Tensor, N: int) -> dict:
+        raise NotImplementedError
+
+    def inputs(self, draws: dict, x0: Tensor, grid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def per_sample(self, ctx: StepContext, draws: dict, x0: Tensor, F: Tensor,
+                   distance: Callable) -> Tensor:
+        raise NotImplementedError
+
+
+# --- sampler (hook ctmkit_samplers) ------------------------------------------------------------
+
+class Sampler:
+    """Runs an exported jumper f_theta(x, t, s, class_labels) (:class:`core.jumper.Jumper`)
+    from noise down to t_min.
+
+    ``timesteps(steps, t_min, t_max, rho) -> list[float]``: steps + 1 decreasing times from
+    t_max to t_min. ``sample(jumper, x, timesteps, generator, class_labels=None,
+    trajectory=None) -> x``: x is the initial noise [B, *shape] at timesteps[0]; the host calls
+    it under ``torch.no_grad()``. Per-step noise must come from the CPU `generator`, in step
+    order (the convention of core.sampling, shared with the C++ ``ctm_sample``); append each
+    step's state to `trajectory` when given. ``runs_in_ctm_sample``: True only for CTM's
+    gamma-sampling with attribute ``gamma`` (what the C++ runner implements)."""
+    runs_in_ctm_sample: bool = False
+
+    def timesteps(self, steps: int, t_min: float, t_max: float, rho: float) -> list[float]:
+        raise NotImplementedError
+
+    def sample(self, jumper, x: Tensor, timesteps, generator: torch.Generator,
+               class_labels: Optional[Tensor] = None,
+               trajectory: Optional[list] = None) -> Tensor:
+        raise NotImplementedError
+
+
+# --- dataset (hook ctmkit_datasets): core.datasets.Dataset, re-exported above --------------------
+# A dataset factory gets the [data] section (its ``format`` key names the plugin) and returns a
+# core.datasets.Dataset: float32 x [N, *shape] (images [N, C, H, W] in [-1, 1]), int64 y [N] or
+# None, a fingerprint string that changes with the content.
+
+
+# --- metric (hook ctmkit_metrics) --------------------------------------------------------------
+
+class Metric:
+    """A sample-quality metric (what a ``ctmkit_metrics`` factory returns).
+
+    ``compute(samples, reference_dataset, cache_dir)`` gets the generated images (float
+    [N, C, H, W] in [-1, 1]), the reference :class:`core.datasets.Dataset` and a folder for
+    cached reference statistics, and returns ``{key: value}`` (finite floats; keys become
+    metrics.json entries and metrics.csv columns ``<key>_<K>``).
+    """
+
+    name: str = "metric"
+
+    def compute(self, samples, reference_dataset, cache_dir) -> dict[str, float]:
+        raise NotImplementedError
+
+    def describe(self) -> Optional[dict]:
+        """What the last :meth:`compute` measured with (features, mode, reference), as a
+        JSON-serialisable dict, or None. :func:`core.quality.compute_metrics` reports it as
+        ``"<name>_info"``."""
+        return None

@@ -1,0 +1,210 @@
+"""The speed paths of the distill step (issue #13), on the CPU: the static-shape (sorted,
+bucketed) teacher solve against the gathered one, the sync-free Heun step, the fused EMA, and
+distillation runs with solve_buckets / channels_last / compile against the default run."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gmm_teacher(dim=4, classes=0):
+    from plugins.teachers.gmm import GMMTeacher
+    rng = np.random.default_rng(0)
+    g = GMMTeacher(np.full(3, 1 / 3), rng.normal(size=(3, dim)), np.full(3, 0.4))
+    base = g.denoiser(torch.float64)
+    if not classes:
+        return lambda x, t, y=None: base(x.double(), t.double(), None).to(x.dtype)
+    # a label-dependent teacher, so mixing up rows' labels would show
+    return lambda x, t, y: (base(x.double(), t.double(), None)
+                            + 0.1 * y.double()[:, None]).to(x.dtype)
+
+
+def _ctx(teacher, buckets, labels=None, host=None, dtype=torch.float32, N=18, solver="heun"):
+    from core.distill import StepContext
+    from core.schedules import rho_grid
+    from plugins.solvers import EulerSolver, HeunSolver
+    grid = torch.tensor(rho_grid(N, 0.002, 80.0, 7.0), dtype=torch.float64)
+    s = HeunSolver() if solver == "heun" else EulerSolver()
+    return StepContext(None, 0.5, grid, teacher, s, None, 17, labels, solve_buckets=buckets,
+                       host=host, positive_grid=True)
+
+
+@pytest.mark.parametrize("buckets", [1, 2, 3, 4, 1000])
+@pytest.mark.parametrize("classes", [0, 10])
+@pytest.mark.parametrize("solver", ["heun", "euler"])
+def test_sorted_solve_matches_gathered(buckets, classes, solver):
+    """Per sample the static-shape solve equals the gathered one to float rounding, whatever
+    the bucket count, with and without labels (float32 ~1e-6 relative, float64 ~1e-14)."""
+    from plugins.losses import CTMLoss
+    gen = torch.Generator().manual_seed(1)
+    B, N = 77, 18
+    x0 = torch.randn(B, 4, generator=gen)
+    d = CTMLoss(17).draw(gen, x0, N)
+    labels = torch.randint(0, classes, (B,), generator=gen) if classes else None
+    teacher = _gmm_teacher(classes=classes)
+    for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-11)):
+        x = (x0 + 3 * d["z"]).to(dtype)
+        ref = _ctx(teacher, 0, labels, dtype=dtype, solver=solver).solve(x, d["n"], d["k"])
+        host = (d["n"], d["k"])
+        got = _ctx(teacher, buckets, labels, host=host, dtype=dtype,
+                   solver=solver).solve(x, d["n"], d["k"], host=host)
+        no_host = _ctx(teacher, buckets, labels, dtype=dtype,
+                       solver=solver).solve(x, d["n"], d["k"])
+        scale = ref.abs().amax(1, keepdim=True) + 1.0
+        assert ((got - ref).abs() / scale).max() < tol
+        assert torch.equal(got, no_host)
+        assert not torch.equal(ref, x)                # it moved
+
+
+def test_sorted_solve_edge_cases():
+    """No steps at all, an empty batch, one sample, and the CM loss's single steps."""
+    teacher = _gmm_teacher()
+    x = torch.randn(5, 4)
+    n = torch.tensor([3, 4, 5, 6, 7])
+    ctx = _ctx(teacher, 2)
+    assert torch.equal(ctx.solve(x, n, n), x)
+    assert ctx.solve(x[:0], n[:0], n[:0]).shape == (0, 4)
+    for sl in (slice(0, 1), slice(0, 5)):
+        ref = _ctx(teacher, 0).solve(x[sl], n[sl], n[sl] + 1)
+        got = ctx.solve(x[sl], n[sl], n[sl] + 1)
+        assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_heun_positive_skips_only_the_check():
+    from plugins.solvers import HeunSolver
+    D = _gmm_teacher()
+    x, t0, t1 = torch.randn(9, 4), torch.full((9,), 2.0), torch.full((9,), 1.5)
+    h = HeunSolver()
+    assert torch.equal(h.step(D, x, t0, t1), h.step(D, x, t0, t1, positive=True))
+
+
+def test_fused_ema_is_bitwise_the_per_tensor_lerp():
+    from core.training import EMA
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(7, 33), torch.nn.BatchNorm1d(33),
+                              torch.nn.Linear(33, 3))
+    ema = EMA(net, 0.999)
+    ref = copy.deepcopy(ema.model)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net(torch.randn(5, 7))                    # moves the BatchNorm buffers
+        ema.update(net)
+        with torch.no_grad():
+            for e, p in zip(ref.parameters(), net.parameters()):
+                e.lerp_(p, 1.0 - 0.999)
+            for e, b in zip(ref.buffers(), net.buffers()):
+                e.copy_(b)
+        for a, b in zip(ema.model.state_dict().values(), ref.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_config_keys_default_off():
+    from core.config import parse_config
+    cfg = parse_config({"teacher": {"kind": "gmm", "weights": [1.0], "means": [[0.0]],
+                                    "stds": [1.0]}}, Path("x.toml"))
+    d = cfg.distill
+    assert (d.solve_buckets, d.compile, d.channels_last, d.tf32) == (0, False, False, False)
+    cfg = parse_config({"teacher": {"kind": "gmm", "weights": [1.0], "means": [[0.0]],
+                                    "stds": [1.0]},
+                        "distill": {"solve_buckets": 4, "compile": True, "channels_last": True,
+                                    "tf32": True}}, Path("x.toml"))
+    d = cfg.distill
+    assert (d.solve_buckets, d.compile, d.channels_last, d.tf32) == (4, True, True, True)
+
+
+RUN = """
+[run]
+out_dir = "out"
+stages = ["distill"]
+[teacher]
+kind = "gmm"
+weights = [0.5, 0.5]
+means = [[-1.0, 0.0, 0.5, 0.0], [1.0, 0.5, 0.0, -0.5]]
+stds = [0.3, 0.4]
+[network]
+name = "mlp"
+width = 32
+depth = 2
+emb_dim = 16
+[precond]
+name = "ctm"
+[distill]
+iterations = 6
+batch_size = 24
+checkpoint_every = 3
+eval_every = 6
+eval_num = 16
+eval_steps = [1]
+N = 10
+max_ode_steps = 6
+{extra}
+"""
+
+
+def _distill(tmp: Path, name: str, extra: str = "") -> dict:
+    d = tmp / name
+    d.mkdir()
+    (d / "c.toml").write_text(RUN.format(extra=extra))
+    r = subprocess.run([sys.executable, "-m", "core.run", str(d / "c.toml"), "--no-progress"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return torch.load(d / "out" / "student.pt", weights_only=False)["state_dict"]
+
+
+def _close(a: dict, b: dict, tol: float) -> float:
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < tol, worst
+    return worst
+
+
+def test_distill_speed_options_match_the_default(tmp_path):
+    """solve_buckets (2 and 1: a fixed count of masked steps) and channels_last (a no-op for
+    an MLP) end where the default run ends, to float rounding; the fingerprint ignores them,
+    so a run resumes across them."""
+    ref = _distill(tmp_path, "ref")
+    _close(ref, _distill(tmp_path, "b2", "solve_buckets = 2"), 1e-5)
+    _close(ref, _distill(tmp_path, "b1", "solve_buckets = 1\nchannels_last = true\ntf32 = true"),
+           1e-5)
+
+
+@pytest.mark.slow
+def test_distill_compiled_matches_the_default(tmp_path):
+    """compile = true (torch.compile on the CPU) with the static-shape solve."""
+    ref = _distill(tmp_path, "ref")
+    _close(ref, _distill(tmp_path, "c", "compile = true\nsolve_buckets = 2"), 1e-4)
+
+
+@pytest.mark.slow
+def test_channels_last_unet_step_matches(tmp_path):
+    """channels_last on an image network: one StepContext solve and student pass agree with
+    the contiguous ones to float rounding."""
+    from core.config import DiffusionCfg
+    from core.plugins import Context, create_network
+    from plugins.networks import EDMDenoiser
+    torch.manual_seed(0)
+    net = create_network("unet", {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
+                                  "attn_resolutions": []}, Context(diffusion=DiffusionCfg()),
+                         (1, 8, 8), 3, False, "test")
+    den = EDMDenoiser(net, 0.5).eval()
+    den_cl = copy.deepcopy(den).to(memory_format=torch.channels_last)
+    x = torch.randn(6, 1, 8, 8)
+    t = torch.linspace(0.1, 5, 6)
+    y = torch.arange(6) % 3
+    with torch.no_grad():
+        a = den(x, t, y)
+        b = den_cl(x.contiguous(memory_format=torch.channels_last), t, y)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    n = torch.tensor([0, 1, 2, 3, 4, 5])
+    k = n + torch.tensor([3, 1, 2, 1, 3, 2])
+    ref = _ctx(den, 0, y).solve(x, n, k)
+    got = _ctx(den_cl, 2, y).solve(x.contiguous(memory_format=torch.channels_last), n, k)
+    assert torch.allclose(ref, got, rtol=1e-5, atol=1e-5)

@@ -329,4 +329,9 @@ def plot(r: dict, ts, table, sm_table, path: Path, coef_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from core.errors import UserError
+    try:
+        sys.exit(main())
+    except UserError as e:             # bad input: one line, exit status 2, as core.run
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

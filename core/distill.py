@@ -318,8 +318,22 @@ def _dsm_weight(setting, l_main: Tensor, l_dsm: Tensor, params) -> float:
 
 
 def _compiled(module):
-    """torch.compile'd forward of `module` (its parameters shared, its state_dict untouched)."""
-    return torch.compile(module)
+    """torch.compile'd forward of `module` (its parameters shared, its state_dict untouched).
+
+    Static shapes (``dynamic=False``): the static-shape solve presents a handful of batch
+    sizes, each compiled once (the recompile limit is raised to fit them), and inductor's
+    dynamic-shape path fails on channels_last convolutions (torch 2.14, CPU). Donated buffers
+    are off: the adaptive DSM weight differentiates the losses with ``retain_graph=True``,
+    which a backward compiled with donated buffers refuses."""
+    import torch._dynamo
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+    return torch.compile(module, dynamic=False)
 
 
 def _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws, dsm_draws, x0,

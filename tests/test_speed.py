@@ -181,6 +181,11 @@ def test_distill_compiled_matches_the_default(tmp_path):
     """compile = true (torch.compile on the CPU) with the static-shape solve."""
     ref = _distill(tmp_path, "ref")
     _close(ref, _distill(tmp_path, "c", "compile = true\nsolve_buckets = 2"), 1e-4)
+    # the adaptive DSM weight differentiates with retain_graph=True, which a compiled backward
+    # with donated buffers refuses (found by gpu_check --bench; _compiled turns them off)
+    ref = _distill(tmp_path, "ref_a", 'dsm_weight = "adaptive"')
+    _close(ref, _distill(tmp_path, "c_a", 'dsm_weight = "adaptive"\ncompile = true\n'
+                         'solve_buckets = 2'), 1e-4)
 
 
 @pytest.mark.slow

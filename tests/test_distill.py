@@ -239,6 +239,7 @@ def test_other_losses_train_through_the_same_engine(work, loss):
     assert (work / "out" / "student.pt").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dsm_weight", ["1.0", '"adaptive"'])
 def test_micro_batch_gives_the_whole_batch_result(work, tmp_path_factory, dsm_weight):
     """[distill] micro_batch accumulates gradients inside the batch: the trained weights equal

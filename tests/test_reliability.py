@@ -300,6 +300,7 @@ def flip_bit_in_tensor_data(path: Path, marker: bytes = b"/data/") -> None:
     path.write_bytes(bytes(raw))
 
 
+@pytest.mark.slow
 def test_bit_flips_in_every_file_are_caught(train_config, tmp_path):
     cfg = train_config()
     cli(cfg, check=True)
@@ -340,6 +341,7 @@ def test_ctm_sample_checks_the_jumper_digest(write_config, run_main, tmp_path):
 
 # --- 6. files that look like ctmkit's but are not -------------------------------------------
 
+@pytest.mark.slow
 def test_look_alike_files_are_one_line(train_config, tmp_path):
     cfg = train_config()
     cli(cfg, check=True)

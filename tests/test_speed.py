@@ -166,6 +166,7 @@ def _close(a: dict, b: dict, tol: float) -> float:
     return worst
 
 
+@pytest.mark.slow
 def test_distill_speed_options_match_the_default(tmp_path):
     """solve_buckets (2 and 1: a fixed count of masked steps) and channels_last (a no-op for
     an MLP) end where the default run ends, to float rounding; the fingerprint ignores them,

@@ -3,14 +3,17 @@ forms, a quadrature reference and the finite-difference path ("fd") it replaces 
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.func import grad, jvp
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from bench_coefficients import MLPDenoiser  # noqa: E402  (the network-like teacher)
 from conftest import QUICK_CONFIG, T_MAX, T_MIN, exact_single_gaussian, single_gaussian
 from core.coefficients import estimate
 from core.coefficients.estimate import N_FD, STATS, collect, finalize
@@ -125,30 +128,10 @@ def test_exact_path_standard_error_is_calibrated_on_the_mixture():
 
 # --- (c) a network teacher: no grid dependence -----------------------------------------------
 
-class MLPDenoiser(nn.Module):
-    """D(x, t) = c_skip x + c_out F(c_in x, log t / 4), as in tools/bench_coefficients.py."""
-
-    def __init__(self, dim: int, width: int, depth: int = 3, sigma_data: float = 0.5):
-        super().__init__()
-        layers, d = [], dim + 1
-        for _ in range(depth):
-            layers += [nn.Linear(d, width), nn.SiLU()]
-            d = width
-        self.net = nn.Sequential(*layers, nn.Linear(d, dim))
-        self.sd = sigma_data
-
-    def forward(self, x, t, class_labels=None):
-        t = t.reshape(-1, 1)
-        c_skip = self.sd ** 2 / (self.sd ** 2 + t ** 2)
-        c_out = self.sd * t / (self.sd ** 2 + t ** 2).sqrt()
-        c_in = 1 / (self.sd ** 2 + t ** 2).sqrt()
-        return c_skip * x + c_out * self.net(torch.cat([c_in * x, t.log() / 4], 1))
-
-
 def test_network_teacher_s_does_not_depend_on_the_grid():
     torch.manual_seed(0)
     dim = 4
-    net = MLPDenoiser(dim, 32).double().eval().requires_grad_(False)
+    net = MLPDenoiser(dim, 32, depth=3).double().eval().requires_grad_(False)
     f = lambda x, t, y: net(x, t)
     sampler = lambda n, g: (0.5 * torch.randn((n, dim), generator=g, dtype=torch.float64), None)
     coarse = log_grid(10, T_MIN, T_MAX)
@@ -215,7 +198,7 @@ def test_trdot_is_the_lambda_derivative_of_the_hutchinson_term():
     v^T J(x_0 + t eps, t) v in lambda = -log t (float64, a network with SiLU: the nested JVP
     needs grad mode on, see estimate._jvps_nested)."""
     torch.manual_seed(1)
-    net = MLPDenoiser(3, 16).double().eval()               # parameters left requiring grad
+    net = MLPDenoiser(3, 16, depth=3).double().eval()               # parameters left requiring grad
     f = lambda x, t, y: net(x, t)
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(

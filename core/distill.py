@@ -10,6 +10,7 @@ same weights as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 
 import torch
@@ -39,7 +40,8 @@ class StepContext:
         self.max_ode_steps, self.labels = max_ode_steps, labels
         self.solve_buckets = solve_buckets      # 0: gather the travelling samples every step
         self.host = host or {}                  # this chunk's draws on the CPU (n, k, ...)
-        self.positive_grid = positive_grid      # the grid ends at t > 0 (known on the host)
+        # every step ends at t > 0 and the solver accepts `positive` (no check on the device)
+        self.positive_grid = positive_grid
 
     def denoiser(self, F: Tensor, x: Tensor, t: Tensor) -> Tensor:
         return denoiser_from_output(F, x, t, self.sigma_data)
@@ -93,7 +95,7 @@ class StepContext:
         last = len(self.grid) - 2                    # the largest valid start index
         q = -(-B // self.solve_buckets)
         counts = torch.bincount(steps, minlength=int(steps[0]) + 1).flip(0).cumsum(0).flip(0)
-        kw = {"positive": True} if self._positive_grid() else {}
+        kw = {"positive": True} if self.positive_grid else {}
         for j in range(int(steps[0])):
             c = int(counts[j + 1])                   # rows with more than j steps (CPU)
             cb = min(B, -(-c // q) * q)
@@ -107,13 +109,6 @@ class StepContext:
         res = torch.empty_like(xs)
         res[perm] = xs
         return res
-
-    def _positive_grid(self) -> bool:
-        """The grid ends above 0 (known on the host: it comes from the config) and the solver
-        accepts `positive` (every step ends at t > 0: no check on the device)."""
-        import inspect
-        return self.positive_grid and \
-            "positive" in inspect.signature(self.solver.step).parameters
 
 
 def fingerprint(run, precond_desc: dict) -> str:
@@ -246,7 +241,8 @@ def distill(run) -> None:
     ctx_args = dict(precond=precond, sigma_data=diff.sigma_data, grid=grid,
                     teacher=fast(teacher_D), solver=solver, target=fast(target.model),
                     max_ode_steps=d.max_ode_steps, solve_buckets=d.solve_buckets,
-                    positive_grid=diff.t_min > 0)
+                    positive_grid=diff.t_min > 0 and
+                    "positive" in inspect.signature(solver.step).parameters)
     model_fwd = fast(model)
     for it in loop.iterations():
         gen = iteration_generator(d.seed, it)

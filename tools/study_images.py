@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     meta = {"shape": list(teacher.shape), "dtype": "float32",
             "num_classes": teacher.num_classes, "t_min": diff.t_min, "t_max": diff.t_max,
             "rho": diff.rho}
-    paper = {2: [diff.t_max, args.mid, diff.t_min]}
+    mid = {2: [diff.t_max, args.mid, diff.t_min]}
     fid = metrics[0].name if metrics else None
 
     def quality(jumper, steps, schedules=None):
@@ -148,11 +148,11 @@ def main(argv=None) -> int:
     for k, j in jumpers.items():
         with torch.no_grad():
             rho = quality(j, [1, 2, 3, 4])
-            pap = quality(j, [], paper)
-        init[k] = {"rho": {str(K): v for K, v in rho.items()}, "paper2": pap[2]}
+            via_mid = quality(j, [], mid)
+        init[k] = {"rho": {str(K): v for K, v in rho.items()}, "mid2": via_mid[2]}
         print(f"[study] teacher-initialised {k}: " +
               "  ".join(f"{K}-step {v:.2f}" for K, v in rho.items()) +
-              f"  2-step via the middle time {pap[2]:.2f}  ({time.perf_counter() - t0:.0f}s)",
+              f"  2-step via the middle time {via_mid[2]:.2f}  ({time.perf_counter() - t0:.0f}s)",
               flush=True)
 
     # 3. per-jump errors on the 4-step rho-grid, and the per-jump attribution in FID
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     curves = {k: read_curves(r.out_dir / "metrics.csv") for k, r in runs.items()}
     result = {"config": str(cfg.path), "fid": fid, "num": d.eval_num, "seed": ev.seed,
               "schedules": {"rho": {str(K): rho_grid(K, diff.t_min, diff.t_max, diff.rho)
-                                    for K in (1, 2, 3, 4)}, "paper2": paper[2]},
+                                    for K in (1, 2, 3, 4)}, "mid2": mid[2]},
               "smooth": args.smooth, "smooth_note": "l_t, s_t Gaussian-smoothed over lambda "
               "(std --smooth): a DEVIATION from Eqns. (15), (17)",
               "teacher_initialised": init, "per_jump_rmse_4step": per_jump,
@@ -207,12 +207,13 @@ def main(argv=None) -> int:
 def markdown(r: dict, ts: list[float]) -> str:
     fid = r["fid"]
     lines = [f"Teacher-initialised {fid} ({r['num']} samples, seed {r['seed']}); rho-grid "
-             f"unless named; 'paper' = 2 steps via {r['schedules']['paper2'][1]:g}.", "",
-             "| precond | 1 step | 2 steps | 2 steps (paper) | 3 steps | 4 steps |",
+             f"unless named; 'mid' = 2 steps via {r['schedules']['mid2'][1]:g} (not the "
+             f"paper's schedule).", "",
+             "| precond | 1 step | 2 steps | 2 steps (mid) | 3 steps | 4 steps |",
              "|---|---|---|---|---|---|"]
     for k, v in r["teacher_initialised"].items():
         rho = v["rho"]
-        lines.append(f"| {k} | {rho['1']:.2f} | {rho['2']:.2f} | {v['paper2']:.2f} | "
+        lines.append(f"| {k} | {rho['1']:.2f} | {rho['2']:.2f} | {v['mid2']:.2f} | "
                      f"{rho['3']:.2f} | {rho['4']:.2f} |")
     lines += ["", "Per-jump RMSE on the 4-step rho-grid (teacher-initialised jump from the "
               "teacher ODE's x_t vs the teacher ODE):", "",
@@ -250,7 +251,7 @@ def plot(r: dict, ts, table, sm_table, path: Path, coef_path: Path) -> None:
         Ks = [1, 2, 3, 4]
         ax[0].plot(Ks, [v["rho"][str(K)] for K in Ks], style(k), marker="o", color=color(k),
                    label=k)
-        ax[0].plot([2], [v["paper2"]], marker="*", ms=12, color=color(k), ls="none")
+        ax[0].plot([2], [v["mid2"]], marker="*", ms=12, color=color(k), ls="none")
     ax[0].set(xlabel="steps (* = 2 steps via 0.821)", ylabel=r["fid"].split("-")[0],
               title="teacher-initialised", xticks=[1, 2, 3, 4])
     ax[0].legend(fontsize=7)

@@ -165,6 +165,8 @@ def main(argv=None):
     ap.add_argument("--train-iters", type=int, default=5)
     ap.add_argument("--train-batch", type=int, default=None, help="default: the config's")
     args = ap.parse_args(argv)
+    if args.config and not Path(args.config).is_file():
+        ap.error(f"--config {args.config}: no such file")
     if args.config:
         r = bench_config(args)
         dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"

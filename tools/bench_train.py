@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import io
 import resource
+import sys
 import tempfile
 import time
 import tomllib
@@ -103,8 +104,19 @@ def parse_sets(sets) -> dict:
     out = {}
     for s in sets or []:
         key, _, value = s.partition("=")
-        out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            print(f"error: --set {s}: not KEY=VALUE with a TOML value", file=sys.stderr)
+            raise SystemExit(2) from None
     return out
+
+
+def run_config(cfg: Path) -> None:
+    """core.run on a bench config; its own one-line error (stderr) and exit status if it fails."""
+    rc = core_main([str(cfg), "--no-progress"])
+    if rc != 0:
+        raise SystemExit(rc)
 
 
 def write_random_teacher(path: Path, network: dict, shape, num_classes: int,
@@ -202,7 +214,7 @@ def measure(config: str | None = None, device: str = "cpu", iters: int = 60, bat
             torch.cuda.reset_peak_memory_stats()
         with contextlib.redirect_stdout(io.StringIO()):
             t0 = time.perf_counter()
-            assert core_main([str(cfg), "--no-progress"]) == 0
+            run_config(cfg)
             total = time.perf_counter() - t0
             peak = (torch.cuda.max_memory_allocated() if cuda else
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -213,7 +225,7 @@ def measure(config: str | None = None, device: str = "cpu", iters: int = 60, bat
                 step = 1.0 / float(rows[-1]["it_per_s"])
             else:
                 t0 = time.perf_counter()
-                assert core_main([str(cfg2), "--no-progress"]) == 0
+                run_config(cfg2)
                 startup = time.perf_counter() - t0
                 step = (total - startup) / (iters - 1)
 
@@ -321,6 +333,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.iters < 2:
         ap.error("--iters must be at least 2")
+    if args.config and not Path(args.config).is_file():
+        ap.error(f"--config {args.config}: no such file")
     shape = [int(v) for v in args.image_shape.split(",")] if args.image_shape else None
     r = measure(args.config, args.device, args.iters, args.batch, args.width,
                 parse_sets(args.set), shape, args.warmup)

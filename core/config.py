@@ -508,6 +508,13 @@ class DistillCfg(TrainCfg):
                              "and runs step j on a prefix rounded up to B/k rows (static "
                              "shapes, no device sync)", min=0, max=MAX_BATCH)
     compile: bool = key("bool", False, "torch.compile the teacher, the student and the target")
+    compile_mode: str = key("str", "default", "torch.compile's mode with compile = true: "
+                            "reduce-overhead adds CUDA graphs (CUDA only; on the CPU the same "
+                            "as default)", choices=("default", "reduce-overhead",
+                                                    "max-autotune",
+                                                    "max-autotune-no-cudagraphs"))
+    fused_optimizer: bool = key("bool", False, "the optimiser step as fused kernels (Adam: "
+                                "torch's fused=True, RAdam: foreach=True), on CPU and CUDA")
     channels_last: bool = key("bool", False, "image networks and inputs in channels_last "
                               "memory format")
     tf32: bool = key("bool", False, "TF32 matmuls / convolutions on CUDA")

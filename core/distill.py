@@ -116,7 +116,8 @@ def fingerprint(run, precond_desc: dict) -> str:
     keep = {k: v for k, v in vars(d).items()
             if k not in ("iterations", "checkpoint_every", "keep_checkpoints", "log_every",
                          "eval_every", "eval_num", "eval_steps", "eval_schedules",
-                         "micro_batch", "solve_buckets", "compile", "channels_last", "tf32")}
+                         "micro_batch", "solve_buckets", "compile", "compile_mode",
+                         "channels_last", "tf32", "fused_optimizer")}
     desc = {"teacher": run.teacher.fingerprint(), "precond": precond_desc, "distill": keep,
             "network": cfg.network.data, "data": run.data_fingerprint(),
             "diffusion": vars(cfg.diffusion)}
@@ -155,7 +156,7 @@ def distill(run) -> None:
     target = EMA(student, d.target_ema)                                   # sg(theta), Eqn. (28)
     emas = [EMA(student, r) for r in d.ema]
     params = trainable(student)
-    opt = make_optimizer(d.optimizer, params, d.lr)
+    opt = make_optimizer(d.optimizer, params, d.lr, d.fused_optimizer)
     modules = {"student": student, "target": target.model,
                **{f"ema_{i}": e.model for i, e in enumerate(emas)}}
     model = student
@@ -235,9 +236,10 @@ def distill(run) -> None:
     if start == 0:
         evaluate(0)
     t_last, it_last = time.perf_counter(), start
-    window = torch.zeros(3, dtype=torch.float64)      # loss sums since the last log row
+    window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sums since the last log
     micro = d.micro_batch or local                    # samples per forward / backward pass
-    fast = _compiled if d.compile else (lambda m: m)   # the modules stay as they are
+    fast = ((lambda m: _compiled(m, d.compile_mode)) if d.compile
+            else (lambda m: m))                         # the modules stay as they are
     ctx_args = dict(precond=precond, sigma_data=diff.sigma_data, grid=grid,
                     teacher=fast(teacher_D), solver=solver, target=fast(target.model),
                     max_ode_steps=d.max_ode_steps, solve_buckets=d.solve_buckets,
@@ -261,13 +263,19 @@ def distill(run) -> None:
         chunks = [slice(i, min(i + micro, local)) for i in range(0, local, micro)]
         opt.zero_grad(set_to_none=True)
         if len(chunks) == 1:
-            l_main, l_dsm = _losses(ctx_args, loss, dsm, dsm_on, model_fwd, autocast,
-                                    distance, draws, dsm_draws, x0, labels, grid_host, device,
-                                    d.channels_last, x0_host)
-            w = _dsm_weight(d.dsm_weight, l_main, l_dsm, params) if dsm_on else 0.0
-            total = l_main + w * l_dsm
-            backward(total, scaler)
-            losses = torch.stack([l_main.detach(), l_dsm.detach(), total.detach()]).double().cpu()
+            l_main, l_dsm, F = _losses(ctx_args, loss, dsm, dsm_on, model_fwd, autocast,
+                                       distance, draws, dsm_draws, x0, labels, grid_host,
+                                       device, d.channels_last, x0_host)
+            if dsm_on and d.dsm_weight == "adaptive":
+                w = _adaptive_backward(l_main, l_dsm, F, params, scaler)
+                total = l_main.detach() + w * l_dsm.detach()
+            else:
+                w = float(d.dsm_weight) if dsm_on else 0.0
+                total = l_main + w * l_dsm
+                backward(total, scaler)
+            # stays on the device: no sync here (the finiteness check is settled at the next
+            # log row, checkpoint or evaluation)
+            losses = torch.stack([l_main.detach(), l_dsm.detach(), total.detach()]).double()
         else:
             losses, w = _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast,
                                     distance, draws, dsm_draws, x0, labels, grid_host, device,
@@ -279,6 +287,7 @@ def distill(run) -> None:
         done = it + 1
         window += stats
         if loop.due(done, d.log_every):
+            loop.verify()                              # the one device sync of a log window
             now = time.perf_counter()
             n = done - it_last
             rate = n / max(now - t_last, 1e-9)
@@ -287,9 +296,12 @@ def distill(run) -> None:
             loop.log_row(done, {"loss": float(mean[2]), "loss_main": float(mean[0]),
                                 "loss_dsm": float(mean[1]), "dsm_weight": float(w), "lr": lr,
                                 "it_per_s": rate}, float(mean[2]), it_s=f"{rate:.1f}")
+        paused = time.perf_counter()
         if loop.due(done, d.eval_every):
+            loop.verify()
             evaluate(done)
         loop.end_iteration(done)
+        t_last += time.perf_counter() - paused    # it_per_s: evaluations and checkpoints out
     if dist.is_main():
         save_student(run.out_dir / "student.pt", emas[0].model, teacher.fingerprint())
         plot_curves(log, run.out_dir / "curves.png",
@@ -301,19 +313,32 @@ def distill(run) -> None:
     dist.barrier()
 
 
-def _dsm_weight(setting, l_main: Tensor, l_dsm: Tensor, params) -> float:
-    """A fixed weight, or CTM's adaptive balance ||grad_last L_main|| / ||grad_last L_dsm|| over
-    the last weight matrix (gradients averaged over ranks first)."""
-    if setting != "adaptive":
-        return float(setting)
+def _adaptive_backward(l_main: Tensor, l_dsm: Tensor, F: Tensor, params, scaler) -> Tensor:
+    """CTM's adaptive DSM weight w = ||grad_last L_main|| / ||grad_last L_dsm|| over the last
+    weight matrix (gradients averaged over ranks first), and the backward of L_main + w L_dsm,
+    going back through the losses (LPIPS, the target's jump) once: their gradients with
+    respect to the student's output F first, then from F to the last weight matrix twice for
+    w (a short path), then from F through the student once. The same gradients as
+    differentiating each loss with respect to the last weight and then the weighted sum, with
+    one backward through the loss network fewer. Returns w as a 0-dim device tensor (no sync).
+
+    With fp16's GradScaler both losses are scaled (w is scale-free); when the scaled gradients
+    overflow, w is non-finite, the scaler skips this step, and w is taken as 0 for the logged
+    loss of the iteration."""
+    scale = scaler.scale if scaler is not None else (lambda v: v)
+    g_main, = torch.autograd.grad(scale(l_main), F)                 # through the loss, once
+    g_dsm, = torch.autograd.grad(scale(l_dsm), F)
     last = [p for p in params if p.dim() >= 2][-1]
-    g1 = torch.autograd.grad(l_main, last, retain_graph=True)[0]
-    g2 = torch.autograd.grad(l_dsm, last, retain_graph=True)[0]
-    both = dist.all_reduce_sum(torch.stack([g1, g2]).detach().clone()) / dist.world()
-    return float(both[0].norm() / (both[1].norm() + 1e-8))
+    g1, = torch.autograd.grad(F, last, g_main, retain_graph=True)
+    g2, = torch.autograd.grad(F, last, g_dsm, retain_graph=True)
+    both = dist.all_reduce_sum(torch.stack([g1, g2]).detach()) / dist.world()
+    w = both[0].norm() / (both[1].norm() + 1e-8)
+    w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+    F.backward(g_main + w * g_dsm)
+    return w.detach()
 
 
-def _compiled(module):
+def _compiled(module, mode: str = "default"):
     """torch.compile'd forward of `module` (its parameters shared, its state_dict untouched).
 
     Static shapes (``dynamic=False``): the static-shape solve presents a handful of batch
@@ -329,7 +354,7 @@ def _compiled(module):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 64))
-    return torch.compile(module, dynamic=False)
+    return torch.compile(module, dynamic=False, mode=None if mode == "default" else mode)
 
 
 def _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws, dsm_draws, x0,
@@ -354,7 +379,7 @@ def _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws, dsm_d
         l_main = loss.per_sample(ctx, draws, x0, F[:n], distance).mean()
         l_dsm = (dsm.per_sample(ctx, {k: v.to(device) for k, v in dsm_draws.items()}, x0,
                                 F[n:]).mean() if dsm_on else torch.zeros((), device=device))
-    return l_main, l_dsm
+    return l_main, l_dsm, F
 
 
 def _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws,
@@ -372,14 +397,14 @@ def _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast, distance, 
     w = 0.0 if not dsm_on else (1.0 if adaptive else float(dsm_weight))
     g_main = [torch.zeros_like(p) for p in params] if adaptive else None
     g_dsm = [torch.zeros_like(p) for p in params] if adaptive else None
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64, device=x0.device)
     sync = getattr(model, "no_sync", contextlib.nullcontext)
     for c in chunks:
         frac = (c.stop - c.start) / local
         sub = {k: v[c] for k, v in draws.items()}
         sub_dsm = {k: v[c] for k, v in dsm_draws.items()} if dsm_on else None
         with sync():
-            l_main, l_dsm = _losses(ctx_args, loss, dsm, dsm_on, model_fwd or model,
+            l_main, l_dsm, _ = _losses(ctx_args, loss, dsm, dsm_on, model_fwd or model,
                                     autocast, distance, sub, sub_dsm, x0[c],
                                     labels[c] if labels is not None else None, grid, device,
                                     channels_last, x0_host[c] if x0_host is not None else None)
@@ -394,7 +419,7 @@ def _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast, distance, 
             else:
                 total = (l_main + w * l_dsm) * frac
                 (scaler.scale(total) if scaler is not None else total).backward()
-        sums[:2] += torch.stack([l_main.detach(), l_dsm.detach()]).double().cpu() * frac
+        sums[:2] += torch.stack([l_main.detach(), l_dsm.detach()]).double() * frac
     grads = (g_main + g_dsm) if adaptive else [p.grad for p in params if p.grad is not None]
     if dist.world() > 1 and grads:                   # one all-reduce of every gradient
         flat = dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / dist.world()
@@ -404,7 +429,7 @@ def _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast, distance, 
             i += g.numel()
     if adaptive:                                     # main loss + w DSM, w from the whole batch
         last = max(i for i, p in enumerate(params) if p.dim() >= 2)
-        w = float(g_main[last].norm() / (g_dsm[last].norm() + 1e-8))
+        w = (g_main[last].norm() / (g_dsm[last].norm() + 1e-8)).detach()   # no sync
         for p, a, b in zip(params, g_main, g_dsm):
             p.grad = a + w * b
     sums[2] = sums[0] + w * sums[1]

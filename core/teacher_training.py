@@ -64,7 +64,7 @@ def train_teacher(run) -> None:
         sigma = draws["sigma"].to(device)
         D = denoise(add_noise(x0, sigma, draws["z"].to(device)), sigma.float(), labels)
         l = dsm_per_sample(D, x0, sigma, diff.sigma_data).mean()
-        red = dist.all_reduce_sum(l.detach().double().cpu().reshape(1)) / world
+        red = dist.all_reduce_sum(l.detach().double().reshape(1)) / world   # no sync
         loop.check_finite(red, it)
         opt.zero_grad(set_to_none=True)
         backward(l)

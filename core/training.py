@@ -36,16 +36,20 @@ class EMA:
     def __init__(self, model: nn.Module, rate: float):
         self.rate = rate
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._lists: tuple | None = None        # (source, its tensors, ours), made once
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """One fused lerp over all parameters (bitwise the per-tensor lerp_'s result)."""
-        mine = list(self.model.parameters())
-        theirs = [p.detach() for p in model.parameters()]
+        if self._lists is None or self._lists[0] is not model:
+            self._lists = (model, [p.detach() for p in model.parameters()],
+                           list(self.model.parameters()), list(model.buffers()),
+                           list(self.model.buffers()))
+        _, theirs, mine, their_buffers, my_buffers = self._lists
         if mine:
             torch._foreach_lerp_(mine, theirs, 1.0 - self.rate)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+        if my_buffers:
+            torch._foreach_copy_(my_buffers, their_buffers)
 
 
 def checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -216,11 +220,13 @@ def plot_curves(log: MetricsLog, path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def make_optimizer(name: str, params, lr: float):
+def make_optimizer(name: str, params, lr: float, fused: bool = False):
+    """Adam or RAdam; `fused`: the step as fused kernels (Adam: fused=True, RAdam, which has
+    no fused kernel: foreach=True). Same update to float rounding."""
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, **({"fused": True} if fused else {}))
     if name == "radam":
-        return torch.optim.RAdam(params, lr=lr)
+        return torch.optim.RAdam(params, lr=lr, **({"foreach": True} if fused else {}))
     raise ValueError(name)
 
 
@@ -245,7 +251,8 @@ class TrainingLoop:
         loop = TrainingLoop("distill", ...)          # resumes from the newest checkpoint
         for it in loop.iterations():                 # a progress bar from loop.start
             ... draw the batch of iteration `it`, compute the loss, backward(loss, scaler) ...
-            loop.check_finite(stats, it)             # one-line error naming the last checkpoint
+            loop.check_finite(stats, it)             # noted on the device; settled (one-line
+                                                     # error) at the next log row / checkpoint
             lr = loop.step(it)                       # lr schedule, unscale, clip, step, EMAs
             if loop.due(it + 1, log_every): loop.log_row(it + 1, {...})
             loop.end_iteration(it + 1)               # progress, checkpoint when due
@@ -266,11 +273,16 @@ class TrainingLoop:
         self.keep, self.progress = keep_checkpoints, progress
         if dist.is_main():    # fails (one line) before any log or checkpoint is written
             ckdir.mkdir(parents=True, exist_ok=True)
+        impl = [{k: g[k] for k in ("fused", "foreach") if k in g}
+                for g in optimizer.param_groups]
         self.start, resumed = resume(ckdir, fingerprint, modules, optimizer)
+        for g, flags in zip(optimizer.param_groups, impl):   # the config's, not the checkpoint's
+            g.update(flags)
         if resumed is not None and dist.is_main():
             print(f"[ctmkit] {name}: resuming from {resumed.name} (iteration {self.start})")
         self.log = MetricsLog(metrics, fields, self.start)
         self.bar = None
+        self._first_bad: torch.Tensor | None = None   # first non-finite iteration, on device
 
     def iterations(self):
         """The iterations still to run, with a progress bar; the metrics CSV is written at the
@@ -278,6 +290,7 @@ class TrainingLoop:
         self.bar = tqdm(total=self.total, initial=self.start, desc=self.name, unit="it",
                         disable=not (self.progress and dist.is_main()), leave=False)
         yield from range(self.start, self.total)
+        self.verify()
         self.bar.close()
         self.log.flush()
 
@@ -285,11 +298,22 @@ class TrainingLoop:
         return done % every == 0 or done == self.total
 
     def check_finite(self, stats: torch.Tensor, it: int) -> None:
-        if not torch.isfinite(stats).all():
-            last = checkpoints(self.ckdir)
-            raise UserError(f"{self.name}: non-finite loss at iteration {it}; stopped. The last "
-                            f"good checkpoint is "
-                            f"{last[-1][1] if last else 'none (none was written)'}")
+        """Note whether iteration `it`'s losses `stats` are finite, on their device: no sync.
+        `verify` settles it; `log_row`, a checkpoint and the end of the loop call it first, so
+        a non-finite loss stops the run (naming its iteration) before anything of that
+        iteration or later reaches the disk."""
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=stats.device)
+        self._first_bad.masked_fill_(~torch.isfinite(stats).all() & (self._first_bad < 0), it)
+
+    def verify(self) -> None:
+        """One device sync: raise if a loss noted by `check_finite` was not finite."""
+        if self._first_bad is None or int(self._first_bad) < 0:
+            return
+        last = checkpoints(self.ckdir)
+        raise UserError(f"{self.name}: non-finite loss at iteration {int(self._first_bad)}; "
+                        f"stopped. The last good checkpoint is "
+                        f"{last[-1][1] if last else 'none (none was written)'}")
 
     def step(self, it: int) -> float:
         """The optimiser step of iteration `it` (gradients in place): the warm-up lr, the
@@ -312,12 +336,14 @@ class TrainingLoop:
         return lr
 
     def log_row(self, done: int, values: dict, loss: float, **postfix) -> None:
+        self.verify()
         self.log.add(done, values)
         self.bar.set_postfix(loss=f"{loss:.4g}", **postfix)
 
     def end_iteration(self, done: int) -> None:
         self.bar.update(1)
         if self.due(done, self.checkpoint_every):
+            self.verify()
             self.log.flush()
             save_checkpoint(self.ckdir, done, self.fingerprint, self.modules, self.optimizer,
                             self.keep)

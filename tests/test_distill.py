@@ -172,15 +172,17 @@ def test_kill_9_and_resume_equals_uninterrupted(work, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("micro_batch", [0, 5])
-def test_torchrun_two_processes_match_single_process(work, tmp_path_factory, micro_batch):
+@pytest.mark.parametrize("micro_batch,dsm_weight", [(0, "1.0"), (5, "1.0"), (0, '"adaptive"')])
+def test_torchrun_two_processes_match_single_process(work, tmp_path_factory, micro_batch,
+                                                     dsm_weight):
     """Same weights whatever the world size (and, with micro_batch = 5 in the two-process
-    run, whatever the gradient accumulation inside each process's 16 samples)."""
+    run, whatever the gradient accumulation inside each process's 16 samples; and with CTM's
+    adaptive DSM weight, whose last-layer gradients are averaged over the processes)."""
     import shutil
     single = tmp_path_factory.mktemp("single")
     shutil.copytree(work, single, dirs_exist_ok=True)
     cfg_text = CONFIG.replace("iterations = 40", "iterations = 12").replace(
-        "checkpoint_every = 10", "checkpoint_every = 12")
+        "checkpoint_every = 10", f"checkpoint_every = 12\ndsm_weight = {dsm_weight}")
     (single / "c.toml").write_text(cfg_text)
     (work / "c.toml").write_text(cfg_text.replace("[distill]",
                                                   f"[distill]\nmicro_batch = {micro_batch}"))
@@ -188,7 +190,7 @@ def test_torchrun_two_processes_match_single_process(work, tmp_path_factory, mic
     assert r.returncode == 0, r.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--master_port", str(29517 + micro_batch), "-m", "core.run", str(work / "c.toml"),
+                        "--master_port", str(29517 + micro_batch + 50 * ("a" in dsm_weight)), "-m", "core.run", str(work / "c.toml"),
                         "--no-progress", "--stages", "distill,export"],
                        cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]

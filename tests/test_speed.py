@@ -107,6 +107,110 @@ def test_fused_ema_is_bitwise_the_per_tensor_lerp():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_adaptive_backward_equals_the_definition(scaled):
+    """One pass back through the loss (gradients at the student's output F, then F -> last
+    weight for w, then F -> the student) gives CTM's adaptive weight
+    ||d L_main / d last|| / ||d L_dsm / d last|| and the gradient of L_main + w L_dsm, as
+    differentiating each loss with respect to the last weight does (with a loss network
+    between F and L_main, as LPIPS is; with a scaler's common factor, which w ignores)."""
+    from core.distill import _adaptive_backward
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.SiLU(), torch.nn.Linear(16, 5))
+    head = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh())   # "the loss network"
+    params = list(net.parameters())
+    x, n = torch.randn(12, 5), 8
+
+    def losses():
+        F = net(x)
+        l_main = head(F[:n]).square().mean() + (F[:n] - 1).abs().mean()
+        l_dsm = (F[n:] - x[n:]).square().mean()
+        return l_main, l_dsm, F
+
+    l_main, l_dsm, _ = losses()
+    g1 = torch.autograd.grad(l_main, params[-2], retain_graph=True)[0]
+    g2 = torch.autograd.grad(l_dsm, params[-2], retain_graph=True)[0]
+    w_ref = g1.norm() / (g2.norm() + 1e-8)
+    ref = torch.autograd.grad(l_main + w_ref * l_dsm, params)
+
+    class Scaler:                              # GradScaler's scale() on a fixed factor
+        def scale(self, v):
+            return v * 1024.0
+
+    l_main, l_dsm, F = losses()
+    w = _adaptive_backward(l_main, l_dsm, F, params, Scaler() if scaled else None)
+    assert w.dim() == 0 and torch.isclose(w, w_ref, rtol=1e-5)
+    k = 1024.0 if scaled else 1.0
+    for p, r in zip(params, ref):
+        assert torch.allclose(p.grad / k, r, rtol=1e-5, atol=1e-7)
+    assert float(w_ref) != 1.0 and any(float(r.abs().max()) > 0 for r in ref)
+
+
+def test_ema_follows_a_new_source_module():
+    """The EMA keeps its parameter lists between updates; a different source is picked up."""
+    from core.training import EMA
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ema = EMA(a, 0.5)
+    ema.update(a)
+    ema.update(b)
+    want = 0.5 * a.weight.detach() + 0.5 * b.weight.detach()
+    assert torch.allclose(ema.model.weight, want)
+
+
+def test_nan_check_needs_no_sync_and_names_the_first_bad_iteration(tmp_path):
+    """check_finite only notes (on the device) which iteration first had a non-finite loss;
+    verify (log rows, checkpoints, the end of the loop) raises the one-line error naming it."""
+    from core.errors import UserError
+    from core.training import TrainingLoop
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(net.parameters())
+    loop = TrainingLoop("distill", ckdir=tmp_path / "ck", fingerprint="f",
+                        modules={"net": net}, optimizer=opt, params=list(net.parameters()),
+                        ema_source=net, emas=[], lr=1e-3, warmup=0, grad_clip=0.0,
+                        iterations=10, checkpoint_every=100, keep_checkpoints=1,
+                        metrics=tmp_path / "m.csv", fields=["loss"], progress=False)
+    loop.check_finite(torch.tensor([1.0, 2.0]), 0)
+    loop.verify()
+    loop.check_finite(torch.tensor([float("nan"), 2.0]), 3)
+    loop.check_finite(torch.tensor([float("inf"), 2.0]), 4)
+    loop.check_finite(torch.tensor([1.0, 2.0]), 5)
+    with pytest.raises(UserError, match="non-finite loss at iteration 3;"):
+        loop.verify()
+
+
+def test_fused_optimizer_is_the_same_update(tmp_path):
+    """fused_optimizer: Adam's fused kernel and RAdam's foreach one update as the default
+    implementations do, to float rounding; the config's choice survives a resume from a
+    checkpoint written without it."""
+    from core.training import TrainingLoop, make_optimizer, save_checkpoint
+    torch.manual_seed(0)
+    for name in ("adam", "radam"):
+        a, b = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+        b.load_state_dict(a.state_dict())
+        start = a.weight.detach().clone()
+        oa, ob = make_optimizer(name, a.parameters(), 1e-2), \
+            make_optimizer(name, b.parameters(), 1e-2, fused=True)
+        flag = "fused" if name == "adam" else "foreach"
+        assert ob.param_groups[0][flag] and not oa.param_groups[0][flag]
+        for _ in range(5):
+            x = torch.randn(8, 6)
+            for net, opt in ((a, oa), (b, ob)):
+                opt.zero_grad()
+                net(x).square().mean().backward()
+                opt.step()
+        assert not torch.allclose(a.weight, start, atol=1e-3)
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+        ck = tmp_path / name
+        save_checkpoint(ck, 5, "f", {"net": a}, oa, 1)
+        loop = TrainingLoop("distill", ckdir=ck, fingerprint="f", modules={"net": b},
+                            optimizer=ob, params=list(b.parameters()), ema_source=b, emas=[],
+                            lr=1e-2, warmup=0, grad_clip=0.0, iterations=10,
+                            checkpoint_every=100, keep_checkpoints=1,
+                            metrics=tmp_path / f"{name}.csv", fields=["loss"], progress=False)
+        assert loop.start == 5 and ob.param_groups[0][flag]
+
+
 def test_config_keys_default_off():
     from core.config import parse_config
     cfg = parse_config({"teacher": {"kind": "gmm", "weights": [1.0], "means": [[0.0]],
@@ -175,6 +279,7 @@ def test_distill_speed_options_match_the_default(tmp_path):
     _close(ref, _distill(tmp_path, "b2", "solve_buckets = 2"), 1e-5)
     _close(ref, _distill(tmp_path, "b1", "solve_buckets = 1\nchannels_last = true\ntf32 = true"),
            1e-5)
+    _close(ref, _distill(tmp_path, "f", "fused_optimizer = true"), 1e-5)
 
 
 @pytest.mark.slow

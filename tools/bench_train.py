@@ -9,6 +9,9 @@ measured on the same networks and shapes in the same run; the overhead is
 (step time / floor) - 1.
 
     python tools/bench_train.py [--width 256] [--batch 128] [--iters 60]
+
+The step time is the steady state's: a run of 2 x --iters iterations, timed over its last
+--iters (the it_per_s of metrics.csv, which leaves out evaluations and checkpoints).
     python tools/bench_train.py --config examples/fashion_mnist.toml --device cuda --iters 30
     python tools/bench_train.py --config examples/cifar10.toml --device cpu --batch 2 --iters 3 \\
         --set solve_buckets=4 --set compile=true
@@ -183,12 +186,11 @@ def config_from_example(example: Path, tmp: Path, device: str, iters: int, batch
 
 
 def measure(config: str | None = None, device: str = "cpu", iters: int = 60, batch=None,
-            width: int = 256, sets: dict | None = None, image_shape=None,
-            warmup: bool = False) -> dict:
+            width: int = 256, sets: dict | None = None, image_shape=None) -> dict:
     """Step time, samples/s, peak memory, floor and overhead of one configuration. The step
-    time: (time of `iters` iterations - time of 1) / (iters - 1), both runs with their start-up;
-    with `warmup`, the it/s that metrics.csv logs over iterations iters+1..2 iters of one run
-    (what torch.compile and the caching allocator need to warm up is then left out)."""
+    time is the steady state's: one run of 2 x `iters` iterations, 1 / the it_per_s that
+    metrics.csv logs over its last `iters` (which leaves out evaluations, checkpoints and the
+    first iterations' warm-up: imports, torch.compile, the caching allocator)."""
     from core.config import parse_config
     from core.stages import Run
     from core.students import build_student
@@ -201,33 +203,23 @@ def measure(config: str | None = None, device: str = "cpu", iters: int = 60, bat
         tmp = Path(tmp)
         if config is None:
             extra = "".join(f"{k} = {_toml_value(v)}\n" for k, v in sets.items())
-            text = lambda n, log=None: CONFIG.format(width=width, iters=n, batch=batch or 128,
-                                                     device=device, extra=extra, log=log or n)
+            text = lambda n, log: CONFIG.format(width=width, iters=n, batch=batch or 128,
+                                                device=device, extra=extra, log=log)
         else:
-            text = lambda n, log=None: config_from_example(Path(config), tmp, device, n, batch,
-                                                           sets, image_shape, log)
+            text = lambda n, log: config_from_example(Path(config), tmp, device, n, batch, sets,
+                                                      image_shape, log)
         cfg = tmp / "c.toml"
-        cfg.write_text(text(2 * iters, iters) if warmup else text(iters))
-        cfg2 = tmp / "c2.toml"                    # start-up cost alone: 1 iteration
-        cfg2.write_text(text(1).replace('"out"', '"out2"'))
+        cfg.write_text(text(2 * iters, iters))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         with contextlib.redirect_stdout(io.StringIO()):
-            t0 = time.perf_counter()
             run_config(cfg)
-            total = time.perf_counter() - t0
             peak = (torch.cuda.max_memory_allocated() if cuda else
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-            if warmup:
-                import csv
-                with open(tmp / "out" / "metrics.csv", newline="") as fh:
-                    rows = [r for r in csv.DictReader(fh) if r.get("it_per_s")]
-                step = 1.0 / float(rows[-1]["it_per_s"])
-            else:
-                t0 = time.perf_counter()
-                run_config(cfg2)
-                startup = time.perf_counter() - t0
-                step = (total - startup) / (iters - 1)
+            import csv
+            with open(tmp / "out" / "metrics.csv", newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("it_per_s")]
+            step = 1.0 / float(rows[-1]["it_per_s"])
 
         run = Run(parse_config(tomllib.loads(cfg.read_text()), cfg), progress=False)
         d = run.cfg.distill
@@ -326,8 +318,6 @@ def main(argv=None):
                                                     "examples/fashion_mnist.toml")
     ap.add_argument("--image-shape", default=None,
                     help="H,W,C[,classes] of --config's data, when its format is not known")
-    ap.add_argument("--warmup", action="store_true",
-                    help="run 2 x iters and time the last iters (after compile / warm-up)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a [distill] key (TOML value), e.g. solve_buckets=4")
     args = ap.parse_args(argv)
@@ -337,7 +327,7 @@ def main(argv=None):
         ap.error(f"--config {args.config}: no such file")
     shape = [int(v) for v in args.image_shape.split(",")] if args.image_shape else None
     r = measure(args.config, args.device, args.iters, args.batch, args.width,
-                parse_sets(args.set), shape, args.warmup)
+                parse_sets(args.set), shape)
     print(f"# {_common.command_line()}")
     what = (f"{args.config}, network {r['network']}" if args.config else
             f"gmm teacher + MLP residual (width {args.width}, depth 4)")

@@ -12,7 +12,8 @@ ctm_sample --device cuda, compared with ctm_sample on the CPU.
 runs only the speed figures of issue #13 (README "Speed"), each on its own, a failure printed
 and the rest run: the distill step of the Fashion-MNIST and CIFAR-10 example configs (samples/s,
 it/s, peak memory, overhead over the bare passes) as they are and with the speed options
-(solve_buckets, compile, channels_last, tf32), the default tools/bench_train.py figures, and
+(solve_buckets, compile, channels_last, tf32, fused_optimizer; then CUDA graphs through
+compile_mode = "reduce-overhead"), the default tools/bench_train.py figures, and
 the coefficient stage as a share of a Table-3 training run.
 """
 
@@ -137,7 +138,10 @@ def edm_check(out, pkl, device: str, cpp: bool) -> dict:
 
 
 #: the [distill] speed options the GPU figures are measured with (besides the defaults)
-FAST = {"solve_buckets": 4, "compile": True, "channels_last": True, "tf32": True}
+FAST = {"solve_buckets": 4, "compile": True, "channels_last": True, "tf32": True,
+        "fused_optimizer": True}
+#: ... and with CUDA graphs (torch.compile's reduce-overhead mode)
+GRAPHS = {**FAST, "compile_mode": "reduce-overhead"}
 
 
 def bench(device: str = "cuda", iters: int = 20, quick: bool = False) -> dict:
@@ -169,16 +173,19 @@ def bench(device: str = "cuda", iters: int = 20, quick: bool = False) -> dict:
     small = dict(batch=2, iters=2) if quick else dict(iters=iters)
     figure("default bench_train", lambda: measure(None, device, **(dict(iters=3) if quick
                                                                    else {})))
-    figure("default bench_train + solve_buckets=4",
-           lambda: measure(None, device, sets={"solve_buckets": 4},
+    figure("default bench_train + solve_buckets=4, fused_optimizer",
+           lambda: measure(None, device, sets={"solve_buckets": 4, "fused_optimizer": True},
                            **(dict(iters=3) if quick else {})))
     for ex in ("fashion_mnist", "cifar10"):
         cfg = str(ROOT / "examples" / f"{ex}.toml")
-        figure(f"{ex} distill step", lambda: measure(cfg, device, warmup=True, **small))
-        figure(f"{ex} distill step, {FAST}",
-               lambda: measure(cfg, device, warmup=True, sets=FAST, **small))
-        step = figures.get(f"{ex} distill step, {FAST}", {}).get("step_s") or \
-            figures.get(f"{ex} distill step", {}).get("step_s") or 1.0
+        figure(f"{ex} distill step", lambda: measure(cfg, device, **small))
+        figure(f"{ex} distill step, {FAST}", lambda: measure(cfg, device, sets=FAST, **small))
+        figure(f"{ex} distill step, CUDA graphs {GRAPHS}",
+               lambda: measure(cfg, device, sets=GRAPHS, **small))
+        steps = [figures.get(k, {}).get("step_s") for k in
+                 (f"{ex} distill step, CUDA graphs {GRAPHS}", f"{ex} distill step, {FAST}",
+                  f"{ex} distill step")]
+        step = min([v for v in steps if v] or [1.0])
         coef_args = ["--config", cfg, "--device", device, "--step-s", str(step)]
         if quick:
             coef_args += ["--coef-batch", "2", "--times", "1"]

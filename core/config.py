@@ -355,6 +355,12 @@ class CoefficientsCfg:
                   "~2.5-3x the cost, s_t at a time independent of the grid), fd 4th-order "
                   "finite differences over the grid (cheaper, but s_t depends on the grid)",
                   choices=("jvp", "fd"))
+    # speed (tools/bench_coefficients.py; README "Speed"): the same numbers to float rounding,
+    # not part of the store's settings (a store is reused across them)
+    times_per_call: int = key("int", 1, "time steps per teacher call: the batch at k time "
+                              "steps in one call (k x batch rows)", min=1, max=MAX_GRID)
+    compile: bool = key("bool", False, "torch.compile the first-order JVPs (the nested one of "
+                        "dl = jvp stays eager: dynamo cannot trace it)")
     smooth: float = key("float", 0.0, "0: l_t, s_t exactly as Eqns. (15), (17). > 0: a "
                         "DEVIATION from the paper, for study only: both Gaussian-smoothed over "
                         "lambda with this std (numerics.smooth; end values, constants and L = S "

@@ -203,7 +203,8 @@ def coefficients(run: Run) -> None:
     sample_x0 = source.sample if source is not None else teacher.sample_data
     stats = collect(lambda x, t, y: den(x, t, y), sample_x0, ts,
                     c.n_samples, c.batch, c.seed, run.device, batches=mine,
-                    progress=run.progress and dist.is_main(), dtype=dtype, dl=c.dl)
+                    progress=run.progress and dist.is_main(), dtype=dtype, dl=c.dl,
+                    times_per_call=c.times_per_call, compile=c.compile)
     stats = dist.all_reduce_sum(torch.from_numpy(stats)).numpy()   # other ranks' rows are 0
     if not dist.is_main():
         return

@@ -230,3 +230,46 @@ def test_a_teacher_without_nested_jvp_support_gets_a_user_error(monkeypatch):
     monkeypatch.setattr(estimate, "_jvps_batched", unsupported)
     with pytest.raises(NotImplementedError, match="aten::foo"):
         collect(gmm_fn(teacher), teacher.sample_data, [1.0], 8, 8, 0, progress=False)
+
+
+# --- speed paths (issue #13): several time steps per call, compiled first-order JVPs ----------
+
+def _labelled_mlp(dim=3, classes=4):
+    """An MLP teacher whose output depends on the class label (so mixing up rows shows)."""
+    torch.manual_seed(2)
+    net = MLPDenoiser(dim, 16, depth=2).double().eval().requires_grad_(False)
+    shift = torch.linspace(-0.5, 0.5, classes, dtype=torch.float64)
+
+    def f(x, t, y):
+        return net(x.double(), t.double()).to(x.dtype) + shift[y][:, None].to(x.dtype) * t[:, None]
+
+    def sample(n, gen):
+        return torch.randn(n, dim, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+    return f, sample
+
+
+@pytest.mark.parametrize("dl", ["jvp", "fd"])
+def test_times_per_call_gives_the_same_statistics(dl):
+    """times_per_call = k stacks the batch at k time steps into one teacher call: the same
+    per-sample statistics (k not dividing the grid, a short last batch, labels)."""
+    f, sample = _labelled_mlp()
+    ts = log_grid(7, T_MIN, T_MAX)
+    ref = collect(f, sample, ts, 50, 32, 3, progress=False, dl=dl)
+    for k in (3, 7, 100):
+        got = collect(f, sample, ts, 50, 32, 3, progress=False, dl=dl, times_per_call=k)
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
+    assert np.abs(ref).min(axis=(0, 1)).max() > 0           # every column was filled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dl", ["jvp", "fd"])
+def test_compiled_first_order_jvps_give_the_same_statistics(dl):
+    """[coefficients] compile: torch.compile'd first-order JVPs (CPU here) give the eager
+    statistics to float rounding, in float32 and float64."""
+    f, sample = _labelled_mlp()
+    ts = log_grid(4, T_MIN, T_MAX)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        ref = collect(f, sample, ts, 40, 16, 3, progress=False, dl=dl, dtype=dtype)
+        got = collect(f, sample, ts, 40, 16, 3, progress=False, dl=dl, dtype=dtype,
+                      compile=True, times_per_call=2)
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())

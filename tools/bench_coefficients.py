@@ -58,7 +58,7 @@ class MLPDenoiser(nn.Module):
 
 
 def bench(denoise, sample_x0, n_samples, batch, n_times, repeats=3, dtype=torch.float64,
-          dl: str = "jvp", device: str = "cpu"):
+          dl: str = "jvp", device: str = "cpu", times_per_call: int = 1, compile: bool = False):
     ts = log_grid(n_times, 0.002, 80.0)
     x0, y0 = sample_x0(batch, torch.Generator().manual_seed(0))
     x0 = x0.to(device, dtype)
@@ -76,7 +76,7 @@ def bench(denoise, sample_x0, n_samples, batch, n_times, repeats=3, dtype=torch.
     def est():
         with torch.no_grad():
             collect(denoise, sample_x0, ts, n_samples, batch, 0, device=device, progress=False,
-                    dtype=dtype, dl=dl)
+                    dtype=dtype, dl=dl, times_per_call=times_per_call, compile=compile)
         sync()
 
     fwd(), est()                                             # warm-up
@@ -127,8 +127,11 @@ def bench_config(args) -> dict:
     def sample(n, g):
         x = torch.rand((n, c, h, w), generator=g, dtype=torch.float64) * 2 - 1
         return x, (torch.randint(0, classes, (n,), generator=g) if classes else None)
+    k = args.times_per_call or coef.get("times_per_call", 1)
+    comp = args.compile or coef.get("compile", False)
     ratio, per, per_f = bench(lambda x, t, y: den(x, t, y), sample, batch, batch, args.times,
-                              repeats=2, dtype=dtype, dl=dl, device=args.device)
+                              repeats=2, dtype=dtype, dl=dl, device=args.device,
+                              times_per_call=k, compile=comp)
     stage = per * n_t * n_s
     step = args.step_s
     if step is None:
@@ -137,7 +140,8 @@ def bench_config(args) -> dict:
     iters = dist_cfg.get("iterations", 1000)
     return dict(ratio=ratio, per=per, per_f=per_f, stage_s=stage, step_s=step, iters=iters,
                 train_s=step * iters, fraction=stage / (step * iters), n_t=n_t, n_s=n_s,
-                batch=batch, dtype=str(dtype).replace("torch.", ""), dl=dl)
+                batch=batch, dtype=str(dtype).replace("torch.", ""), dl=dl,
+                times_per_call=k, compile=comp)
 
 
 def main(argv=None):
@@ -164,6 +168,9 @@ def main(argv=None):
                     help="the distill step time (s) of the Table-3 run; default: measured")
     ap.add_argument("--train-iters", type=int, default=5)
     ap.add_argument("--train-batch", type=int, default=None, help="default: the config's")
+    ap.add_argument("--times-per-call", type=int, default=None,
+                    help="[coefficients] times_per_call (default: the config's, or 1)")
+    ap.add_argument("--compile", action="store_true", help="[coefficients] compile = true")
     args = ap.parse_args(argv)
     if args.config and not Path(args.config).is_file():
         ap.error(f"--config {args.config}: no such file")
@@ -172,7 +179,8 @@ def main(argv=None):
         dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
         print(f"# {_common.command_line()}")
         print(f"# torch {torch.__version__}, {dev}, teacher {r['dtype']}, dl {r['dl']}, "
-              f"batch {r['batch']}, {args.times} time steps timed")
+              f"batch {r['batch']}, times_per_call {r['times_per_call']}, compile "
+              f"{r['compile']}, {args.times} time steps timed")
         print(f"per (t x sample)   {r['per'] * 1e3:9.3f} ms  ({r['ratio']:.2f} forward-equivalents;"
               f" forward {r['per_f'] * 1e3:.3f} ms)")
         print(f"coefficient stage  {r['stage_s']:9.1f} s   ({r['n_t']} time steps x {r['n_s']} "
@@ -186,8 +194,9 @@ def main(argv=None):
         return bench_images(args)
     torch.manual_seed(0)
     print(f"# {_common.command_line()}")
+    k = args.times_per_call or 1
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float64, "
-          f"{args.device}, dl/dlambda by {args.dl}")
+          f"{args.device}, dl/dlambda by {args.dl}, times_per_call {k}, compile {args.compile}")
     mlp = MLPDenoiser(args.dim, args.width).double().eval().to(args.device)
     gauss = lambda n, g: (torch.randn((n, args.dim), generator=g, dtype=torch.float64), None)
     gmm = GMMTeacher(np.full(8, 1 / 8), np.random.default_rng(0).normal(size=(8, args.dim)),
@@ -200,7 +209,7 @@ def main(argv=None):
           f"{'us / forward':>14}")
     for name, fn, sampler in rows:
         ratio, per, per_f = bench(fn, sampler, args.samples, args.batch, args.times, dl=args.dl,
-                                  device=args.device)
+                                  device=args.device, times_per_call=k, compile=args.compile)
         print(f"{name:<8}{ratio:>28.2f}{per * 1e6:>20.2f}{per_f * 1e6:>14.2f}")
     print("target: <= 6 forward-equivalents (one forward for D, then J v and dD/dlambda as two "
           "vmapped tangents of one JVP; the GMM's forward is too cheap for the ratio to mean much)")

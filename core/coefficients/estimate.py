@@ -71,10 +71,30 @@ def _jvps_batched(f: Callable, x, tt, v):
     return D, out[0], out[1]
 
 
-def _jvps_sequential(f: Callable, x, tt, v):
-    D, Jv = jvp(lambda x_: f(x_, tt), (x,), (v,))
-    _, Ddot = jvp(f, (x, tt), (D - x, -tt))
+def _jvps_sequential(f: Callable, x, tt, v, fo: Callable):
+    D, Jv = fo(x, tt, v, torch.zeros_like(tt))
+    _, Ddot = fo(x, tt, D - x, -tt)
     return D, Jv, Ddot
+
+
+def _first_order(denoise: Callable, labels, x, tt, dx, dt):
+    """(D, the JVP of D(x, t) in the direction (dx, dt)): one forward-mode pass."""
+    return jvp(lambda a, b: denoise(a, b, labels), (x, tt), (dx, dt))
+
+
+def compiled_first_order():
+    """`_first_order` through torch.compile (``[coefficients] compile``), static shapes: one
+    compile per batch size (the last batch may be smaller). The nested forward-over-forward
+    JVP of dl = "jvp" stays eager: dynamo cannot trace nested torch.func.jvp over a
+    broadcasting product (torch 2.14: "more than one element of the written-to tensor refers
+    to a single memory location" on fake tensors), so only its PF-ODE JVP is compiled."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+    return torch.compile(_first_order, dynamic=False)
 
 
 # dl = "jvp": J v differentiated once more, along (dx/dlambda, dt/dlambda) = (w_x, w_t) of the
@@ -89,32 +109,43 @@ def _jvps_sequential(f: Callable, x, tt, v):
 # decomposed into differentiable ops. The inputs do not require grad, so autograd records
 # nothing unless the teacher's own parameters require grad (ctmkit's teachers freeze theirs).
 
-def _jvps_nested(f: Callable, x, tt, v, w_x, w_t):
+def _jvps_nested(f: Callable, x, tt, v, w_x, w_t, fo: Callable):
     inner = lambda x_, t_: jvp(lambda a: f(a, t_), (x_,), (v,))
     with torch.enable_grad():
         (D, Jv), (_, Jv_dot) = jvp(inner, (x, tt), (w_x, w_t))
     D, Jv, Jv_dot = D.detach(), Jv.detach(), Jv_dot.detach()     # drop any recorded graph
-    _, Ddot = jvp(f, (x, tt), (D - x, -tt))
+    _, Ddot = fo(x, tt, D - x, -tt)
     return D, Jv, Ddot, Jv_dot
 
 
 def per_sample_stats(denoise: Callable, x0: torch.Tensor, eps: torch.Tensor, v: torch.Tensor,
-                     t: float, labels: Optional[torch.Tensor], batched: bool = True,
-                     dtype: torch.dtype = torch.float64, dl: str = "jvp") -> torch.Tensor:
-    """[B, len(STATS)] statistics at one time t for one batch (float64; [B, N_FD] with
-    dl = "fd"). The teacher runs in `dtype`; x_t and the inner products stay float64 (||g||^2
-    at small t is a small difference of large products)."""
-    x = x0 + t * eps
+                     t, labels: Optional[torch.Tensor], batched: bool = True,
+                     dtype: torch.dtype = torch.float64, dl: str = "jvp",
+                     first_order: Optional[Callable] = None) -> torch.Tensor:
+    """[B, len(STATS)] statistics at time t for one batch (float64; [B, N_FD] with
+    dl = "fd"); t: a float, or a float64 tensor [B] of per-row times (several time steps of
+    one batch in one call). The teacher runs in `dtype`; x_t and the inner products stay
+    float64 (||g||^2 at small t is a small difference of large products). `first_order`:
+    a replacement for `_first_order` (the compiled one)."""
+    if not torch.is_tensor(t):
+        t = torch.full((x0.shape[0],), float(t), dtype=torch.float64, device=x0.device)
+    t_col = t.reshape([-1] + [1] * (x0.dim() - 1))
+    x = x0 + t_col * eps
     xn = x.to(dtype)
-    tt = torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
+    tt = t.to(dtype)
     f = lambda x_, t_: denoise(x_, t_, labels)
+    fo = lambda x_, t_, dx, dt: (first_order or _first_order)(denoise, labels, x_, t_, dx, dt)
     # D, J v (Hutchinson probe) and dD/dlambda = J (D - x) - t dD/dt (along the PF-ODE)
     if dl == "fd":
-        D, Jv, Ddot = (_jvps_batched if batched else _jvps_sequential)(f, xn, tt, v.to(dtype))
+        if batched and first_order is None:
+            D, Jv, Ddot = _jvps_batched(f, xn, tt, v.to(dtype))
+        else:
+            D, Jv, Ddot = _jvps_sequential(f, xn, tt, v.to(dtype), fo)
         Jv_dot = None
     elif dl == "jvp":
         # ... and d(J v)/dlambda along x_t = x_0 + t eps: (dx/dlambda, dt/dlambda) = (-t eps, -t)
-        D, Jv, Ddot, Jv_dot = _jvps_nested(f, xn, tt, v.to(dtype), (-t * eps).to(dtype), -tt)
+        D, Jv, Ddot, Jv_dot = _jvps_nested(f, xn, tt, v.to(dtype), (-t_col * eps).to(dtype),
+                                           -tt, fo)
     else:
         raise ValueError(f"dl must be one of {DL_MODES}, got {dl!r}")
     D, Jv, Ddot = D.double(), Jv.double(), Ddot.double()
@@ -129,20 +160,25 @@ def per_sample_stats(denoise: Callable, x0: torch.Tensor, eps: torch.Tensor, v: 
 def collect(denoise: Callable, sample_x0: Callable, ts: np.ndarray, n_samples: int, batch: int,
             seed: int, device: str = "cpu", batches: Optional[list[int]] = None,
             progress: bool = True, dtype: torch.dtype = torch.float64,
-            dl: str = "jvp") -> np.ndarray:
+            dl: str = "jvp", times_per_call: int = 1, compile: bool = False) -> np.ndarray:
     """Per-sample statistics, shape [n_t, n_samples, len(STATS)] ([..., N_FD] with dl = "fd";
     rows of other ranks' batches stay zero when `batches` restricts the work to a shard).
+
+    `times_per_call`: each teacher call takes the batch at that many time steps at once
+    (times_per_call x batch rows; the same draws, so the same numbers to float rounding).
+    `compile`: the first-order JVPs through torch.compile (`compiled_first_order`).
 
     TorchScript's optimising executor is off meanwhile: from its second call on, a scripted
     module (a ``torchscript`` teacher) returns wrong forward-mode JVPs under it (seen with torch
     2.14: a scripted 2-layer MLP's JVP off by 0.25 from the second call; pytorch#73972)."""
     with torch.jit.optimized_execution(False):
         return _collect(denoise, sample_x0, ts, n_samples, batch, seed, device, batches,
-                        progress, dtype, dl)
+                        progress, dtype, dl, max(1, int(times_per_call)),
+                        compiled_first_order() if compile else None)
 
 
 def _collect(denoise, sample_x0, ts, n_samples, batch, seed, device, batches, progress,
-             dtype, dl) -> np.ndarray:
+             dtype, dl, k, first_order) -> np.ndarray:
     if dl not in DL_MODES:
         raise ValueError(f"dl must be one of {DL_MODES}, got {dl!r}")
     n_batches = -(-n_samples // batch)
@@ -160,19 +196,24 @@ def _collect(denoise, sample_x0, ts, n_samples, batch, seed, device, batches, pr
         v = (torch.randint(0, 2, x0.shape, generator=gen) * 2 - 1).to(device, torch.float64)
         if labels is not None:
             labels = labels.to(device)
-        for i, t in enumerate(ts):
+        rep = lambda a, m: a.repeat(m, *([1] * (a.dim() - 1))) if m > 1 else a
+        for i in range(0, len(ts), k):
+            chunk = [float(t) for t in ts[i:i + k]]          # time steps in this call
+            m, n = len(chunk), hi - lo
+            t_rows = torch.tensor(chunk, dtype=torch.float64).repeat_interleave(n).to(device)
+            args = (rep(x0, m), rep(eps, m), rep(v, m), t_rows,
+                    rep(labels, m) if labels is not None else None)
             try:
-                row = per_sample_stats(denoise, x0, eps, v, float(t), labels, batched, dtype, dl)
+                rows = per_sample_stats(denoise, *args, batched, dtype, dl, first_order)
             except RuntimeError as e:
                 if dl == "jvp":                      # this path uses no vmap: no fallback
-                    _explain_nested_failure(e, denoise, x0, eps, v, float(t), labels, dtype)
+                    _explain_nested_failure(e, denoise, x0, eps, v, chunk[0], labels, dtype)
                 if not batched:
                     raise
                 batched = False       # an op without a vmap batching rule: two plain JVPs
-                row = per_sample_stats(denoise, x0, eps, v, float(t), labels, batched, dtype,
-                                       dl)
-            out[i, lo:hi] = row.cpu().numpy()
-            bar.update(1)
+                rows = per_sample_stats(denoise, *args, batched, dtype, dl, first_order)
+            out[i:i + m, lo:hi] = rows.cpu().numpy().reshape(m, n, -1)
+            bar.update(m)
     bar.close()
     return out
 

@@ -29,6 +29,14 @@ from core.training import (EMA, TrainingLoop, backward, config_digest, iteration
                            make_optimizer, plot_curves)
 
 
+def to_device(t: Tensor, device) -> Tensor:
+    """A host tensor on `device`. On CUDA through pinned memory and asynchronously: a copy from
+    pageable memory waits until the GPU has drained its queue, a sync per copy."""
+    if str(device).startswith("cuda") and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class StepContext:
     """What a loss plugin calls: the preconditioned jumps, the teacher solver, the grid."""
 
@@ -88,10 +96,10 @@ class StepContext:
         order = torch.sort(steps, descending=True, stable=True).indices   # CPU
         steps = steps[order]
         dev = x.device
-        perm = order.to(dev, non_blocking=True)
+        perm = to_device(order, dev)
         xs, ns = x[perm], n[perm]
         ls = self.labels[perm] if self.labels is not None else None
-        live = steps.to(dev, non_blocking=True)
+        live = to_device(steps, dev)
         last = len(self.grid) - 2                    # the largest valid start index
         q = -(-B // self.solve_buckets)
         counts = torch.bincount(steps, minlength=int(steps[0]) + 1).flip(0).cumsum(0).flip(0)
@@ -255,8 +263,8 @@ def distill(run) -> None:
         # this rank's slice of the global batch (and its CPU copy: the student's inputs are
         # made on the CPU, as the draws are, with no copy back from the device)
         x0_host = x0[sl]
-        x0 = x0_host.to(device)
-        labels = labels[sl].to(device) if labels is not None else None
+        x0 = to_device(x0_host, device)
+        labels = to_device(labels[sl], device) if labels is not None else None
         draws = {k: v[sl] for k, v in draws.items()}
         if dsm_on:
             dsm_draws = {k: v[sl] for k, v in dsm_draws.items()}
@@ -367,17 +375,17 @@ def _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws, dsm_d
     parts = [loss.inputs(draws, x0_host, grid.cpu())]
     if dsm_on:
         parts.append(dsm.inputs(dsm_draws, x0_host))
-    X = torch.cat([p[0] for p in parts]).to(device)
+    X = to_device(torch.cat([p[0] for p in parts]), device)
     if channels_last and X.dim() == 4:
         X = X.contiguous(memory_format=torch.channels_last)
-    T = torch.cat([p[1] for p in parts]).to(device)
-    S = torch.cat([p[2] for p in parts]).to(device)
+    T = to_device(torch.cat([p[1] for p in parts]), device)
+    S = to_device(torch.cat([p[2] for p in parts]), device)
     L = torch.cat([labels] * len(parts)) if labels is not None else None
-    draws = {k: v.to(device) for k, v in draws.items()}
+    draws = {k: to_device(v, device) for k, v in draws.items()}
     with autocast:
         F = model(X, T, S, L).float()
         l_main = loss.per_sample(ctx, draws, x0, F[:n], distance).mean()
-        l_dsm = (dsm.per_sample(ctx, {k: v.to(device) for k, v in dsm_draws.items()}, x0,
+        l_dsm = (dsm.per_sample(ctx, {k: to_device(v, device) for k, v in dsm_draws.items()}, x0,
                                 F[n:]).mean() if dsm_on else torch.zeros((), device=device))
     return l_main, l_dsm, F
 

@@ -17,7 +17,9 @@ from core.errors import UserError
 
 def init(device: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
+        # on GPUs NCCL for CUDA tensors and gloo for the CPU ones (the coefficient stage's
+        # statistics are reduced on the host; NCCL alone refuses CPU tensors)
+        backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend)
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank())

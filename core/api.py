@@ -146,7 +146,12 @@ class Preconditioning(nn.Module):
     exported file), ``jumps_denoiser`` (bool). ``forward(t, s) -> (f, g)``: t, s [B] of any float
     dtype; returns two float64 [B] tensors satisfying the boundary condition f(t, t) = 1,
     g(t, t) = 0. Must be TorchScript-able (it is exported inside the jumper) and pure (no
-    state changes); times outside its valid range raise."""
+    state changes); times outside its valid range raise.
+
+    Optional attribute ``check_range`` (bool, True when present): a preconditioning whose
+    range check reads its times back on the host (a device sync on a GPU, per call) declares
+    it; the distill stage checks the whole time grid once, then sets it False while every time
+    it passes is a grid time (the training step), and back to True around evaluations."""
     name: str = ""
     variant: str = ""
     jumps_denoiser: bool = True

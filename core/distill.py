@@ -219,6 +219,10 @@ def distill(run) -> None:
         """The EMA student's trajectory error and/or sample metrics at d.eval_steps jumps."""
         if not dist.is_main():
             return
+        with _range_checks(precond, True):       # evaluation times need not be grid times
+            _evaluate(it)
+
+    def _evaluate(it: int) -> None:
         jumper = Jumper(emas[0].model, precond, diff.sigma_data).eval()
         if "trajectory" in d.eval:
             errs = trajectory_errors(jumper, teacher, d.eval_steps, d.eval_num,
@@ -243,6 +247,9 @@ def distill(run) -> None:
             print(f"[ctmkit] distill: {K}-step evaluations on the schedule {ts}")
     if start == 0:
         evaluate(0)
+    if getattr(precond, "check_range", False):
+        precond(grid, grid)                       # every grid time in range: checked once
+        precond.check_range = False               # the step passes grid times only (no sync)
     t_last, it_last = time.perf_counter(), start
     window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sums since the last log
     micro = d.micro_batch or local                    # samples per forward / backward pass
@@ -319,6 +326,20 @@ def distill(run) -> None:
               + "".join(f"  {k} {final[k]}" for k in final
                         if k.startswith(("traj_err", "fid", "kid"))))
     dist.barrier()
+
+
+@contextlib.contextmanager
+def _range_checks(precond, on: bool):
+    """The preconditioning's optional ``check_range`` (core.api.Preconditioning) set to `on`
+    meanwhile."""
+    old = getattr(precond, "check_range", None)
+    if old is not None:
+        precond.check_range = on
+    try:
+        yield
+    finally:
+        if old is not None:
+            precond.check_range = old
 
 
 def _adaptive_backward(l_main: Tensor, l_dsm: Tensor, F: Tensor, params, scaler) -> Tensor:

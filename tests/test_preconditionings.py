@@ -111,3 +111,34 @@ def test_scripted_jumper_matches_eager_and_rejects_out_of_range(mixture_table):
     assert torch.equal(sj(x, torch.tensor(80.0), torch.tensor(0.3)), eager(x, t, s))
     with pytest.raises(Exception, match="outside the coefficient table"):
         sj(x, t, torch.full((16,), 1e-4))
+
+
+def test_range_check_can_be_turned_off_for_checked_grid_times(mixture_table):
+    """check_range (core.api.Preconditioning): on by default (out-of-range and NaN times
+    raise, eager and scripted); off, the lookup does no host read-back and gives the same
+    coefficients for in-range times. The distill stage turns it off for its steps and back on
+    around evaluations (core.distill._range_checks)."""
+    from core.distill import _range_checks
+    p = AnalyticPrecond.from_table(mixture_table, "backward")
+    t, s = times(50), times(50, seed=1)
+    ref = p(t, s)
+    for bad in (1e-4, float("nan")):
+        with pytest.raises(RuntimeError, match="outside the coefficient table"):
+            p(t, torch.full((50,), bad, dtype=torch.float64))
+    with _range_checks(p, False):
+        assert p.check_range is False
+        got = p(t, s)
+        p(t, torch.full((50,), 1e-4, dtype=torch.float64))          # no check: no raise
+    assert p.check_range is True
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    p.check_range = False
+    with _range_checks(p, True):
+        with pytest.raises(RuntimeError, match="outside the coefficient table"):
+            p(t, torch.full((50,), 1e-4, dtype=torch.float64))
+    assert p.check_range is False
+    with _range_checks(CTMPrecond(), False):                        # no such attribute: no-op
+        pass
+    assert not hasattr(CTMPrecond(), "check_range")
+    sp = torch.jit.script(AnalyticPrecond.from_table(mixture_table, "backward"))
+    with pytest.raises(Exception, match="outside the coefficient table"):
+        sp(t, torch.full((50,), 1e-4, dtype=torch.float64))

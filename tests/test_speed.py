@@ -319,3 +319,52 @@ def test_channels_last_unet_step_matches(tmp_path):
     ref = _ctx(den, 0, y).solve(x, n, k)
     got = _ctx(den_cl, 2, y).solve(x.contiguous(memory_format=torch.channels_last), n, k)
     assert torch.allclose(ref, got, rtol=1e-5, atol=1e-5)
+
+
+def test_analytic_step_skips_the_range_check_and_evaluations_keep_it(write_config, run_main,
+                                                                     monkeypatch):
+    """With Analytic-Precond the distill step passes grid times only: after one checked call
+    on the whole grid, its lookups run with check_range off (no host read-back per jump), and
+    the evaluations (trajectory errors at d.eval_steps) run with it on."""
+    from conftest import QUICK_CONFIG
+    from plugins.preconditionings import AnalyticPrecond
+    seen, inside_eval = [], []
+    lookup = AnalyticPrecond._lookup
+
+    def spy(self, t):
+        seen.append((bool(inside_eval), self.check_range))
+        return lookup(self, t)
+    monkeypatch.setattr(AnalyticPrecond, "_lookup", spy)
+    import core.evaluate
+    traj = core.evaluate.trajectory_errors
+
+    def traj_spy(*a, **k):
+        inside_eval.append(1)
+        try:
+            return traj(*a, **k)
+        finally:
+            inside_eval.pop()
+    monkeypatch.setattr(core.evaluate, "trajectory_errors", traj_spy)
+    cfg = write_config(QUICK_CONFIG.replace(
+        '"coefficients", "export", "sample", "evaluate"', '"coefficients", "distill"') + """
+[network]
+width = 16
+depth = 2
+emb_dim = 8
+[distill]
+iterations = 4
+batch_size = 8
+checkpoint_every = 4
+eval_every = 2
+eval_num = 8
+eval_steps = [1]
+N = 6
+max_ode_steps = 3
+""")
+    rc, out, err = run_main(cfg)
+    assert rc == 0, err
+    steps = [on for ev, on in seen if not ev]
+    evals = [on for ev, on in seen if ev]
+    assert evals and all(evals)                       # evaluations: checked
+    assert steps.count(True) == 2                     # the one checked call on the grid (t, s)
+    assert len(steps) > 2 * 4 and not any(steps[2:])  # then every step's lookups unchecked

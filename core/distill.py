@@ -353,7 +353,7 @@ def _adaptive_backward(l_main: Tensor, l_dsm: Tensor, F: Tensor, params, scaler)
 
     With fp16's GradScaler both losses are scaled (w is scale-free); when the scaled gradients
     overflow, w is non-finite, the scaler skips this step, and w is taken as 0 for the logged
-    loss of the iteration."""
+    loss of the iteration (without a scaler a non-finite w stays, and stops the run)."""
     scale = scaler.scale if scaler is not None else (lambda v: v)
     g_main, = torch.autograd.grad(scale(l_main), F)                 # through the loss, once
     g_dsm, = torch.autograd.grad(scale(l_dsm), F)
@@ -362,7 +362,8 @@ def _adaptive_backward(l_main: Tensor, l_dsm: Tensor, F: Tensor, params, scaler)
     g2, = torch.autograd.grad(F, last, g_dsm, retain_graph=True)
     both = dist.all_reduce_sum(torch.stack([g1, g2]).detach()) / dist.world()
     w = both[0].norm() / (both[1].norm() + 1e-8)
-    w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+    if scaler is not None:
+        w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
     F.backward(g_main + w * g_dsm)
     return w.detach()
 
@@ -388,8 +389,8 @@ def _compiled(module, mode: str = "default"):
 
 def _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws, dsm_draws, x0,
             labels, grid, device, channels_last: bool = False, x0_host=None):
-    """The batch-mean main and DSM losses of (a chunk of) this rank's samples: one pass of
-    the student over [loss inputs; DSM inputs]."""
+    """The batch-mean main and DSM losses of (a chunk of) this rank's samples, from one pass
+    of the student over [loss inputs; DSM inputs], and that pass's output F (float32)."""
     ctx = StepContext(**ctx_args, labels=labels, host=draws)
     n = x0.shape[0]
     x0_host = x0.cpu() if x0_host is None else x0_host
@@ -434,9 +435,10 @@ def _accumulate(chunks, ctx_args, loss, dsm, dsm_on, model, autocast, distance, 
         sub_dsm = {k: v[c] for k, v in dsm_draws.items()} if dsm_on else None
         with sync():
             l_main, l_dsm, _ = _losses(ctx_args, loss, dsm, dsm_on, model_fwd or model,
-                                    autocast, distance, sub, sub_dsm, x0[c],
-                                    labels[c] if labels is not None else None, grid, device,
-                                    channels_last, x0_host[c] if x0_host is not None else None)
+                                       autocast, distance, sub, sub_dsm, x0[c],
+                                       labels[c] if labels is not None else None, grid, device,
+                                       channels_last,
+                                       x0_host[c] if x0_host is not None else None)
             if adaptive:
                 scale = scaler.scale if scaler is not None else (lambda v: v)
                 gm = torch.autograd.grad(scale(l_main * frac), params, retain_graph=True,

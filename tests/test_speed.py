@@ -1,6 +1,8 @@
 """The speed paths of the distill step (issue #13), on the CPU: the static-shape (sorted,
-bucketed) teacher solve against the gathered one, the sync-free Heun step, the fused EMA, and
-distillation runs with solve_buckets / channels_last / compile against the default run."""
+bucketed) teacher solve against the gathered one, the sync-free Heun step, the fused EMA, the
+one-pass adaptive DSM weight against its definition, the deferred NaN check, the fused
+optimiser, Analytic-Precond's range check (off in the step, on in evaluations), and distillation
+runs with solve_buckets / channels_last / fused_optimizer / compile against the default run."""
 
 import copy
 import subprocess
@@ -215,8 +217,10 @@ def test_config_keys_default_off():
     from core.config import parse_config
     cfg = parse_config({"teacher": {"kind": "gmm", "weights": [1.0], "means": [[0.0]],
                                     "stds": [1.0]}}, Path("x.toml"))
-    d = cfg.distill
+    d, c = cfg.distill, cfg.coefficients
     assert (d.solve_buckets, d.compile, d.channels_last, d.tf32) == (0, False, False, False)
+    assert (d.compile_mode, d.fused_optimizer, c.times_per_call, c.compile) == \
+        ("default", False, 1, False)
     cfg = parse_config({"teacher": {"kind": "gmm", "weights": [1.0], "means": [[0.0]],
                                     "stds": [1.0]},
                         "distill": {"solve_buckets": 4, "compile": True, "channels_last": True,
@@ -287,6 +291,10 @@ def test_distill_compiled_matches_the_default(tmp_path):
     """compile = true (torch.compile on the CPU) with the static-shape solve."""
     ref = _distill(tmp_path, "ref")
     _close(ref, _distill(tmp_path, "c", "compile = true\nsolve_buckets = 2"), 1e-4)
+    # compile_mode reaches torch.compile (reduce-overhead: CUDA graphs on a GPU; on the CPU
+    # the default mode's code)
+    _close(ref, _distill(tmp_path, "c_ro", 'compile = true\ncompile_mode = "reduce-overhead"\n'
+                         'solve_buckets = 2\nfused_optimizer = true'), 1e-4)
     # the adaptive DSM weight differentiates with retain_graph=True, which a compiled backward
     # with donated buffers refuses (found by gpu_check --bench; _compiled turns them off)
     ref = _distill(tmp_path, "ref_a", 'dsm_weight = "adaptive"')

@@ -8,6 +8,7 @@ ctm_sample --device cuda, compared with ctm_sample on the CPU.
 (`--only-edm --device cpu` runs the EDM part on a machine without a GPU, to check the script.)
 
     python tools/gpu_check.py --bench [--device cuda] [--bench-iters 20]
+                                      [--bench-examples fashion_mnist,cifar10]
 
 runs only the speed figures of issue #13 (README "Speed"), each on its own, a failure printed
 and the rest run: the distill step of the Fashion-MNIST and CIFAR-10 example configs (samples/s,
@@ -144,8 +145,11 @@ FAST = {"solve_buckets": 4, "compile": True, "channels_last": True, "tf32": True
 GRAPHS = {**FAST, "compile_mode": "reduce-overhead"}
 
 
-def bench(device: str = "cuda", iters: int = 20, quick: bool = False) -> dict:
-    """Every speed figure of issue #13, each in try/except; `quick` (CPU smoke): tiny sizes."""
+def bench(device: str = "cuda", iters: int = 20, quick: bool = False,
+          examples=("fashion_mnist", "cifar10"), out=None) -> dict:
+    """Every speed figure of issue #13, each in try/except; `quick` (CPU smoke): tiny sizes.
+    The figures so far are written to `out`/bench.json after each one (a run cut short by a
+    time limit keeps them)."""
     import traceback
 
     from bench_coefficients import main as coef_main
@@ -169,6 +173,8 @@ def bench(device: str = "cuda", iters: int = 20, quick: bool = False) -> dict:
             print(f"--- {label}: FAILED after {time.perf_counter() - t0:.0f}s\n"
                   f"{traceback.format_exc()[-1500:]}")
         sys.stdout.flush()
+        if out is not None:
+            (out / "bench.json").write_text(json.dumps(figures, indent=1, default=str))
 
     small = dict(batch=2, iters=2) if quick else dict(iters=iters)
     figure("default bench_train", lambda: measure(None, device, **(dict(iters=3) if quick
@@ -176,7 +182,7 @@ def bench(device: str = "cuda", iters: int = 20, quick: bool = False) -> dict:
     figure("default bench_train + solve_buckets=4, fused_optimizer",
            lambda: measure(None, device, sets={"solve_buckets": 4, "fused_optimizer": True},
                            **(dict(iters=3) if quick else {})))
-    for ex in ("fashion_mnist", "cifar10"):
+    for ex in examples:
         cfg = str(ROOT / "examples" / f"{ex}.toml")
         figure(f"{ex} distill step", lambda: measure(cfg, device, **small))
         figure(f"{ex} distill step, {FAST}", lambda: measure(cfg, device, sets=FAST, **small))
@@ -204,11 +210,14 @@ def main():
     ap.add_argument("--bench", action="store_true", help="only the speed figures (issue #13)")
     ap.add_argument("--bench-iters", type=int, default=20)
     ap.add_argument("--bench-quick", action="store_true", help="tiny sizes (a CPU smoke test)")
+    ap.add_argument("--bench-examples", default="fashion_mnist,cifar10",
+                    help="the example configs whose distill step and coefficient stage are timed")
     args = ap.parse_args()
     out = _common.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.bench:
-        figures = bench(args.device, args.bench_iters, args.bench_quick)
+        figures = bench(args.device, args.bench_iters, args.bench_quick,
+                        [e for e in args.bench_examples.split(",") if e], out)
         (out / "bench.json").write_text(json.dumps(figures, indent=1, default=str))
         print(f"figures -> {out / 'bench.json'}")
         return

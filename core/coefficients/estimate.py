@@ -196,13 +196,12 @@ def _collect(denoise, sample_x0, ts, n_samples, batch, seed, device, batches, pr
         v = (torch.randint(0, 2, x0.shape, generator=gen) * 2 - 1).to(device, torch.float64)
         if labels is not None:
             labels = labels.to(device)
-        rep = lambda a, m: a.repeat(m, *([1] * (a.dim() - 1))) if m > 1 else a
         for i in range(0, len(ts), k):
             chunk = [float(t) for t in ts[i:i + k]]          # time steps in this call
             m, n = len(chunk), hi - lo
             t_rows = torch.tensor(chunk, dtype=torch.float64).repeat_interleave(n).to(device)
-            args = (rep(x0, m), rep(eps, m), rep(v, m), t_rows,
-                    rep(labels, m) if labels is not None else None)
+            args = (_rows(x0, m), _rows(eps, m), _rows(v, m), t_rows,
+                    _rows(labels, m) if labels is not None else None)
             try:
                 rows = per_sample_stats(denoise, *args, batched, dtype, dl, first_order)
             except RuntimeError as e:
@@ -216,6 +215,11 @@ def _collect(denoise, sample_x0, ts, n_samples, batch, seed, device, batches, pr
             bar.update(m)
     bar.close()
     return out
+
+
+def _rows(a: torch.Tensor, m: int) -> torch.Tensor:
+    """`a` stacked m times along the batch dimension (times_per_call)."""
+    return a.repeat(m, *([1] * (a.dim() - 1))) if m > 1 else a
 
 
 def _explain_nested_failure(e: RuntimeError, denoise, x0, eps, v, t, labels, dtype):

@@ -91,10 +91,12 @@ class StepContext:
         hn, hk = host if host is not None else (n.cpu(), k.cpu())
         B = len(hn)
         steps = (hk - hn).long()
-        if B == 0 or int(steps.max()) <= 0:
+        # the plan is made on the host, its numbers read with tolist() (no tensor-value reads)
+        if B == 0 or max(steps.tolist()) <= 0:
             return x.clone()
         order = torch.sort(steps, descending=True, stable=True).indices   # CPU
         steps = steps[order]
+        most = steps[:1].tolist()[0]
         dev = x.device
         perm = to_device(order, dev)
         xs, ns = x[perm], n[perm]
@@ -102,10 +104,10 @@ class StepContext:
         live = to_device(steps, dev)
         last = len(self.grid) - 2                    # the largest valid start index
         q = -(-B // self.solve_buckets)
-        counts = torch.bincount(steps, minlength=int(steps[0]) + 1).flip(0).cumsum(0).flip(0)
+        counts = torch.bincount(steps, minlength=most + 1).flip(0).cumsum(0).flip(0).tolist()
         kw = {"positive": True} if self.positive_grid else {}
-        for j in range(int(steps[0])):
-            c = int(counts[j + 1])                   # rows with more than j steps (CPU)
+        for j in range(most):
+            c = counts[j + 1]                        # rows with more than j steps
             cb = min(B, -(-c // q) * q)
             i0 = (ns[:cb] + j).clamp(max=last)
             lab = ls[:cb] if ls is not None else None

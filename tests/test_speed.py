@@ -376,3 +376,28 @@ max_ode_steps = 3
     assert evals and all(evals)                       # evaluations: checked
     assert steps.count(True) == 2                     # the one checked call on the grid (t, s)
     assert len(steps) > 2 * 4 and not any(steps[2:])  # then every step's lookups unchecked
+
+
+def test_the_step_reads_no_tensor_values_back(tmp_path):
+    """No host-device sync inside a distill step: with the static-shape solve, an
+    Analytic-Precond and CTM's adaptive DSM weight, a step reads no tensor value back on the
+    host (tools/bench_train.host_reads_per_step: aten::_local_scalar_dense and nonzero, from
+    the profiler, per iteration); the gathered solve (solve_buckets = 0) does, which shows the
+    count sees them."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_train import host_reads_per_step
+
+    def text(extra, precond):
+        stages = '["coefficients", "distill"]' if precond == "analytic" else '["distill"]'
+        return lambda n: (RUN.replace('stages = ["distill"]', f"stages = {stages}")
+                          .replace('name = "ctm"', f'name = "{precond}"')
+                          .replace("iterations = 6", f"iterations = {n}")
+                          .replace("checkpoint_every = 3", f"checkpoint_every = {n}")
+                          .replace("eval_every = 6", f"eval_every = {n}\nlog_every = {n}\neval = []")
+                          .format(extra=extra)
+                          + "[coefficients]\nn_timesteps = 8\nn_samples = 32\nbatch = 32\n")
+    fast = 'solve_buckets = 2\ndsm_weight = "adaptive"\ngrad_clip = 1.0\n'
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert host_reads_per_step(text(fast, "analytic"), tmp_path / "a") == 0
+    assert host_reads_per_step(text("", "ctm"), tmp_path / "b") >= 2

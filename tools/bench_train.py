@@ -43,7 +43,7 @@ from core.run import main as core_main
 CONFIG = """
 [run]
 out_dir = "out"
-stages = ["distill"]
+stages = {stages}
 device = "{device}"
 [teacher]
 kind = "gmm"
@@ -56,7 +56,11 @@ width = {width}
 depth = 4
 emb_dim = 64
 [precond]
-name = "ctm"
+name = "{precond}"
+[coefficients]
+n_timesteps = 40
+n_samples = 256
+batch = 256
 [distill]
 iterations = {iters}
 batch_size = {batch}
@@ -66,6 +70,13 @@ log_every = {log}
 N = 18
 max_ode_steps = 17
 {extra}"""
+
+#: the stages of a bench run, by [precond] name (Analytic-Precond needs its table first)
+STAGES = {"ctm": ["distill"], "analytic": ["coefficients", "distill"]}
+
+#: the host read-backs of tensor values: .item(), float(), int(), bool() of a tensor
+#: (aten::_local_scalar_dense) and nonzero; each one a device sync on a GPU
+HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero")
 
 #: image shape (H, W, C) and classes of an example's dataset format, for random stand-in data
 DATA_SHAPES = {"idx": ((28, 28, 1), 10), "cifar10": ((32, 32, 3), 10)}
@@ -142,7 +153,8 @@ def write_random_teacher(path: Path, network: dict, shape, num_classes: int,
 
 
 def config_from_example(example: Path, tmp: Path, device: str, iters: int, batch, sets: dict,
-                        image_shape=None, log_every: int | None = None) -> str:
+                        image_shape=None, log_every: int | None = None,
+                        precond: str = "ctm") -> str:
     """The bench config of an example: its [network], [diffusion] and [distill] as they are."""
     raw = tomllib.loads(example.read_text())
     data = raw.get("data", {})
@@ -176,21 +188,76 @@ def config_from_example(example: Path, tmp: Path, device: str, iters: int, batch
         if not (d.get("lpips_weights") or hub.is_file()):
             d["lpips_random"] = True          # same network, same cost
     d.update(sets)
-    tables = {"run": {"out_dir": "out", "stages": ["distill"], "device": device},
+    tables = {"run": {"out_dir": "out", "stages": STAGES[precond], "device": device},
               "data": {"format": "array", "path": str(tmp / "data.npz")},
               "network": network, "teacher": {"kind": "network", "path": str(tmp / "teacher.pt")},
-              "precond": {"name": "ctm"}, "distill": d}
+              "precond": {"name": precond}, "distill": d}
+    if precond == "analytic":        # a small table: it only has to exist
+        tables["coefficients"] = {"n_timesteps": 16, "n_samples": 16, "batch": 16,
+                                  "dtype": "float32", "path": str(tmp / "coefficients.h5")}
     if diffusion:
         tables["diffusion"] = diffusion
     return dump_toml(tables)
 
 
+def host_reads_per_step(text, folder: Path, k1: int = 2, k2: int = 5,
+                        cuda: bool = False) -> float | tuple[float, float]:
+    """The device syncs a distill step makes on a GPU, counted on any device: the host
+    read-backs of tensor values (HOST_READS, from torch.profiler's op events) per iteration,
+    as the difference of a k2- and a k1-iteration run over k2 - k1 (start-up, the evaluations
+    and the one log row and checkpoint at the end cancel). `text(n)`: the config of an
+    n-iteration run, logging and checkpointing only at its end. Not seen: copies to the host
+    (.cpu(), no-ops on the CPU) and, on the CPU, which tensors would be on the GPU (reads of
+    host tensors count too, except torch.optim's own, see _in_optimizer_step).
+
+    With `cuda`: (that count, the synchronizing CUDA calls per iteration that
+    torch.cuda.set_sync_debug_mode reports, copies included)."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    counts, syncs = [], []
+    for k in (k1, k2):
+        d = folder / f"reads{k}"
+        d.mkdir()
+        (d / "c.toml").write_text(text(k))
+        with contextlib.redirect_stdout(io.StringIO()), \
+                profile(activities=[ProfilerActivity.CPU]) as prof, \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run_config(d / "c.toml")
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode(0)
+        counts.append(sum(1 for e in prof.events()
+                          if e.name in HOST_READS and not _in_optimizer_step(e)))
+        syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+    reads = (counts[1] - counts[0]) / (k2 - k1)
+    return (reads, (syncs[1] - syncs[0]) / (k2 - k1)) if cuda else reads
+
+
+def _in_optimizer_step(event) -> bool:
+    """Inside torch.optim's step (its record_function "Optimizer.step#..."): there an unfused
+    optimiser reads its per-parameter step counters, which torch keeps on the host (also on
+    a GPU), so those reads are no device syncs."""
+    while event is not None:
+        if event.name.startswith("Optimizer.step#"):
+            return True
+        event = event.cpu_parent
+    return False
+
+
 def measure(config: str | None = None, device: str = "cpu", iters: int = 60, batch=None,
-            width: int = 256, sets: dict | None = None, image_shape=None) -> dict:
+            width: int = 256, sets: dict | None = None, image_shape=None,
+            precond: str = "ctm", count_reads: bool = True) -> dict:
     """Step time, samples/s, peak memory, floor and overhead of one configuration. The step
     time is the steady state's: one run of 2 x `iters` iterations, 1 / the it_per_s that
     metrics.csv logs over its last `iters` (which leaves out evaluations, checkpoints and the
-    first iterations' warm-up: imports, torch.compile, the caching allocator)."""
+    first iterations' warm-up: imports, torch.compile, the caching allocator). With
+    `count_reads`, also the host read-backs per step (`host_reads_per_step`)."""
     from core.config import parse_config
     from core.stages import Run
     from core.students import build_student
@@ -204,10 +271,12 @@ def measure(config: str | None = None, device: str = "cpu", iters: int = 60, bat
         if config is None:
             extra = "".join(f"{k} = {_toml_value(v)}\n" for k, v in sets.items())
             text = lambda n, log: CONFIG.format(width=width, iters=n, batch=batch or 128,
-                                                device=device, extra=extra, log=log)
+                                                device=device, extra=extra, log=log,
+                                                precond=precond,
+                                                stages=_toml_value(STAGES[precond]))
         else:
             text = lambda n, log: config_from_example(Path(config), tmp, device, n, batch, sets,
-                                                      image_shape, log)
+                                                      image_shape, log, precond)
         cfg = tmp / "c.toml"
         cfg.write_text(text(2 * iters, iters))
         if cuda:
@@ -220,6 +289,11 @@ def measure(config: str | None = None, device: str = "cpu", iters: int = 60, bat
             with open(tmp / "out" / "metrics.csv", newline="") as fh:
                 rows = [r for r in csv.DictReader(fh) if r.get("it_per_s")]
             step = 1.0 / float(rows[-1]["it_per_s"])
+        reads = syncs = None
+        if count_reads:
+            reads = host_reads_per_step(lambda n: text(n, n), tmp, cuda=cuda)
+            if cuda:
+                reads, syncs = reads
 
         run = Run(parse_config(tomllib.loads(cfg.read_text()), cfg), progress=False)
         d = run.cfg.distill
@@ -287,7 +361,8 @@ def measure(config: str | None = None, device: str = "cpu", iters: int = 60, bat
     return {"step_s": step, "it_per_s": 1 / step, "samples_per_s": B / step, "floor_s": floor,
             "overhead": step / floor - 1, "peak_bytes": peak, "peak_kind":
             "CUDA max allocated" if cuda else "process max RSS", "batch": B,
-            "mean_steps": mean_steps, "precision": prec,
+            "mean_steps": mean_steps, "precision": prec, "host_reads": reads, "cuda_syncs": syncs,
+            "precond": precond,
             "device": torch.cuda.get_device_name(0) if cuda else "CPU",
             "network": dict(run.cfg.network.data), "options": sets}
 
@@ -304,7 +379,12 @@ def report(r: dict, what: str) -> str:
             f"floor (bare passes){r['floor_s'] * 1e3:9.2f} ms   (teacher steps per sample: "
             f"{r['mean_steps']:.2f})\n"
             f"peak memory        {r['peak_bytes'] / 2 ** 20:9.1f} MiB ({r['peak_kind']})\n"
-            f"overhead           {100 * r['overhead']:9.1f} %    (step / floor = "
+            + (f"host reads / step  {r['host_reads']:9.2f}      (tensor values read back on "
+               f"the host: a device sync each on a GPU)\n" if r.get("host_reads") is not None
+               else "")
+            + (f"CUDA syncs / step  {r['cuda_syncs']:9.2f}      (torch.cuda.set_sync_debug_mode, "
+               f"copies included)\n" if r.get("cuda_syncs") is not None else "")
+            + f"overhead           {100 * r['overhead']:9.1f} %    (step / floor = "
             f"{1 + r['overhead']:.2f}x; {what})")
 
 
@@ -318,6 +398,11 @@ def main(argv=None):
                                                     "examples/fashion_mnist.toml")
     ap.add_argument("--image-shape", default=None,
                     help="H,W,C[,classes] of --config's data, when its format is not known")
+    ap.add_argument("--precond", default="ctm", choices=sorted(STAGES),
+                    help="the preconditioning (analytic: backward, a small coefficient table "
+                         "first)")
+    ap.add_argument("--no-reads", action="store_true",
+                    help="skip counting the host read-backs per step (two short profiled runs)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a [distill] key (TOML value), e.g. solve_buckets=4")
     args = ap.parse_args(argv)
@@ -327,12 +412,12 @@ def main(argv=None):
         ap.error(f"--config {args.config}: no such file")
     shape = [int(v) for v in args.image_shape.split(",")] if args.image_shape else None
     r = measure(args.config, args.device, args.iters, args.batch, args.width,
-                parse_sets(args.set), shape)
+                parse_sets(args.set), shape, args.precond, not args.no_reads)
     print(f"# {_common.command_line()}")
     what = (f"{args.config}, network {r['network']}" if args.config else
             f"gmm teacher + MLP residual (width {args.width}, depth 4)")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {r['device']}, "
-          f"{r['precision']}; {what}; options {r['options'] or 'none'}")
+          f"{r['precision']}; {what}; precond {r['precond']}; options {r['options'] or 'none'}")
     print(report(r, args.config or "default config"))
     return r
 

@@ -188,6 +188,8 @@ def bench(device: str = "cuda", iters: int = 20, quick: bool = False,
         figure(f"{ex} distill step, {FAST}", lambda: measure(cfg, device, sets=FAST, **small))
         figure(f"{ex} distill step, CUDA graphs {GRAPHS}",
                lambda: measure(cfg, device, sets=GRAPHS, **small))
+        figure(f"{ex} distill step, analytic (backward), {FAST}",
+               lambda: measure(cfg, device, sets=FAST, precond="analytic", **small))
         steps = [figures.get(k, {}).get("step_s") for k in
                  (f"{ex} distill step, CUDA graphs {GRAPHS}", f"{ex} distill step, {FAST}",
                   f"{ex} distill step")]

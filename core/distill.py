@@ -244,6 +244,10 @@ def distill(run) -> None:
     if dist.is_main() and precond.name == "analytic" and cfg.coefficients.smooth > 0:
         print(f"[ctmkit] distill: DEVIATION from Eqns. (15), (17): l_t, s_t smoothed "
               f"([coefficients] smooth = {cfg.coefficients.smooth:g})")
+    if dist.is_main() and d.compile and d.solve_buckets == 0 and not is_dsm:
+        print("[ctmkit] distill: compile = true with solve_buckets = 0: the gathered teacher "
+              "solve presents a new batch size at almost every step, and each one is compiled "
+              "anew; set [distill] solve_buckets (e.g. 4) for a few static shapes")
     if dist.is_main():
         for K, ts in d.eval_schedules.items():      # metrics.csv: <metric>_K = these times
             print(f"[ctmkit] distill: {K}-step evaluations on the schedule {ts}")

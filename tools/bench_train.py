@@ -8,18 +8,21 @@ distance one LPIPS forward + backward on B pairs. The floor is the time of those
 measured on the same networks and shapes in the same run; the overhead is
 (step time / floor) - 1.
 
-    python tools/bench_train.py [--width 256] [--batch 128] [--iters 60]
-
-The step time is the steady state's: a run of 2 x --iters iterations, timed over its last
---iters (the it_per_s of metrics.csv, which leaves out evaluations and checkpoints).
+    python tools/bench_train.py [--width 256] [--batch 128] [--iters 60] [--precond analytic]
     python tools/bench_train.py --config examples/fashion_mnist.toml --device cuda --iters 30
     python tools/bench_train.py --config examples/cifar10.toml --device cpu --batch 2 --iters 3 \\
         --set solve_buckets=4 --set compile=true
 
+The step time is the steady state's: a run of 2 x --iters iterations, timed over its last
+--iters (the it_per_s of metrics.csv, which leaves out evaluations and checkpoints). "host
+reads / step": the tensor values a step reads back on the host, each a device sync on a GPU
+(host_reads_per_step; --no-reads skips the two short profiled runs it takes).
+
 With --config the example's [network], [diffusion] and [distill] settings are used as they are
 (the teacher: that network with random weights; the data: random images of the dataset's shape;
-[precond] ctm; no evaluations; LPIPS with a random backbone when its weights are not on disk:
-the same cost). --set KEY=VALUE overrides a [distill] key (TOML value), e.g. solve_buckets=4.
+[precond] ctm, or analytic with a small coefficient table; no evaluations; LPIPS with a random
+backbone when its weights are not on disk: the same cost). --set KEY=VALUE overrides a
+[distill] key (TOML value), e.g. solve_buckets=4.
 """
 
 from __future__ import annotations
@@ -127,7 +130,12 @@ def parse_sets(sets) -> dict:
 
 
 def run_config(cfg: Path) -> None:
-    """core.run on a bench config; its own one-line error (stderr) and exit status if it fails."""
+    """core.run on a bench config; its own one-line error (stderr) and exit status if it fails.
+    torch.compile's caches are emptied first: every run builds new modules, and their compiled
+    entries would otherwise pile up until dynamo's recompile limit sends later runs to eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
     rc = core_main([str(cfg), "--no-progress"])
     if rc != 0:
         raise SystemExit(rc)

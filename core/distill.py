@@ -382,15 +382,12 @@ def _compiled(module, mode: str = "default"):
     dynamic-shape path fails on channels_last convolutions (torch 2.14, CPU). Donated buffers
     are off: the adaptive DSM weight differentiates the losses with ``retain_graph=True``,
     which a backward compiled with donated buffers refuses."""
-    import torch._dynamo
     import torch._functorch.config
 
+    from core.compiled import compile_static
+
     torch._functorch.config.donated_buffer = False
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 64))
-    return torch.compile(module, dynamic=False, mode=None if mode == "default" else mode)
+    return compile_static(module, mode)
 
 
 def _losses(ctx_args, loss, dsm, dsm_on, model, autocast, distance, draws, dsm_draws, x0,

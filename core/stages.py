@@ -210,9 +210,8 @@ def coefficients(run: Run) -> None:
         return
     est = finalize(ts, stats, teacher.dim)
     if c.smooth > 0:       # a deviation from Eqns. (15), (17): see numerics.smooth
-        from core.coefficients.numerics import smooth
-        lam = -np.log(ts)
-        est.l, est.s = smooth(lam, est.l, c.smooth), smooth(lam, est.s, c.smooth)
+        from core.coefficients.numerics import smooth_coefficients
+        est.l, est.s = smooth_coefficients(ts, est.l, est.s, c.smooth)
         log(f"coefficients: l_t, s_t smoothed over lambda (std {c.smooth:g}): a DEVIATION "
             f"from Eqns. (15), (17)")
     table = CoefficientTable(t=ts, l=est.l, s=est.s, l_stderr=est.l_stderr,

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     t_train = time.perf_counter() - t_start
 
     from core.coefficients import store
-    from core.coefficients.numerics import smooth
+    from core.coefficients.numerics import smooth_coefficients
     from core.coefficients.table import CoefficientTable
     from core.config import for_precond, load_config
     from core.jumper import Jumper, TeacherAsNetwork
@@ -114,9 +114,8 @@ def main(argv=None) -> int:
     table = store.load(cfg.coefficients.path)
     sm_table = None
     if args.smooth > 0:
-        lam = -np.log(table.t)
-        sm_table = CoefficientTable(t=table.t, l=smooth(lam, table.l, args.smooth),
-                                    s=smooth(lam, table.s, args.smooth),
+        l_sm, s_sm = smooth_coefficients(table.t, table.l, table.s, args.smooth)
+        sm_table = CoefficientTable(t=table.t, l=l_sm, s=s_sm,
                                     l_stderr=table.l_stderr, s_stderr=table.s_stderr)
         for e in entries:
             if e["name"] == "analytic":

@@ -88,13 +88,9 @@ def compiled_first_order():
     JVP of dl = "jvp" stays eager: dynamo cannot trace nested torch.func.jvp over a
     broadcasting product (torch 2.14: "more than one element of the written-to tensor refers
     to a single memory location" on fake tensors), so only its PF-ODE JVP is compiled."""
-    import torch._dynamo
+    from core.compiled import compile_static
 
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 64))
-    return torch.compile(_first_order, dynamic=False)
+    return compile_static(_first_order)
 
 
 # dl = "jvp": J v differentiated once more, along (dx/dlambda, dt/dlambda) = (w_x, w_t) of the

@@ -59,3 +59,11 @@ def smooth(x: np.ndarray, y: np.ndarray, width: float) -> np.ndarray:
     out = (w @ ys) / w.sum(1)
     out[0], out[-1] = y[0], y[-1]
     return out
+
+
+def smooth_coefficients(t: np.ndarray, l: np.ndarray, s: np.ndarray,
+                        width: float) -> tuple[np.ndarray, np.ndarray]:
+    """l_t and s_t each smoothed over lambda = -log t (`smooth`, std `width`): the
+    ``[coefficients] smooth`` DEVIATION from Eqns. (15), (17)."""
+    lam = -np.log(t)
+    return smooth(lam, l, width), smooth(lam, s, width)

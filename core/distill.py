@@ -1,7 +1,7 @@
 """The `distill` stage: CTM / CM training of a student with any preconditioning (Appendix B.2).
 
-Per iteration: draw the global batch (data, noise, t/s/u indices) from the iteration's generator,
-keep this rank's slice, run the student once on [loss inputs; DSM inputs], add the loss and the
+Per iteration: draw the global batch (data indices, noise, t/s/u indices) from the iteration's
+generator, keep this rank's slice (reading only its rows of data), run the student once on [loss inputs; DSM inputs], add the loss and the
 weighted DSM loss, step the optimiser, update the stop-gradient target (see Eqn. 28) and the EMAs.
 Checkpoints are atomic; rerunning the same command resumes from the newest and ends with the
 same weights as an uninterrupted run.
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from core import distributed as dist
 from core import plugins
+from core.datastore import to_device  # noqa: F401  (re-exported: core.distill.to_device)
 from core.distances import make_distance
 from core.dsm import DSMLoss
 from core.edm import denoiser_from_output
@@ -27,14 +28,6 @@ from core.schedules import rho_grid
 from core.students import build_student, save_student, trainable
 from core.training import (EMA, TrainingLoop, backward, config_digest, iteration_generator,
                            make_optimizer, plot_curves)
-
-
-def to_device(t: Tensor, device) -> Tensor:
-    """A host tensor on `device`. On CUDA through pinned memory and asynchronously: a copy from
-    pageable memory waits until the GPU has drained its queue, a sync per copy."""
-    if str(device).startswith("cuda") and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 class StepContext:
@@ -190,7 +183,7 @@ def distill(run) -> None:
     grid_host = torch.tensor(rho_grid(d.N, diff.t_min, diff.t_max, diff.rho),
                              dtype=torch.float64)
     grid = grid_host.to(device)
-    sampler = run.data_sampler(None, "distill")
+    sample_rows = run.local_rows_sampler(None, "distill")
     ref_cache: dict = {}
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16"
                                else torch.float16) if precision != "fp32"
@@ -269,15 +262,17 @@ def distill(run) -> None:
     model_fwd = fast(model)
     for it in loop.iterations():
         gen = iteration_generator(d.seed, it)
-        x0, labels = sampler(d.batch_size, gen)
-        x0 = x0.float()
-        draws = loss.draw(gen, x0, d.N)
-        dsm_draws = dsm.draw(gen, x0) if dsm_on else None
-        # this rank's slice of the global batch (and its CPU copy: the student's inputs are
-        # made on the CPU, as the draws are, with no copy back from the device)
-        x0_host = x0[sl]
+        # the global batch's draws, this rank's rows of data only (read by index); the loss
+        # draws see the global batch's shape and dtype (a tensor on the meta device)
+        x0_host, labels = sample_rows(d.batch_size, gen, sl)
+        x0_host = x0_host.float()
+        batch_like = torch.empty((d.batch_size,) + tuple(x0_host.shape[1:]), device="meta")
+        draws = loss.draw(gen, batch_like, d.N)
+        dsm_draws = dsm.draw(gen, batch_like) if dsm_on else None
+        # this rank's CPU copy: the student's inputs are made on the CPU, as the draws are,
+        # with no copy back from the device
         x0 = to_device(x0_host, device)
-        labels = to_device(labels[sl], device) if labels is not None else None
+        labels = to_device(labels, device) if labels is not None else None
         draws = {k: v[sl] for k, v in draws.items()}
         if dsm_on:
             dsm_draws = {k: v[sl] for k, v in dsm_draws.items()}

@@ -89,6 +89,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import pickle
 import re
 import warnings
@@ -101,8 +102,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from core.data import one_line as _one_line, read_array_file
+from core.data import check_array_sizes, one_line as _one_line, read_array_file
 from core.datasets import Dataset, digest
+from core.datastore import (ImageStore, Plan, cache_folder, decode_in_memory, default_workers,
+                            file_digest_cached, open_or_build, store_key)
 from core.errors import UserError
 from core.hookspecs import hookimpl
 
@@ -134,14 +137,61 @@ def _take(a, limit: Optional[int]):
     return a if a is None or limit is None else a[:limit]
 
 
-def _dataset(fmt: str, x: torch.Tensor, y: Optional[np.ndarray], common: Common,
-             hashes: list[str], settings: dict, name: str) -> Dataset:
-    """The Dataset for already scaled (and limited) x; y is dropped unless conditional."""
+def _described(settings: dict, common: Common) -> str:
     settings = dict(settings, limit=common.limit, conditional=common.conditional)
-    described = ";".join(f"{k}={settings[k]}" for k in sorted(settings))
+    return ";".join(f"{k}={settings[k]}" for k in sorted(settings))
+
+
+def _dataset(fmt: str, x, y: Optional[np.ndarray], common: Common,
+             hashes: list[str], settings: dict, name: str) -> Dataset:
+    """The Dataset for already scaled (and limited) x (a float tensor, or an ImageStore of
+    uint8 images); y is dropped unless conditional."""
     labels = torch.from_numpy(y.astype(np.int64)) if y is not None and common.conditional else None
-    return Dataset(x.contiguous(), labels, digest(fmt, *hashes, described), hflip=common.hflip,
+    if isinstance(x, torch.Tensor):
+        x = x.contiguous()
+    return Dataset(x, labels, digest(fmt, *hashes, _described(settings, common)),
+                   hflip=common.hflip, name=name)
+
+
+def _stored(fmt: str, options, ctx, common: Common, source: dict, settings: dict, plan,
+            name: str) -> Dataset:
+    """The Dataset of a decoded format: its uint8 store in the cache folder (found by the
+    source's cheap fingerprint and the settings, built from ``plan()`` on first use), or,
+    with no cache folder (a dataset loaded outside a run), decoded into memory. The
+    fingerprint is the source's content digests (recorded at build) and the settings."""
+    cache = cache_folder(options, ctx)
+    described = _described(settings, common)
+    try:
+        if cache is None:
+            store, content = decode_in_memory(plan())
+        else:
+            key = store_key(fmt, source, {"settings": described})
+            store, manifest = open_or_build(cache, key, plan, name,
+                                            progress=getattr(ctx, "progress", True))
+            content = manifest["content"]
+    finally:
+        _close_opened()
+    labels = torch.from_numpy(np.array(store.labels, np.int64)) if store.labels is not None \
+        else None
+    return Dataset(store, labels, digest(fmt, *content, described), hflip=common.hflip,
                    name=name)
+
+
+def _workers(options) -> int:
+    return options.int("workers", default_workers(), min=1)
+
+
+def _whole(task):
+    """The worker of a format decoded in one piece: the task is the decoded array."""
+    return task, []
+
+
+def _one_piece(x: np.ndarray, y: Optional[np.ndarray], hashes: list[str],
+               common: Common) -> Plan:
+    """A Plan for uint8 images [N, C, H, W] already decoded (small formats: IDX, CIFAR)."""
+    y = y if common.conditional else None
+    return Plan(len(x), tuple(x.shape[1:]), y, _whole, [np.ascontiguousarray(x)],
+                content=lambda: hashes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,17 +284,95 @@ def _folder_files(root: Path) -> tuple[list[Path], Optional[list[int]]]:
     return files, labels
 
 
-def _decode_image(raw: bytes, path: Path, mode: str, resolution: Optional[int]) -> np.ndarray:
+def _decode_image(raw: bytes, path, mode: str, resolution: Optional[int],
+                  transform: str = "none") -> np.ndarray:
+    """An encoded image as uint8 [H, W] or [H, W, 3] in `mode` ("L" or "RGB"). Resized to
+    resolution x resolution when given: bicubic (transform "none"), or as EDM's dataset_tool
+    ``--transform=center-crop``: the centred square crop, then a Lanczos resize."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(raw)) as im:
             im = im.convert(mode)
-            if resolution is not None:
+            if transform == "center-crop":
+                w, h = im.size
+                crop = min(w, h)
+                im = im.crop(((w - crop) // 2, (h - crop) // 2, (w + crop) // 2,
+                              (h + crop) // 2))
+                im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
+            elif resolution is not None:
                 im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
             return np.asarray(im, dtype=np.uint8)
     except Exception as e:  # whatever Pillow raises on a bad file, the file is to blame
         raise UserError(f"{path}: unreadable image ({_one_line(e)})") from None
+
+
+TRANSFORMS = ("none", "center-crop")
+#: images per decode task (a worker's unit of work)
+DECODE_CHUNK = 256
+
+
+def _transform(options, resolution: Optional[int]) -> str:
+    transform = options.str("transform", "none", choices=TRANSFORMS)
+    if transform != "none" and resolution is None:
+        options.fail("transform", f"{transform!r} needs resolution (the output size)")
+    return transform
+
+
+@dataclass(frozen=True)
+class _DecodeTask:
+    """A run of images of one folder or zip archive for `_decode_rows` (picklable)."""
+    root: str                    # the folder (or the zip archive, with is_zip)
+    is_zip: Optional[bool]       # None: a plain image folder; else an edm source
+    names: tuple                 # relative names, in load order
+    mode: str                    # "L" or "RGB"
+    shape: tuple                 # (C, H, W) every decoded image must have
+    resolution: Optional[int]
+    transform: str
+    first: str                   # the first image of the set (for error messages)
+    hash_rows: bool              # return each image's digest (name, size, bytes)
+
+
+#: the edm sources a worker process has opened: (pid, path) -> _EdmFiles
+_OPENED: dict = {}
+
+
+def _edm_files(root: str):
+    key = (os.getpid(), root)
+    if key not in _OPENED:
+        _OPENED[key] = _EdmFiles(Path(root))
+    return _OPENED[key]
+
+
+def _decode_rows(task: _DecodeTask) -> tuple[np.ndarray, list[bytes]]:
+    """Decode the task's images: uint8 [len(names), C, H, W] and, with hash_rows, the
+    SHA-256 of each image's name, size and bytes. Runs in a worker process."""
+    c, h, w = task.shape
+    out = np.empty((len(task.names), h, w, c), np.uint8)
+    digests = []
+    files = _edm_files(task.root) if task.is_zip is not None else None
+    for i, name in enumerate(task.names):
+        if files is None:
+            path = Path(task.root) / name
+            raw, where = _read_bytes(path, "image"), path
+        else:
+            raw, where = files.read(name), files.where(name)
+            if task.resolution is None:
+                iw, ih, ic = _image_header(raw, where)
+                if (ih, iw, ic) != (h, w, c):
+                    kind = {1: "greyscale", 3: "RGB"}
+                    raise UserError(f"{where}: image is {iw}x{ih} {kind[ic]} but {task.first} "
+                                    f"is {w}x{h} {kind[c]}")
+        if task.hash_rows:
+            digests.append(hashlib.sha256(name.encode() + b"\0" + len(raw).to_bytes(8, "little")
+                                          + raw).digest())
+        img = _decode_image(raw, where, task.mode, task.resolution, task.transform)
+        if img.shape[:2] != (h, w):
+            raise UserError(f"{where}: image is {img.shape[1]}x{img.shape[0]} but "
+                            f"{Path(task.first).name} is {w}x{h}; set resolution to resize "
+                            f"all images")
+        out[i] = img.reshape(h, w, c)
+    return out.transpose(0, 3, 1, 2), digests
 
 
 def _folder(options, ctx) -> Dataset:
@@ -253,27 +381,42 @@ def _folder(options, ctx) -> Dataset:
     if channels not in (1, 3):
         options.fail("channels", f"must be 1 or 3, got {channels}")
     resolution = _optional_int(options, "resolution", 1)
+    transform = _transform(options, resolution)
+    workers = _workers(options)
     common = _common(options)
 
     files, labels = _folder_files(root)
     files, labels = _take(files, common.limit), _take(labels, common.limit)
-    h, first, out = hashlib.sha256(), None, None
-    for i, path in enumerate(files):
-        raw = _read_bytes(path, "image")
-        h.update(path.relative_to(root).as_posix().encode() + b"\0"
-                 + len(raw).to_bytes(8, "little") + raw)
-        img = _decode_image(raw, path, "L" if channels == 1 else "RGB", resolution)
-        img = img.reshape(img.shape[0], img.shape[1], channels)
-        if out is None:
-            first, out = path, np.empty((len(files),) + img.shape, np.uint8)
-        elif img.shape != out.shape[1:]:
-            raise UserError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but {first.name} is "
-                            f"{out.shape[2]}x{out.shape[1]}; set resolution to resize all images")
-        out[i] = img
-    x = _bytes_to_unit(out).permute(0, 3, 1, 2)
-    y = None if labels is None else np.asarray(labels, np.int64)
-    return _dataset("folder", x, y, common, [h.hexdigest()],
-                    dict(channels=channels, resolution=resolution), f"folder:{root.name}")
+    names = [p.relative_to(root).as_posix() for p in files]
+    source = {"root": str(root.resolve()), "index": _folder_index(root, names)}
+    mode = "L" if channels == 1 else "RGB"
+    settings = dict(channels=channels, resolution=resolution,
+                    **({"transform": transform} if transform != "none" else {}))
+
+    def plan() -> Plan:
+        first = _decode_image(_read_bytes(files[0], "image"), files[0], mode, resolution,
+                              transform)
+        shape = (channels,) + first.shape[:2]
+        tasks = [_DecodeTask(str(root), None, tuple(names[i:i + DECODE_CHUNK]), mode, shape,
+                             resolution, transform, names[0], True)
+                 for i in range(0, len(names), DECODE_CHUNK)]
+        y = None if labels is None or not common.conditional else np.asarray(labels, np.int64)
+        return Plan(len(names), shape, y, _decode_rows, tasks, workers, row_digests=True)
+
+    return _stored("folder", options, ctx, common, source, settings, plan, f"folder:{root.name}")
+
+
+def _folder_index(root: Path, names: list[str]) -> str:
+    """The digest of a folder's file list with each file's size and mtime: what a run checks
+    instead of re-reading the images (the store records the content digest)."""
+    h = hashlib.sha256()
+    for name in names:
+        try:
+            st = (root / name).stat()
+        except OSError as e:
+            raise UserError(f"{root / name}: cannot read image ({_one_line(e)})") from None
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +471,14 @@ def _array(options, ctx) -> Dataset:
     layout = options.str("layout", "auto", choices=("auto", "NCHW", "NHWC"))
     value_range = options.str("range", "auto", choices=("auto", "unit", "byte"))
     common = _common(options)
+    cache = cache_folder(options, ctx)
 
+    settings, name = dict(layout=layout, range=value_range), f"array:{path.name}"
+    mapped = _mapped_bytes(path, layout, value_range)
+    if mapped is not None:          # uint8 images in a .npy: read in place, never loaded
+        store = ImageStore(_take(mapped, common.limit))
+        return _dataset("array", store, None, common, [file_digest_cached(path, cache)],
+                        settings, name)
     x, y = read_array_file(path, "array")
     x = np.asarray(x)
     if x.dtype.kind not in "iuf":
@@ -338,8 +488,26 @@ def _array(options, ctx) -> Dataset:
     if y is not None:
         y = _check_labels(y, len(x), path)
     x, y = _as_images(_take(x, common.limit), layout, path), _take(y, common.limit)
-    return _dataset("array", _scale(x, value_range, path), y, common, [_sha256_file(path)],
-                    dict(layout=layout, range=value_range), f"array:{path.name}")
+    return _dataset("array", _scale(x, value_range, path), y, common,
+                    [file_digest_cached(path, cache)], settings, name)
+
+
+def _mapped_bytes(path: Path, layout: str, value_range: str) -> Optional[np.ndarray]:
+    """A uint8 .npy of images ([N, H, W] or 4-D; range "auto" or "byte") memory-mapped
+    read-only as [N, C, H, W] (a view: nothing is read), or None for any other file."""
+    from core.io import regular_file
+
+    if path.suffix.lower() != ".npy" or value_range == "unit":
+        return None
+    regular_file(path)
+    check_array_sizes(path)
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: unreadable array file ({_one_line(e)})") from None
+    if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) == 0:
+        return None
+    return _as_images(x, layout, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,20 +589,25 @@ def _idx(options, ctx) -> Dataset:
     common = _common(options)
 
     images = _idx_images_path(options, path, split)
-    x, x_hash = _read_idx(images, IDX_IMAGES)
-    hashes, y = [x_hash], None
     if common.conditional:
         labels_path = labels_path or _derived_labels(images)
-    if common.conditional and labels_path is not None:
-        y, y_hash = _read_idx(labels_path, IDX_LABELS)
-        if len(y) != len(x):
-            raise UserError(f"{labels_path}: {len(y)} labels for the {len(x)} images of "
-                            f"{images.name}")
-        hashes.append(y_hash)
-    x, y = _take(x, common.limit), _take(y, common.limit)
+    files = [images] + ([labels_path] if common.conditional and labels_path else [])
+    source = {"files": [_sha256(_read_bytes(f, "IDX file")) for f in files]}   # small files
+
+    def plan() -> Plan:
+        x, x_hash = _read_idx(images, IDX_IMAGES)
+        hashes, y = [x_hash], None
+        if len(files) > 1:
+            y, y_hash = _read_idx(labels_path, IDX_LABELS)
+            if len(y) != len(x):
+                raise UserError(f"{labels_path}: {len(y)} labels for the {len(x)} images of "
+                                f"{images.name}")
+            hashes.append(y_hash)
+        x, y = _take(x, common.limit), _take(y, common.limit)
+        return _one_piece(x[:, None], y, hashes, common)
+
     settings = dict(split=split if path.is_dir() else None)
-    return _dataset("idx", _bytes_to_unit(x)[:, None], y, common, hashes, settings,
-                    f"idx:{images.name}")
+    return _stored("idx", options, ctx, common, source, settings, plan, f"idx:{images.name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,17 +676,31 @@ def _cifar10(options, ctx) -> Dataset:
                                        if root.exists() else "CIFAR-10 folder not found"))
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
-    xs, ys, hashes = [], [], []
-    for name in CIFAR_SPLITS[split]:
-        if common.limit is not None and sum(map(len, xs)) >= common.limit:
-            break
-        x, y, h = _cifar_batch(root / name)
-        xs.append(x)
-        ys.append(y)
-        hashes.append(h)
-    x, y = _take(np.concatenate(xs), common.limit), _take(np.concatenate(ys), common.limit)
-    return _dataset("cifar10", _bytes_to_unit(x), y, common, hashes, dict(split=split),
-                    f"cifar10:{split}")
+    source = {"batches": [_stat_of(root / name) for name in CIFAR_SPLITS[split]]}
+
+    def plan() -> Plan:
+        xs, ys, hashes = [], [], []
+        for name in CIFAR_SPLITS[split]:
+            if common.limit is not None and sum(map(len, xs)) >= common.limit:
+                break
+            x, y, h = _cifar_batch(root / name)
+            xs.append(x)
+            ys.append(y)
+            hashes.append(h)
+        x, y = _take(np.concatenate(xs), common.limit), _take(np.concatenate(ys), common.limit)
+        return _one_piece(x, y, hashes, common)
+
+    return _stored("cifar10", options, ctx, common, source, dict(split=split), plan,
+                   f"cifar10:{split}")
+
+
+def _stat_of(path: Path) -> Optional[dict]:
+    """A file's cheap fingerprint (size, mtime), or None when it does not exist."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,6 +861,9 @@ def _json_head(value) -> str:
 
 def _edm(options, ctx) -> Dataset:
     path = options.path("path")
+    resolution = _optional_int(options, "resolution", 1)
+    transform = _transform(options, resolution)
+    workers = _workers(options)
     common = _common(options)
 
     if not path.exists():
@@ -687,29 +877,54 @@ def _edm(options, ctx) -> Dataset:
             label_raw = files.read(EDM_LABELS, "label file")
             y = _edm_labels(label_raw, files.where(EDM_LABELS), images, files.what)
         images, y = _take(images, common.limit), _take(y, common.limit)
-        h, first, out = hashlib.sha256(), None, None
-        for i, name in enumerate(images):
-            raw, where = files.read(name), files.where(name)
-            w, hh, c = _image_header(raw, where)
-            if out is None:
-                first, out = name, np.empty((len(images), hh, w, c), np.uint8)
-            elif (hh, w, c) != out.shape[1:]:
-                kind = {1: "greyscale", 3: "RGB"}
-                raise UserError(f"{where}: image is {w}x{hh} {kind[c]} but {first} is "
-                                f"{out.shape[2]}x{out.shape[1]} {kind[out.shape[3]]}")
-            if files.zip is None:
-                h.update(name.encode() + b"\0" + len(raw).to_bytes(8, "little") + raw)
-            img = _decode_image(raw, where, "L" if c == 1 else "RGB", None)
-            out[i] = img.reshape(out.shape[1:])
-    if files.zip is not None:
-        content = _sha256_file(path)
-    else:
-        if label_raw is not None:
-            h.update(EDM_LABELS.encode() + b"\0" + len(label_raw).to_bytes(8, "little")
-                     + label_raw)
-        content = h.hexdigest()
-    x = _bytes_to_unit(out).permute(0, 3, 1, 2)
-    return _dataset("edm", x, y, common, [content], dict(source=files.what), f"edm:{path.name}")
+        source = {"path": str(path.resolve()), "index": _edm_index(files, images),
+                  "labels": _sha256(label_raw) if label_raw is not None else None}
+        is_zip = files.zip is not None
+
+        def plan() -> Plan:
+            first = files.read(images[0])
+            w, h, c = _image_header(first, files.where(images[0]))
+            if resolution is not None:
+                h = w = resolution
+            shape = (c, h, w)
+            tasks = [_DecodeTask(str(path), is_zip, tuple(images[i:i + DECODE_CHUNK]),
+                                 "L" if c == 1 else "RGB", shape, resolution, transform,
+                                 images[0], not is_zip)
+                     for i in range(0, len(images), DECODE_CHUNK)]
+            if is_zip:
+                content = lambda: [_sha256_file(path)]              # noqa: E731
+            else:        # the folder's images (the rows' digests), then dataset.json
+                content = lambda: [] if label_raw is None else [   # noqa: E731
+                    _sha256(EDM_LABELS.encode() + b"\0" + len(label_raw).to_bytes(8, "little")
+                            + label_raw)]
+            return Plan(len(images), shape, y, _decode_rows, tasks, workers, content=content,
+                        row_digests=not is_zip)
+
+        settings = dict(source=files.what, resolution=resolution,
+                        **({"transform": transform} if transform != "none" else {}))
+        if resolution is None:
+            del settings["resolution"]
+        return _stored("edm", options, ctx, common, source, settings, plan, f"edm:{path.name}")
+
+
+def _edm_index(files: "_EdmFiles", images: list[str]) -> str:
+    """The digest of an edm source's index: of a zip, its size, mtime and each member's
+    name, CRC-32 and sizes (the central directory); of a folder, its images' names, sizes and
+    mtimes. What a run checks instead of re-reading the archive."""
+    if files.zip is None:
+        return _folder_index(files.path, images)
+    st = files.path.stat()
+    h = hashlib.sha256(f"{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for info in files.zip.infolist():
+        h.update(f"{info.filename}\0{info.CRC}\0{info.compress_size}\0{info.file_size}\0"
+                 f"{info.header_offset}\n".encode())
+    return h.hexdigest()
+
+
+def _close_opened() -> None:
+    """Close the edm sources `_decode_rows` opened in this process."""
+    for key in [k for k in _OPENED if k[0] == os.getpid()]:
+        _OPENED.pop(key).__exit__()
 
 
 @hookimpl

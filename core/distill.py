@@ -114,6 +114,47 @@ class StepContext:
         return res
 
 
+class Prefetch:
+    """Each iteration's generator and this rank's rows of data (x0 float32 on the host,
+    labels), the next iteration's gathered in a thread while the current one trains. The
+    draws are those of ``sample_rows(batch, iteration_generator(seed, it), keep)`` whether
+    prefetched or not (each iteration's generator is keyed by (seed, it)); the generator is
+    handed over positioned after the data draws, for the loss's draws. `pin`: put x0 in
+    pinned memory (a CUDA copy from it is asynchronous)."""
+
+    def __init__(self, sample_rows, seed: int, batch: int, keep: slice, pin: bool,
+                 ahead: bool = True):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.sample_rows, self.seed, self.batch, self.keep, self.pin = \
+            sample_rows, seed, batch, keep, pin
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ctmkit-data") if ahead else None
+        self.next: tuple | None = None            # (iteration, future)
+
+    def _load(self, it: int):
+        gen = iteration_generator(self.seed, it)
+        x0, labels = self.sample_rows(self.batch, gen, self.keep)
+        x0 = x0.float()
+        if self.pin:
+            x0 = x0.pin_memory()
+        return gen, x0, labels
+
+    def get(self, it: int):
+        """(generator, x0 host, labels) of iteration `it`; starts gathering it + 1."""
+        if self.next is not None and self.next[0] == it:
+            result = self.next[1].result()
+        else:
+            if self.next is not None:
+                self.next[1].cancel()
+            result = self._load(it)
+        self.next = (it + 1, self.pool.submit(self._load, it + 1)) if self.pool else None
+        return result
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def fingerprint(run, precond_desc: dict) -> str:
     cfg, d = run.cfg, run.cfg.distill
     keep = {k: v for k, v in vars(d).items()
@@ -260,12 +301,13 @@ def distill(run) -> None:
                     positive_grid=diff.t_min > 0 and
                     "positive" in inspect.signature(solver.step).parameters)
     model_fwd = fast(model)
+    # the global batch's draws, this rank's rows of data only (read by index); on CUDA the next
+    # iteration's rows are gathered (into pinned memory) while this one trains
+    cuda = device.startswith("cuda")
+    data = Prefetch(sample_rows, d.seed, d.batch_size, sl, pin=cuda, ahead=cuda)
     for it in loop.iterations():
-        gen = iteration_generator(d.seed, it)
-        # the global batch's draws, this rank's rows of data only (read by index); the loss
-        # draws see the global batch's shape and dtype (a tensor on the meta device)
-        x0_host, labels = sample_rows(d.batch_size, gen, sl)
-        x0_host = x0_host.float()
+        gen, x0_host, labels = data.get(it)
+        # the loss draws see the global batch's shape and dtype (a tensor on the meta device)
         batch_like = torch.empty((d.batch_size,) + tuple(x0_host.shape[1:]), device="meta")
         draws = loss.draw(gen, batch_like, d.N)
         dsm_draws = dsm.draw(gen, batch_like) if dsm_on else None
@@ -318,6 +360,7 @@ def distill(run) -> None:
             evaluate(done)
         loop.end_iteration(done)
         t_last += time.perf_counter() - paused    # it_per_s: evaluations and checkpoints out
+    data.close()
     if dist.is_main():
         save_student(run.out_dir / "student.pt", emas[0].model, teacher.fingerprint())
         plot_curves(log, run.out_dir / "curves.png",

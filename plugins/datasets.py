@@ -3,8 +3,18 @@ NVlabs/edm dataset archives.
 
 The ``[data]`` section picks a loader with ``format``; the loader reads the rest of the
 section, and a key no loader reads is reported as unknown. Relative paths resolve against the
-config's folder. Images come out as float32 [N, C, H, W] scaled to [-1, 1]; labels as int64
-[N] (0..K-1) or none.
+config's folder. Images are held as uint8 [N, C, H, W] in a `core.datastore.ImageStore` and
+read batch by batch as float32 scaled to [-1, 1]; labels as int64 [N] (0..K-1) or none.
+
+Where the images live: a uint8 ``.npy`` (``format = "array"``) is memory-mapped in place. The
+formats that must be decoded (folder, edm, idx, cifar10) are decoded once into a store in the
+cache folder (``cache_dir``; default ``out_dir/datastore``), keyed by the source's cheap
+fingerprint (sizes, mtimes and a digest of its index: a zip's central directory, a folder's
+file list with sizes and mtimes; for idx the files' SHA-256) and the decode settings, built by
+one process under a lock (``workers`` processes decode folder and edm images), and reused by
+every later run, stage and rank -- see core/datastore.py. Loaded outside a run (no out_dir and
+no cache_dir) they are decoded into memory, as uint8. Float arrays, ``.npz`` and ``.h5`` files
+are loaded into memory as before.
 
 Options every format reads:
 
@@ -15,6 +25,8 @@ path           required  the file or folder to read
 hflip          false     flip each drawn example left-right with probability 1/2
 limit          all       keep only the first N examples (N >= 1)
 conditional    true      false drops the labels (an unconditional dataset)
+cache_dir      out_dir/  where decoded stores go (a folder on a shared filesystem serves
+               datastore every node; a read-only one serves the stores it holds)
 =============  ========  ==================================================================
 
 ``format = "folder"``: PNG / JPEG images read with Pillow. ``path`` is a folder; when it holds
@@ -26,12 +38,19 @@ whose names start with "." are skipped.
 channels       3         1: convert to grayscale ("L"), 3: convert to RGB (alpha dropped)
 resolution     none      resize every image to resolution x resolution (bicubic); without
                          it all images must share one size
+transform      "none"    "center-crop": as EDM's dataset_tool ``--transform=center-crop``,
+                         the centred square crop, then a Lanczos resize to resolution
+workers        min(8,    processes that decode the images when the store is built
+               cores)
 =============  ========  ==================================================================
 
 ``format = "array"``: ``.npy``, ``.npz`` or ``.h5`` / ``.hdf5``. The examples are the array (or
 dataset) named ``x``, ``data``, ``images`` or ``arr_0``; labels, if any, ``y`` or ``labels``.
 A 2-D array [N, d] is a set of vectors; a 3-D array [N, H, W] holds grayscale images (read as
-[N, 1, H, W]); a 4-D array holds images.
+[N, 1, H, W]); a 4-D array holds images. A uint8 ``.npy`` of images (range "auto" or "byte")
+is memory-mapped read-only, never loaded: every process of a machine shares it through the page
+cache, and its SHA-256 is computed once per (file, size, mtime) and remembered in the cache
+folder. Every other array (float, ``.npz``, ``.h5``) is loaded into memory.
 
 =============  ========  ==================================================================
 layout         "auto"    "NCHW", "NHWC", or "auto": NHWC when the last axis has 1 or 3
@@ -69,15 +88,19 @@ or [N, 1, H, W]. Class labels come from ``dataset.json`` at the root, ``{"labels
 img00000000.png", 6], ...]}``, one integer per image; without that file, or with ``"labels":
 null``, the dataset has no labels. Each member's size is checked before it is read (at most 256
 MiB, expanding at most 200:1; only stored or deflated members), and each image's header before
-it is decoded. The fingerprint covers the SHA-256 of the whole archive (of a folder: as
-``folder`` does, the images read and ``dataset.json``).
+it is decoded. ``resolution``, ``transform`` and ``workers`` as for ``folder`` (with
+``transform = "center-crop"`` and ``resolution = 64`` a store matches what dataset_tool's
+``--transform=center-crop --resolution=64x64`` writes, so it matches EDM's ``fid-refs``). The
+fingerprint covers the SHA-256 of the whole archive, computed once when the store is built (of
+a folder: the digest of each image's name, size and bytes, and ``dataset.json``).
 
 The CIFAR-10 batches are Python pickles: use only files from a source you trust. They are
 unpickled with a loader that resolves nothing but the numpy array constructors such a batch
 needs, and refuses any other global, but pickle is not a safe format for untrusted input.
 
 Every dataset's fingerprint is a digest of its format, the SHA-256 of the bytes it read (for a
-folder: each image's relative name and bytes) and the settings that change the data (channels,
+folder: the digest of each image's relative name, size and bytes; recorded in the store, so a
+later run does not re-read the source) and the settings that change the data (channels,
 resolution, layout, range, split, limit, conditional); ``hflip`` is added by ``Dataset``.
 Any bad input -- a missing or truncated file, a wrong magic number, a corrupt pickle or image,
 mismatched label counts, values out of range, NaN -- is a one-line ``UserError`` naming the file.

@@ -294,3 +294,55 @@ def test_a_bad_cache_dir_is_one_error_line_from_the_cli(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "afile" in lines[0]
+
+
+def _edm_config(tmp_path, extra=""):
+    zeros = ", ".join(["0.0"] * 90)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        [run]
+        out_dir = "out"
+        stages = ["coefficients"]
+        [teacher]
+        kind = "gmm"
+        weights = [1.0]
+        means = [[{zeros}]]
+        stds = [0.5]
+        shape = [3, 6, 5]
+        [coefficients]
+        grid = "log"
+        n_timesteps = 8
+        n_samples = 64
+        batch = 32
+        [data]
+        format = "edm"
+        path = "d.zip"
+    """) + extra)
+    return cfg
+
+
+def test_dry_run_writes_no_store_and_a_run_builds_it_in_out_dir(tmp_path, run_main):
+    _zip(tmp_path)
+    cfg = _edm_config(tmp_path)
+    rc, out, err = run_main(cfg, "--dry-run")
+    assert rc == 0 and not (tmp_path / "out").exists(), err
+    rc, out, err = run_main(cfg)
+    assert rc == 0, err
+    assert len(list((tmp_path / "out" / "datastore").glob("edm-*/store.json"))) == 1
+    assert (tmp_path / "out" / "coefficients.h5").is_file()
+
+
+def test_prefetch_hands_over_the_same_draws_and_generator_state(tmp_path):
+    from core.distill import Prefetch
+    from core.training import iteration_generator
+
+    _zip(tmp_path)
+    ds = _load(tmp_path, format="edm", path="d.zip", hflip=True)
+    ahead = Prefetch(ds.sample_rows, 5, 12, slice(6, 12), pin=False, ahead=True)
+    for it in (0, 1, 2, 7, 8):               # in order, then a jump (a resume)
+        gen, x, y = ahead.get(it)
+        want_gen = iteration_generator(5, it)
+        want_x, want_y = ds.sample_rows(12, want_gen, slice(6, 12))
+        assert torch.equal(x, want_x) and torch.equal(y, want_y)
+        assert torch.equal(torch.rand(4, generator=gen), torch.rand(4, generator=want_gen))
+    ahead.close()

@@ -93,6 +93,26 @@ class ImageStore:
                           self.path)
 
 
+class MappedArray:
+    """A float (or integer) array [N, ...] read by index, each batch converted to float32 by
+    `convert` (numpy array -> float32 numpy array): a float .npy memory-mapped as it is."""
+
+    def __init__(self, array: np.ndarray, convert: Callable[[np.ndarray], np.ndarray]):
+        self.array, self.convert = array, convert
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.array.shape)
+
+    def __getitem__(self, idx) -> Tensor:
+        idx = np.asarray(idx.cpu() if isinstance(idx, Tensor) else idx, dtype=np.int64)
+        return torch.from_numpy(np.ascontiguousarray(
+            self.convert(np.take(self.array, idx, axis=0))))
+
+
 # ---------------------------------------------------------------------------------------------
 # Building a store
 # ---------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ fingerprint (sizes, mtimes and a digest of its index: a zip's central directory,
 file list with sizes and mtimes; for idx the files' SHA-256) and the decode settings, built by
 one process under a lock (``workers`` processes decode folder and edm images), and reused by
 every later run, stage and rank -- see core/datastore.py. Loaded outside a run (no out_dir and
-no cache_dir) they are decoded into memory, as uint8. Float arrays, ``.npz`` and ``.h5`` files
-are loaded into memory as before.
+no cache_dir) they are decoded into memory, as uint8. ``.npz`` and ``.h5`` files are loaded into
+memory as before.
 
 Options every format reads:
 
@@ -50,7 +50,9 @@ A 2-D array [N, d] is a set of vectors; a 3-D array [N, H, W] holds grayscale im
 [N, 1, H, W]); a 4-D array holds images. A uint8 ``.npy`` of images (range "auto" or "byte")
 is memory-mapped read-only, never loaded: every process of a machine shares it through the page
 cache, and its SHA-256 is computed once per (file, size, mtime) and remembered in the cache
-folder. Every other array (float, ``.npz``, ``.h5``) is loaded into memory.
+folder. A float ``.npy`` is memory-mapped as it is, read and converted per batch (its values are
+checked once per load, a chunk at a time). ``.npz``, ``.h5`` and other integer arrays are loaded
+into memory.
 
 =============  ========  ==================================================================
 layout         "auto"    "NCHW", "NHWC", or "auto": NHWC when the last axis has 1 or 3
@@ -127,7 +129,7 @@ import torch
 
 from core.data import check_array_sizes, one_line as _one_line, read_array_file
 from core.datasets import Dataset, digest
-from core.datastore import (ImageStore, Plan, cache_folder, decode_in_memory, default_workers,
+from core.datastore import (ImageStore, MappedArray, Plan, cache_folder, decode_in_memory, default_workers,
                             file_digest_cached, open_or_build, store_key)
 from core.errors import UserError
 from core.hookspecs import hookimpl
@@ -497,11 +499,17 @@ def _array(options, ctx) -> Dataset:
     cache = cache_folder(options, ctx)
 
     settings, name = dict(layout=layout, range=value_range), f"array:{path.name}"
-    mapped = _mapped_bytes(path, layout, value_range)
-    if mapped is not None:          # uint8 images in a .npy: read in place, never loaded
+    mapped = _mapped_npy(path, layout)
+    if mapped is not None and mapped.dtype == np.uint8 and mapped.ndim == 4 \
+            and value_range != "unit":          # uint8 images: read in place, never loaded
         store = ImageStore(_take(mapped, common.limit))
         return _dataset("array", store, None, common, [file_digest_cached(path, cache)],
                         settings, name)
+    if mapped is not None and mapped.dtype.kind == "f":     # float: mapped as it is
+        x = _take(mapped, common.limit)
+        _check_in_chunks(x, value_range, path)
+        return _dataset("array", MappedArray(x, lambda b: _scale(b, value_range, path).numpy()),
+                        None, common, [file_digest_cached(path, cache)], settings, name)
     x, y = read_array_file(path, "array")
     x = np.asarray(x)
     if x.dtype.kind not in "iuf":
@@ -515,12 +523,12 @@ def _array(options, ctx) -> Dataset:
                     [file_digest_cached(path, cache)], settings, name)
 
 
-def _mapped_bytes(path: Path, layout: str, value_range: str) -> Optional[np.ndarray]:
-    """A uint8 .npy of images ([N, H, W] or 4-D; range "auto" or "byte") memory-mapped
-    read-only as [N, C, H, W] (a view: nothing is read), or None for any other file."""
+def _mapped_npy(path: Path, layout: str) -> Optional[np.ndarray]:
+    """A .npy of integer or float examples memory-mapped read-only (images as [N, C, H, W]:
+    a view, nothing is read), or None for other files (.npz, .h5, other dtypes, no rows)."""
     from core.io import regular_file
 
-    if path.suffix.lower() != ".npy" or value_range == "unit":
+    if path.suffix.lower() != ".npy":
         return None
     regular_file(path)
     check_array_sizes(path)
@@ -528,9 +536,16 @@ def _mapped_bytes(path: Path, layout: str, value_range: str) -> Optional[np.ndar
         x = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
         raise UserError(f"{path}: unreadable array file ({_one_line(e)})") from None
-    if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) == 0:
+    if x.dtype.kind not in "uf" or x.ndim not in (2, 3, 4) or len(x) == 0:
         return None
     return _as_images(x, layout, path)
+
+
+def _check_in_chunks(x: np.ndarray, value_range: str, path: Path, rows: int = 4096) -> None:
+    """The checks of `_scale` (finite, in range) over a mapped array, `rows` at a time: memory
+    stays bounded (the whole file is read once per load)."""
+    for i in range(0, len(x), rows):
+        _scale(np.asarray(x[i:i + rows]), value_range, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -346,3 +346,19 @@ def test_prefetch_hands_over_the_same_draws_and_generator_state(tmp_path):
         assert torch.equal(x, want_x) and torch.equal(y, want_y)
         assert torch.equal(torch.rand(4, generator=gen), torch.rand(4, generator=want_gen))
     ahead.close()
+
+
+def test_float_npy_is_mapped_as_it_is_and_checked(tmp_path):
+    from core.datastore import MappedArray
+    unit = np.random.default_rng(2).random((9, 1, 3, 3)).astype(np.float32)
+    np.save(tmp_path / "u.npy", unit)
+    ds = _load(tmp_path, format="array", path="u.npy", range="unit")
+    assert isinstance(ds.data, MappedArray) and isinstance(ds.data.array, np.memmap)
+    assert np.array_equal(ds.x.numpy(), unit * 2 - 1)
+    idx = torch.tensor([4, 0, 4])
+    assert np.array_equal(ds.rows(idx).numpy(), (unit * 2 - 1)[[4, 0, 4]])
+    bad = unit.copy()
+    bad[7, 0, 1, 1] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(UserError, match="NaN or infinite"):
+        _load(tmp_path, format="array", path="nan.npy", range="unit")

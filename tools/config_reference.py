@@ -58,7 +58,7 @@ NOTES = {
 #            transform = "none" | "center-crop" (dataset_tool's: crop, then Lanczos to R),
 #            workers = min(8, cores) (decode processes)
 #   array:   layout = "auto" | "NCHW" | "NHWC", range = "auto" | "unit" | "byte"
-#            (a uint8 .npy is memory-mapped in place; other arrays are loaded)
+#            (a .npy is memory-mapped in place; .npz / .h5 arrays are loaded)
 #   idx:     split = "train" | "test" (path = folder), labels = "<labels file>" (default: found)
 #   cifar10: split = "train" | "test" (path = cifar-10-batches-py; trusted pickles)
 #   edm:     path = "cifar10-32x32.zip" (or its folder): NVlabs/edm dataset_tool output,

@@ -4,8 +4,9 @@ export / load (DESIGN.md, "Exported jumper").
     f_theta(x, t, s) = f(t, s) x + g(t, s) D_theta(x, t, s),  D_theta = c_skip x + c_out F_theta
     (or f x + g F_theta for preconditionings with ``jumps_denoiser = False``; Table 1): `jump`
 
-The file is a TorchScript archive whose extra file ``meta.json`` describes it; the same file is
-what the C++ ``ctm_sample`` loads.
+The file is a TorchScript archive whose extra file ``meta.json`` describes it, sealed by the
+extra file ``archive_sha256``, the digest of every other record (core/integrity.py), checked
+before anything of the file is deserialised; the same file is what the C++ ``ctm_sample`` loads.
 """
 
 
@@ -23,7 +24,8 @@ from core import __version__
 from core.edm import TeacherAsNetwork  # noqa: F401  (re-exported)
 from core.edm import append_dims, denoiser_from_output
 from core.errors import UserError
-from core.io import jit_load, write_bytes
+from core.integrity import check_archive, seal_archive
+from core.io import jit_load, regular_file, write_bytes
 
 FORMAT, VERSION = "ctmkit.jumper", 1
 DTYPES_BY_NAME = {"float32": torch.float32, "float64": torch.float64}
@@ -99,7 +101,8 @@ def payload_digest(module) -> str:
 
 def export(jumper: Jumper, path: str | Path, meta: dict) -> None:
     """Script the jumper and save it atomically with ``meta.json`` (and the digest of its
-    tensors) inside the archive; serialised in memory first, so a full disk is a clean error."""
+    tensors) inside the archive, sealed with the whole-archive digest (core/integrity.py);
+    serialised in memory first, so a full disk is a clean error."""
     import io
 
     scripted = script(jumper.eval())
@@ -108,7 +111,7 @@ def export(jumper: Jumper, path: str | Path, meta: dict) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(scripted, buf, _extra_files={"meta.json": json.dumps(meta)})
-    write_bytes(path, buf.getvalue())
+    write_bytes(path, seal_archive(buf.getvalue()))
 
 
 def validate_meta(meta: dict, where: str) -> dict:
@@ -136,9 +139,15 @@ def validate_meta(meta: dict, where: str) -> dict:
 
 
 def load(path: str | Path, device: str = "cpu"):
-    """(scripted jumper, meta) from an exported file; one-line errors for bad files."""
+    """(scripted jumper, meta) from an exported file; one-line errors for bad files. The file
+    is read once; its whole-archive digest is checked on those bytes before TorchScript sees
+    them (a flipped bit in the code, data.pkl or meta.json is refused, not run)."""
+    import io
+
+    data = read_jumper_bytes(path)
+    check_archive(data, str(path))
     extra = {"meta.json": ""}
-    module = jit_load(Path(path), "jumper", device, extra_files=extra)
+    module = jit_load(io.BytesIO(data), "jumper", device, extra_files=extra, where=path)
     if not extra["meta.json"]:
         raise UserError(f"{path}: not a ctmkit jumper (no meta.json inside)")
     try:
@@ -155,6 +164,15 @@ def load(path: str | Path, device: str = "cpu"):
                         f"rerun 'export'")
     _probe(module.eval(), meta, str(path), device)
     return module, meta
+
+
+def read_jumper_bytes(path: str | Path) -> bytes:
+    """The bytes of the jumper file `path` (a regular file), read once: what is checked is what
+    is loaded."""
+    try:
+        return regular_file(path, "jumper file").read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the jumper file ({e.strerror or e})") from None
 
 
 def _probe(module, meta: dict, where: str, device: str) -> None:

@@ -24,6 +24,7 @@ import io
 import os
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 from core.errors import UserError
@@ -41,6 +42,9 @@ MAX_EXPANSION = 64
 _MAX_SIDECAR_BYTES = 4096
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _READ_CHUNK = 1 << 20
+#: what zipfile raises for damaged records (zlib.error: a flipped bit in a deflated one)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, ValueError, OSError,
+               EOFError, NotImplementedError, RuntimeError, UnicodeDecodeError)
 
 
 def _records(zf: zipfile.ZipFile, where: str, size: int) -> dict[str, zipfile.ZipInfo]:
@@ -77,7 +81,7 @@ def _digest_records(zf: zipfile.ZipFile, records: dict[str, zipfile.ZipInfo]) ->
 def _open_zip(data: bytes, where: str) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    except _ZIP_ERRORS as e:
         raise UserError(f"{where}: not a loadable TorchScript jumper ({e})") from None
 
 
@@ -88,8 +92,7 @@ def archive_digest(data: bytes, where: str = "archive") -> str:
         records = _records(zf, where, len(data))
         try:
             return _digest_records(zf, records)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError,
-                NotImplementedError, RuntimeError) as e:
+        except _ZIP_ERRORS as e:
             raise UserError(f"{where}: jumper is corrupt or altered ({e})") from None
 
 
@@ -120,15 +123,15 @@ def check_archive(data: bytes, where: str) -> None:
     with _open_zip(data, where) as zf:
         records = _records(zf, where, len(data))
         info = records.get(ARCHIVE_DIGEST_RECORD)
+        if info is None and "extra/meta.json" not in records:
+            raise UserError(f"{where}: not a ctmkit jumper (no meta.json inside)")
         if info is None:
             raise UserError(f"{where}: the jumper has no whole-archive digest ({ARCHIVE_DIGEST_FILE}; "
                             f"exported by an older ctmkit?); re-export it (stage 'export')")
         try:
-            stored = zf.read(info)[:65].decode("ascii", "replace").strip() \
-                if info.file_size <= 65 else ""
+            stored = zf.read(info).decode("ascii", "replace") if info.file_size == 64 else ""
             actual = _digest_records(zf, records)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError,
-                NotImplementedError, RuntimeError) as e:
+        except _ZIP_ERRORS as e:
             raise UserError(f"{where}: jumper is corrupt or altered ({e})") from None
     if not _HEX64.fullmatch(stored) or stored != actual:
         raise UserError(f"{where}: jumper is corrupt or altered (SHA-256 of its records does not "

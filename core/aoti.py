@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from core.errors import UserError
 from core.integrity import check_sidecar, write_sidecar
 from core.io import atomic_path
-from core.jumper import read_jumper_bytes, validate_meta
+from core.jumper import parse_meta, read_jumper_bytes, validate_meta
 
 MODEL_NAME = "model"          # aoti_compile_and_package's default
 META_KEY = "meta.json"
@@ -221,13 +221,7 @@ def _load_checked(path: Path, data: bytes, folder: str, device: str
                         ) from None
     if not metadata.get(META_KEY):
         raise UserError(f"{path}: not a ctmkit jumper (no meta.json inside)")
-    try:
-        meta = json.loads(metadata[META_KEY])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: meta.json is not valid JSON") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: meta.json is not a JSON object")
-    validate_meta(meta, str(path))
+    meta = parse_meta(metadata[META_KEY], str(path))
     conditional = int(meta["num_classes"]) > 0
     inputs = metadata.get(INPUTS_KEY)
     expected = INPUTS_CONDITIONAL if conditional else INPUTS_UNCONDITIONAL

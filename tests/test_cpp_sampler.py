@@ -382,7 +382,7 @@ def assert_error(binary, tmp_path, *args, expect: str, out_name="out.npy"):
     ("meta_missing", "meta.json lacks rho"),
     ("meta_shape", "shape must be a non-empty list of positive integers"),
     ("meta_version", "jumper format version 2 is not supported"),
-    ("meta_classes", "num_classes must be an integer >= 0"),
+    ("meta_classes", "num_classes must be an integer in 0.."),
     ("meta_json", "meta.json is not valid JSON"),
 ])
 def test_bad_model_files(binary, models, tmp_path, model, expect):

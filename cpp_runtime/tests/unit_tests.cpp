@@ -138,7 +138,7 @@ void test_meta() {
                  "shape is too large");
     for (const char* bad : {"-1", "1.5", "\"3\"", "null"})
         EXPECT_THROW(UserError, ctm::parse_meta(meta_json("num_classes", bad), "m"),
-                     "num_classes must be an integer >= 0");
+                     "num_classes must be an integer in 0..");
     EXPECT_THROW(UserError, ctm::parse_meta(meta_json("dtype", "\"float16\""), "m"),
                  "neither float32 nor float64");
     EXPECT_THROW(UserError, ctm::parse_meta(meta_json("precond", "3"), "m"),

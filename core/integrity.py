@@ -23,6 +23,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import zipfile
 import zlib
 from pathlib import Path
@@ -159,6 +160,8 @@ def check_sidecar(path: str | os.PathLike, data: bytes) -> None:
     read from `path`, which are then the ones used)."""
     side = sidecar_path(path)
     try:
+        if not stat.S_ISREG(os.stat(side).st_mode):     # a FIFO would block the open
+            raise UserError(f"{side}: the digest file is not a regular file")
         with open(side, "rb") as fh:
             text = fh.read(_MAX_SIDECAR_BYTES + 1)
     except FileNotFoundError:

@@ -50,9 +50,10 @@ void check_sidecar(const std::string& path, const std::string& data) {
     if (!fs::exists(side, ec))
         throw UserError(path + ": no digest file " + file_name(side) + " beside it (exported by "
                         "an older ctmkit, or moved without it?); re-export it (stage 'export')");
+    if (!fs::is_regular_file(side, ec))   // a FIFO would block the open
+        throw UserError(side + ": the digest file is not a regular file");
     std::ifstream in(side, std::ios::binary);
-    if (!in || !fs::is_regular_file(side, ec))
-        throw UserError(side + ": cannot read the digest file");
+    if (!in) throw UserError(side + ": cannot read the digest file");
     std::string text(kMaxSidecarBytes + 1, '\0');
     in.read(text.data(), static_cast<std::streamsize>(text.size()));
     text.resize(static_cast<std::size_t>(in.gcount()));

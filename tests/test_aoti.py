@@ -327,7 +327,7 @@ def assert_error(binary, tmp_path, *args, expect: str, env=None):
     ("truncated", "not a loadable AOTInductor package"),
     ("garbage", "not a loadable AOTInductor package"),
     ("torchscript", "not a loadable AOTInductor package"),
-    ("as_pt", "not a loadable TorchScript jumper"),
+    ("as_pt", "not a ctmkit jumper (no meta.json inside)"),
     ("no_meta", "not a ctmkit jumper (no meta.json inside)"),
     ("meta_json", "meta.json is not valid JSON"),
     ("meta_missing", "meta.json lacks rho"),

@@ -273,6 +273,15 @@ def test_pt2_without_matching_sidecar_is_refused_before_reading(tmp_path, monkey
     assert not [p for p in (tmp_path / "tmp").iterdir() if "aoti" in p.name]
 
 
+def test_sidecar_that_is_a_fifo_is_refused_not_waited_for(tmp_path):
+    import os
+    path = tmp_path / "jumper.pt2"
+    path.write_bytes(b"package bytes")
+    os.mkfifo(sidecar_path(path))
+    with pytest.raises(UserError, match="the digest file is not a regular file"):
+        check_sidecar(path, path.read_bytes())
+
+
 def test_failed_pt2_load_leaves_no_temporary_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()

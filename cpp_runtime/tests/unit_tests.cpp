@@ -1,6 +1,7 @@
 // Unit tests of the LibTorch-free parts of ctm_sample: JSON reader, meta.json validation,
 // command line, rho grid, NPY header, CRC-32, PNG grid, atomic files. Run by ctest and by
 // tests/test_cpp_sampler.py; prints failures and exits non-zero when any check fails.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -341,6 +342,9 @@ void test_sidecar() {   // core/integrity.py: write_sidecar / check_sidecar
     EXPECT_THROW(UserError, ctm::check_sidecar(pkg, "abc"), "not a SHA-256 digest file");
     write(std::string(5000, 'a'));
     EXPECT_THROW(UserError, ctm::check_sidecar(pkg, "abc"), "not a SHA-256 digest file");
+    fs::remove(pkg + ".sha256");
+    CHECK(::mkfifo((pkg + ".sha256").c_str(), 0600) == 0);   // would block an open
+    EXPECT_THROW(UserError, ctm::check_sidecar(pkg, "abc"), "not a regular file");
     fs::remove_all(dir);
 }
 

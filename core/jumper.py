@@ -86,7 +86,8 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float1
 def payload_digest(module) -> str:
     """SHA-256 of a (scripted) module's tensors, ``meta.json``'s ``payload_sha256``: for every
     parameter and buffer in name order, ``name \n dtype \n d0,d1,.. \n nbytes \n`` and the raw
-    little-endian bytes. ctm_sample (cpp_runtime/integrity.cpp) computes the same."""
+    little-endian bytes. ctm_sample (cpp_runtime/jumper_torchscript.cpp) computes the same;
+    the whole-archive digest (core/integrity.py) covers everything else in the file."""
     named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     h = hashlib.sha256()
     for name in sorted(named):

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from core import __version__
+from core.integrity import sidecar_path
 from core.io import file_digest, save_json
 
 LEDGER = "stages.json"
@@ -79,7 +80,8 @@ def watched_files(run) -> dict[Path, tuple]:
     paths = [p for p in run.out_dir.iterdir() if p.is_file() and p.name not in _BOOKKEEPING
              and not p.name.startswith(".")] if run.out_dir.is_dir() else []
     paths += [cfg.coefficients.path, cfg.coefficients.path.with_suffix(".png"),
-              cfg.export.path, cfg.export.path.with_suffix(".pt2")]
+              cfg.export.path, cfg.export.path.with_suffix(".pt2"),
+              sidecar_path(cfg.export.path.with_suffix(".pt2"))]
     out = {}
     for p in paths:
         try:

@@ -118,7 +118,7 @@ def export(jumper: Jumper, path: str | Path, meta: dict) -> None:
 #: bounds of meta.json, the same in cpp_runtime/meta.cpp (tests/fixtures/meta_cases.json):
 #: dimensions of one sample, values in one sample, classes, nesting depth of any value
 MAX_SHAPE_DIMS = 8
-MAX_SAMPLE_NUMEL = 1 << 28
+MAX_SAMPLE_NUMEL = 1 << 24
 MAX_NUM_CLASSES = (1 << 31) - 1
 MAX_JSON_DEPTH = 64
 

@@ -16,7 +16,7 @@ constexpr const char* kKeys[] = {"format", "version", "precond", "variant", "sig
 // Bounds, the same in core/jumper.py (tests/fixtures/meta_cases.json): dimensions of one
 // sample, values in one sample (guards the size arithmetic and the allocations), classes.
 constexpr std::size_t kMaxShapeDims = 8;
-constexpr std::int64_t kMaxSampleNumel = std::int64_t(1) << 28;
+constexpr std::int64_t kMaxSampleNumel = std::int64_t(1) << 24;
 constexpr std::int64_t kMaxNumClasses = (std::int64_t(1) << 31) - 1;
 
 [[noreturn]] void bad(const std::string& where, const std::string& what) {

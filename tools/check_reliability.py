@@ -1498,7 +1498,7 @@ def integrity_cases(T: Templates) -> list[Case]:
         "t_min-a-string": ("t_min", '"0.002"'), "t_min-true": ("t_min", "true"),
         "sigma_data-infinity": ("sigma_data", "Infinity"), "version-true": ("version", "true"),
         "shape-9-dims": ("shape", "[1, 1, 1, 1, 1, 1, 1, 1, 2]"),
-        "shape-2^28-values": ("shape", "[2, 134217728]"),
+        "shape-2^24-values-and-1": ("shape", "[2, 8388609]"),
         "num_classes-2^31": ("num_classes", "2147483648"),
         "num_classes-false": ("num_classes", "false"),
         "nested-100-deep": ("notes", "[" * 100 + "]" * 100),

@@ -127,8 +127,9 @@ def check_archive(data: bytes, where: str) -> None:
         if info is None and "extra/meta.json" not in records:
             raise UserError(f"{where}: not a ctmkit jumper (no meta.json inside)")
         if info is None:
-            raise UserError(f"{where}: the jumper has no whole-archive digest ({ARCHIVE_DIGEST_FILE}; "
-                            f"exported by an older ctmkit?); re-export it (stage 'export')")
+            raise UserError(f"{where}: the jumper has no whole-archive digest "
+                            f"({ARCHIVE_DIGEST_FILE}; exported by an older ctmkit?); re-export "
+                            f"it (stage 'export')")
         try:
             stored = zf.read(info).decode("ascii", "replace") if info.file_size == 64 else ""
             actual = _digest_records(zf, records)

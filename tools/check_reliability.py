@@ -1503,6 +1503,7 @@ def integrity_cases(T: Templates) -> list[Case]:
         "num_classes-false": ("num_classes", "false"),
         "nested-100-deep": ("notes", "[" * 100 + "]" * 100),
         "precond-a-number": ("precond", "7"),
+        "shape-does-not-fit": ("shape", "[7]"),   # valid meta: the load probe refuses it
     }
 
     # --- core.run: the jumper read by 'sample' / 'evaluate' ---

@@ -409,6 +409,9 @@ class SampleCfg:
                       choices=("python", "ctm_sample"))
     binary: Path | None = key("path", None, "ctm_sample (default: this checkout's "
                               "build/ctm_sample)", example="build/ctm_sample")
+    formats: list[str] = key("strs", [], "extra to samples.npy: npz (samples.npz, ADM's "
+                             "evaluator.py), png (samples/, EDM's fid.py)", choices=("npz", "png"),
+                             example=["npz", "png"])
 
 
 @dataclass(kw_only=True)

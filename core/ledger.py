@@ -80,6 +80,9 @@ def watched_files(run) -> dict[Path, tuple]:
              and not p.name.startswith(".")] if run.out_dir.is_dir() else []
     paths += [cfg.coefficients.path, cfg.coefficients.path.with_suffix(".png"),
               cfg.export.path, cfg.export.path.with_suffix(".pt2")]
+    if run.out_dir.is_dir():                  # [sample] formats = ["png"]: samples/*/*.png
+        from core.sample_files import png_files
+        paths += png_files(run.out_dir / "samples")
     out = {}
     for p in paths:
         try:

@@ -452,6 +452,13 @@ class TrainCfg:
     lr: float = key("float", _REQUIRED, "learning rate", positive=True)
     optimizer: str = key("str", "adam", "", choices=("adam", "radam"))
     warmup: int = key("int", 0, "linear learning-rate warm-up iterations", min=0)
+    lr_schedule: str = key("str", "constant", "after warmup: constant | linear / cosine "
+                           "(to lr_min at the last iteration) | inverse_sqrt (EDM2: lr / "
+                           "sqrt(max(it / lr_ref_iterations, 1)))",
+                           choices=("constant", "linear", "cosine", "inverse_sqrt"))
+    lr_min: float = key("float", 0.0, "the last iteration's lr of linear / cosine", min=0.0)
+    lr_ref_iterations: int = key("int", 0, "inverse_sqrt: iterations at the full lr (EDM2's "
+                                 "ref_batches)", min=0)
     grad_clip: float = key("float", 0.0, "max global gradient norm (0: off)", min=0.0)
     ema: list = key("floats", [0.999], "EMA rates; the first one is saved / exported",
                     min=0.0, max=1.0)
@@ -679,6 +686,8 @@ def parse_config(raw: dict, path: Path) -> Config:
     ev = _read(EvaluateCfg, sec["evaluate"], ctx)
     tt = _read(TeacherTrainCfg, sec["teacher_train"], ctx)
     ds = _read(DistillCfg, sec["distill"], ctx)
+    for name, t in (("teacher_train", tt), ("distill", ds)):
+        _check_lr_schedule(t, sec[name])
 
     teacher, precond = sec["teacher"], sec["precond"]
     if "kind" not in teacher.data:
@@ -696,6 +705,13 @@ def parse_config(raw: dict, path: Path) -> Config:
                   teacher_train=tt, distill=ds, data=sec["data"], network=sec["network"],
                   teacher=teacher, precond=precond, sampler_options=sec["sample"], raw=raw,
                   sections=sec)
+
+
+def _check_lr_schedule(t: TrainCfg, s: Section) -> None:
+    if t.lr_min > t.lr:
+        s.fail("lr_min", f"must not exceed lr ({t.lr:g}), got {t.lr_min:g}")
+    if t.lr_schedule == "inverse_sqrt" and t.lr_ref_iterations < 1:
+        s.fail("lr_ref_iterations", "must be at least 1 with lr_schedule = \"inverse_sqrt\"")
 
 
 def for_precond(cfg: Config, entry: dict, own_dir: bool = True) -> Config:

@@ -25,8 +25,9 @@ from core.errors import UserError
 from core.jumper import jump
 from core.schedules import rho_grid
 from core.students import build_student, save_student, trainable
-from core.training import (EMA, TrainingLoop, backward, config_digest, iteration_generator,
-                           make_optimizer, plot_curves)
+from core.training import (EMA, LRSchedule, TrainingLoop, backward, config_digest,
+                           iteration_generator, make_optimizer, plot_curves,
+                           with_lr_schedule)
 
 
 def to_device(t: Tensor, device) -> Tensor:
@@ -128,7 +129,8 @@ def fingerprint(run, precond_desc: dict) -> str:
                          "eval_every", "eval_num", "eval_steps", "eval_schedules",
                          "micro_batch", "solve_buckets", "compile", "compile_mode",
                          "channels_last", "tf32", "fused_optimizer")}
-    desc = {"teacher": run.teacher.fingerprint(), "precond": precond_desc, "distill": keep,
+    desc = {"teacher": run.teacher.fingerprint(), "precond": precond_desc,
+            "distill": with_lr_schedule(keep, d),
             "network": cfg.network.data, "data": run.data_fingerprint(),
             "diffusion": vars(cfg.diffusion)}
     return config_digest(desc)
@@ -181,7 +183,7 @@ def distill(run) -> None:
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     loop = TrainingLoop("distill", ckdir=run.out_dir / "checkpoints", fingerprint=fp,
                         modules=modules, optimizer=opt, params=params, ema_source=student,
-                        emas=[target, *emas], lr=d.lr, warmup=d.warmup, grad_clip=d.grad_clip,
+                        emas=[target, *emas], lr=LRSchedule.of(d), warmup=d.warmup, grad_clip=d.grad_clip,
                         iterations=d.iterations, checkpoint_every=d.checkpoint_every,
                         keep_checkpoints=d.keep_checkpoints, metrics=run.out_dir / "metrics.csv",
                         fields=["loss", "loss_main", "loss_dsm", "dsm_weight", "lr", "it_per_s"],

@@ -142,8 +142,11 @@ def _weights(path):
 
 
 @pytest.mark.slow
-def test_kill_9_and_resume_equals_uninterrupted(work, tmp_path_factory):
+@pytest.mark.parametrize("schedule", ["", 'lr_schedule = "cosine"\nlr_min = 1e-5\nwarmup = 4'])
+def test_kill_9_and_resume_equals_uninterrupted(work, tmp_path_factory, schedule):
     import shutil
+    if schedule:              # a decaying lr: a resumed run must follow the same curve
+        (work / "c.toml").write_text(CONFIG.replace("[distill]", "[distill]\n" + schedule))
     other = tmp_path_factory.mktemp("uninterrupted")
     shutil.copytree(work, other, dirs_exist_ok=True)
     r = run_cli(other / "c.toml", "--stages", "distill,export")
@@ -169,6 +172,14 @@ def test_kill_9_and_resume_equals_uninterrupted(work, tmp_path_factory):
         assert torch.equal(a[k], b[k]), k
     ra, rb = _metrics(work / "out" / "metrics.csv"), _metrics(other / "out" / "metrics.csv")
     assert [r["iteration"] for r in ra] == [r["iteration"] for r in rb]
+    if schedule:              # the logged lr is the schedule's, in both runs
+        from core.training import LRSchedule
+        f = LRSchedule(4e-4, 4, "cosine", 1e-5, 0, 40)
+        logged = [r for r in ra if r["lr"]]                  # evaluation rows have no lr
+        assert len(logged) >= 4
+        for r in logged:
+            assert float(r["lr"]) == pytest.approx(f(int(r["iteration"]) - 1), rel=1e-6)
+        assert [r["lr"] for r in ra] == [r["lr"] for r in rb]
 
 
 @pytest.mark.slow

@@ -368,9 +368,15 @@ class CoefficientsCfg:
                         "metrics.json (\"deviation\")", min=0.0, max=10.0)
 
 
-#: [student]: the one host key.
-STUDENT_KEYS = [Key("str", "teacher", "the student starts as the teacher (the paper's "
-                    "initialisation)", name="init", choices=("teacher",))]
+@dataclass(kw_only=True)
+class StudentCfg:
+    init: str = key("str", "teacher", '"teacher" (the paper\'s initialisation) or a warm start '
+                    "(core/warm_start.py): a student.pt, a distill checkpoint or a run's out_dir "
+                    "(its newest checkpoint), relative to this file; {label}: the [run] preconds "
+                    "entry's label, e.g. \"../stage1/{label}\"")
+    init_ema: bool = key("bool", False, "a checkpoint source's EMAs and stop-gradient target "
+                         "too (else they start as its online weights)")
+    init_optimizer: bool = key("bool", False, "a checkpoint source's optimiser state too")
 
 #: The keys the host reads in the plugin-owned sections: the plugin each one names (the
 #: plugin reads the rest of its section).
@@ -543,7 +549,7 @@ def declared() -> dict[str, list[Key]]:
     return {"run": keys(RunCfg), "diffusion": keys(DiffusionCfg), "data": [],
             "network": PLUGIN_KEYS["network"], "teacher": PLUGIN_KEYS["teacher"],
             "teacher_train": keys(TeacherTrainCfg), "precond": PLUGIN_KEYS["precond"],
-            "coefficients": keys(CoefficientsCfg), "student": STUDENT_KEYS,
+            "coefficients": keys(CoefficientsCfg), "student": keys(StudentCfg),
             "distill": keys(DistillCfg), "export": keys(ExportCfg), "sample": keys(SampleCfg),
             "evaluate": keys(EvaluateCfg)}
 
@@ -558,7 +564,7 @@ class Config:
     export: ExportCfg
     sample: SampleCfg
     evaluate: EvaluateCfg
-    student_init: str
+    student: StudentCfg
     teacher_train: TeacherTrainCfg
     distill: DistillCfg
     data: Section                # [data]: x_0 from a file or an analytic mixture
@@ -572,6 +578,16 @@ class Config:
     @property
     def teacher_kind(self) -> str:
         return self.teacher.data.get("kind")
+
+    @property
+    def student_init(self) -> str:
+        return self.student.init
+
+    @property
+    def student_init_path(self) -> Path | None:
+        """A warm start's source path (relative ones from the config file's folder)."""
+        init = self.student.init
+        return None if init == "teacher" else (self.base_dir / Path(init).expanduser()).resolve()
 
     @property
     def precond_name(self) -> str:
@@ -669,7 +685,9 @@ def parse_config(raw: dict, path: Path) -> Config:
         s.fail("t_min", f"must be below t_max ({diff.t_max}), got {diff.t_min}")
 
     coef = _read(CoefficientsCfg, sec["coefficients"], ctx)
-    student_init = STUDENT_KEYS[0].read(sec["student"], ctx)
+    student = _read(StudentCfg, sec["student"], ctx)
+    if "{label}" in student.init and not run.preconds:
+        sec["student"].fail("init", "holds {label}, which only [run] preconds entries define")
     export = _read(ExportCfg, sec["export"], ctx)
     if export.path.suffix == ".pt2":
         sec["export"].fail("path", "is the TorchScript file; name it *.pt (aoti = true writes the "
@@ -701,7 +719,7 @@ def parse_config(raw: dict, path: Path) -> Config:
     # [distill]: the loss plugin may read more keys (e.g. max_ode_steps); checked at its stage
     # [sample]: host keys are read above; the remaining keys belong to the sampler plugin.
     return Config(path=path, base_dir=base, run=run, diffusion=diff, coefficients=coef,
-                  export=export, sample=sample, evaluate=ev, student_init=student_init,
+                  export=export, sample=sample, evaluate=ev, student=student,
                   teacher_train=tt, distill=ds, data=sec["data"], network=sec["network"],
                   teacher=teacher, precond=precond, sampler_options=sec["sample"], raw=raw,
                   sections=sec)
@@ -723,6 +741,9 @@ def for_precond(cfg: Config, entry: dict, own_dir: bool = True) -> Config:
     run.pop("preconds", None)
     run["out_dir"] = str(cfg.run.out_dir / entry["label"] if own_dir else cfg.run.out_dir)
     raw["precond"] = {k: v for k, v in entry.items() if k != "label"}
+    init = raw.get("student", {}).get("init")
+    if isinstance(init, str):                  # a warm start per preconditioning
+        raw["student"]["init"] = init.replace("{label}", entry["label"])
     raw.setdefault("coefficients", {})["path"] = str(cfg.coefficients.path)
     raw.setdefault("evaluate", {})["cache_dir"] = str(cfg.evaluate.cache_dir)
     teacher = raw.setdefault("teacher", {})

@@ -36,7 +36,7 @@ SECTIONS = {
 INPUTS = {
     "teacher": ("data",),
     "coefficients": ("teacher", "data"),
-    "distill": ("teacher", "data", "coefficients.h5"),
+    "distill": ("teacher", "data", "coefficients.h5", "student.init"),
     "export": ("teacher", "student.pt", "coefficients.h5"),
     "sample": ("jumper.pt",),
     "evaluate": ("teacher", "data", "jumper.pt", "samples.npy"),
@@ -45,8 +45,12 @@ INPUTS = {
 _BOOKKEEPING = (LEDGER, "run.json", ".lock")
 
 
-def _input_path(run, name: str) -> Path:
+def _input_path(run, name: str) -> Path | None:
     cfg = run.cfg
+    if name == "student.init":               # a warm start's source file, or None
+        from core.warm_start import source_file
+        p = cfg.student_init_path
+        return source_file(p) if p is not None else None
     return {"coefficients.h5": cfg.coefficients.path, "jumper.pt": cfg.export.path,
             "student.pt": run.out_dir / "student.pt",
             "samples.npy": run.out_dir / "samples.npy"}[name]
@@ -67,7 +71,7 @@ def stage_key(run, stage: str) -> str:
             inputs[name] = src.fingerprint() if src is not None else None
         else:
             p = _input_path(run, name)
-            inputs[name] = file_digest(p) if p.is_file() else None
+            inputs[name] = file_digest(p) if p is not None and p.is_file() else None
     desc["inputs"] = inputs
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -312,8 +312,9 @@ class TrainingLoop:
                  params: list, ema_source: nn.Module, emas: list, lr, warmup: int,
                  grad_clip: float, iterations: int, checkpoint_every: int,
                  keep_checkpoints: int, metrics: Path, fields: list, progress: bool,
-                 scaler=None):
+                 scaler=None, checkpoint_extra: dict | None = None):
         self.name, self.ckdir, self.fingerprint = name, ckdir, fingerprint
+        self.checkpoint_extra = checkpoint_extra or {}   # who wrote it (warm starts read it)
         self.modules, self.optimizer, self.params = modules, optimizer, params
         self.ema_source, self.emas, self.scaler = ema_source, emas, scaler
         # `lr`: a float (constant after `warmup`) or the run's LRSchedule
@@ -396,4 +397,4 @@ class TrainingLoop:
             self.verify()
             self.log.flush()
             save_checkpoint(self.ckdir, done, self.fingerprint, self.modules, self.optimizer,
-                            self.keep)
+                            self.keep, self.checkpoint_extra)

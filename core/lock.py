@@ -69,24 +69,34 @@ class RunLock:
     def fd(self) -> int | None:
         return self.fds[-1] if self.fds else None
 
-    def acquire(self, check_parents: bool = True) -> "RunLock":
-        """Lock the out_dir (refused with the holder's PID if another run has it, or has a
-        folder above it when `check_parents`)."""
+    def check(self, check_parents: bool = True) -> None:
+        """Refuse (with the holder's PID) an out_dir another run holds, or one below an
+        out_dir another run holds when `check_parents`; creates nothing. `acquire` checks
+        again: this only lets a command refuse before it creates any of its folders."""
         if check_parents:
             parent = locked_parent(self.folder)
             if parent is not None:
                 raise UserError(f"{self.folder}: lies inside {parent}, the out_dir of a running "
                                 f"ctmkit run (PID {_holder(parent)}); wait for it or choose "
                                 f"another out_dir")
+        if _is_locked(self.folder, os.O_RDONLY | os.O_DIRECTORY) or \
+                _is_locked(self.path, os.O_RDONLY):
+            self._busy()
+
+    def _busy(self):
+        raise UserError(f"{self.folder}: another ctmkit run (PID {_holder(self.folder)}) "
+                        f"is using this out_dir; wait for it or choose another out_dir")
+
+    def acquire(self, check_parents: bool = True) -> "RunLock":
+        """Lock the out_dir (refused as `check` says)."""
+        self.check(check_parents)
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             self._lock(os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY))
             self._lock(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644))
         except BlockingIOError:
             self.release()
-            raise UserError(f"{self.folder}: another ctmkit run (PID {_holder(self.folder)}) "
-                            f"is using this out_dir; wait for it or choose another out_dir"
-                            ) from None
+            self._busy()
         except BaseException:
             self.release()
             raise

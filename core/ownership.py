@@ -18,8 +18,8 @@
 * **out_dir is ctmkit's.** It may not be ``/`` or the home directory. An existing out_dir must
   be ctmkit's: it holds the marker file ``.ctmkit`` that ctmkit writes into every out_dir it
   runs in, or the ``stages.json`` / ``run.json`` of an earlier version — or it holds nothing
-  but ctmkit's temporaries and the run's own inputs (an empty folder, or the config's own
-  folder with ``out_dir = "."``). A folder holding anything else is refused: its files are not
+  but ctmkit's temporaries, ctmkit's out_dirs and the run's own inputs (an empty folder, a
+  folder of runs, or the config's own folder with ``out_dir = "."``). A folder holding anything else is refused: its files are not
   ctmkit's to replace or sweep. ``--dry-run`` makes the same checks.
 """
 
@@ -202,21 +202,27 @@ def _check_kind(u: Use) -> None:
                         f"FIFO or socket); ctmkit replaces only regular files")
 
 
-def check_out_dir(out_dir: Path, inputs: list[Use]) -> None:
+def _is_ctmkits(folder: Path) -> bool:
+    return any((folder / name).exists() for name in OWNED_BY)
+
+
+def check_out_dir(out_dir: Path, inputs: list[Use], out_dirs=()) -> None:
     """`out_dir` may be written by ctmkit: not / or the home directory, and new, empty,
-    ctmkit's (`OWNED_BY`) or holding only ctmkit temporaries and the run's own inputs."""
+    ctmkit's (`OWNED_BY`) or holding only ctmkit's temporaries and out_dirs (`out_dirs`: the
+    command's own) and the run's own inputs."""
     real = Path(os.path.realpath(out_dir))
     for forbidden, what in ((Path(real.anchor), "the root folder"),
                             (Path(os.path.realpath(Path.home())), "the home directory")):
         if real == forbidden:
             raise UserError(f"{out_dir}: refusing {what} as out_dir (ctmkit replaces and "
                             f"sweeps files in it); name a folder of its own")
-    if not real.is_dir() or any((real / name).exists() for name in OWNED_BY):
+    if not real.is_dir() or _is_ctmkits(real):
         return
-    mine = {_identity(u.path) for u in inputs}
+    mine = {_identity(u.path) for u in inputs} | {_identity(d) for d in out_dirs}
     foreign = []
     for entry in sorted(os.scandir(real), key=lambda e: e.name):
-        if entry.name in BOOKKEEPING or is_temporary(entry.name):
+        if entry.name in BOOKKEEPING or is_temporary(entry.name) or (
+                entry.is_dir(follow_symlinks=False) and _is_ctmkits(Path(entry.path))):
             continue
         if not any(_same(_identity(Path(entry.path)), m) for m in mine):
             foreign.append(entry.name)
@@ -232,7 +238,8 @@ def check_ownership(runs) -> None:
     out_dir is ctmkit's and no path it writes collides with another (see the module)."""
     uses = run_uses(runs)
     for i, (run, _) in enumerate(runs):
-        check_out_dir(run.out_dir, [u for u in uses if u.run == i and not u.writes])
+        check_out_dir(run.out_dir, [u for u in uses if u.run == i and not u.writes],
+                      [r.out_dir for r, _ in runs])
     check_collisions(uses)
 
 

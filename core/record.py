@@ -33,6 +33,8 @@ def prepare_out_dirs(out_dirs: list[Path], written: list[Path] = ()) -> list[Run
 
     for d in out_dirs:
         _check_folder(d)
+    for i, d in enumerate(out_dirs):           # all refusals before any folder is made
+        RunLock(d).check(check_parents=i == 0)
     locks: list[RunLock] = []
     try:
         for i, d in enumerate(out_dirs):

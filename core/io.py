@@ -3,6 +3,11 @@
 * Every output is serialised in memory first, written to a temporary name with Python's own
   checked I/O (a full disk is an ``OSError``, never an abort inside a C++ library), fsynced and
   renamed into place: a crash or kill -9 leaves the old file (or none), never half of one.
+* Temporaries are named ``.<final name>.ctmkit-<pid>-<start time>-<random>.tmp``: ctmkit's, and
+  naming the process that writes them (its PID and start time, so a reused PID is told
+  apart). The start-up sweep removes only those whose writer is dead, only in the folders the
+  run writes, never in their sub-folders; the unnamed ``.<final name>.<random>.tmp`` of
+  earlier versions only in out_dirs and their checkpoint folders, which are ctmkit's alone.
 * Bytes are deterministic: the same content gives the same file (``torch.save`` into a buffer,
   not onto a temporary *name*, which torch would write into the archive).
 * Every ``.pt`` file ctmkit writes carries ``sha256``, a digest of its content (tensors with their

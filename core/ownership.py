@@ -19,8 +19,12 @@
   be ctmkit's: it holds the marker file ``.ctmkit`` that ctmkit writes into every out_dir it
   runs in, or the ``stages.json`` / ``run.json`` of an earlier version — or it holds nothing
   but ctmkit's temporaries, ctmkit's out_dirs and the run's own inputs (an empty folder, a
-  folder of runs, or the config's own folder with ``out_dir = "."``). A folder holding anything else is refused: its files are not
-  ctmkit's to replace or sweep. ``--dry-run`` makes the same checks.
+  folder of runs, or the config's own folder with ``out_dir = "."``). A folder holding
+  anything else is refused: its files are not ctmkit's to replace or sweep. ``--dry-run``
+  makes the same checks.
+* **Locks** (core.lock): a comparison's label folders are locked with its out_dir; a run into
+  the *parent* of a running run's out_dir (without preconds) is allowed: it writes nothing
+  in that folder.
 """
 
 from __future__ import annotations

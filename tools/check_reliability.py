@@ -330,6 +330,7 @@ class Case:
     prepare: Callable[[Path], list[str]]   # builds inputs in the case folder; returns argv
     how: str = "inprocess"                  # inprocess | process | binary
     out: str | None = None                  # binary: the --out file that must not appear
+    keep: tuple[str, ...] = ()              # temporaries (not ctmkit's) that must survive
 
 
 @dataclass
@@ -1127,7 +1128,10 @@ def judge(case: Case, r: Result, d: Path, before: dict[str, str], out_existed: b
         problems.append("Traceback")
     if UNSAFE_MARKER in r.stdout or UNSAFE_MARKER in r.stderr:
         problems.append("executed code from a foreign pickle")
-    left = temporaries(d)
+    left = [x for x in temporaries(d) if x not in case.keep]
+    gone = [x for x in case.keep if not (d / x).is_file()]
+    if gone:
+        problems.append(f"deleted a temporary that is not its own: {', '.join(gone[:3])}")
     if left:
         problems.append(f"temporaries left: {', '.join(left[:3])}")
     after = snapshot(d)
@@ -1399,11 +1403,164 @@ def ensure_binary(say) -> str | None:
     return None
 
 
+#: locks the ownership cases hold while ctmkit runs (released when this tool exits)
+HELD_LOCKS: list = []
+
+
+def _hold_lock(folder: Path) -> None:
+    """Hold `folder` locked as a running ctmkit run would (in this process)."""
+    from core.lock import RunLock
+    HELD_LOCKS.append(RunLock(folder).acquire())
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
 def ownership_cases(T: Templates) -> list[Case]:
     """Outputs that would collide with an input or another output, out_dirs ctmkit does not own,
     temporaries of other runs and other programs, locks (issue: hostile input, items 1 and 5)."""
     cases: list[Case] = []
+
+    def case(name: str, which: str | None, setup: Callable[[Path, Path], None] | None,
+             *argv: str, edit: Callable[[str], str] | None = None, keep=()) -> None:
+        """`which`: the template whose finished run is copied in (None: a fresh folder);
+        `setup(case_dir, out_dir)` makes the hostile surroundings; argv follows the config."""
+        def prepare(d: Path) -> list[str]:
+            out = T.copy_out(which, d) if which else d / "out"
+            text = textwrap.dedent(QUICK_CONFIG) if which != "train" else train_config()
+            (d / "config.toml").write_text(edit(text) if edit else text)
+            if setup:
+                setup(d, out)
+            return [str(d / "config.toml"), *argv]
+        cases.append(Case("ownership", name, prepare, keep=tuple(keep)))
+
+    q, t = "quick", "train"
+    export = ("--stages", "export", "--force")
+
+    def out_path(key: str, value: str, *stages: str, which=q, setup=None, name=None):
+        case(name or f"{key.replace('.', '-')}-is-{value.strip('./').replace('/', '-')}",
+             which, setup, "--set", f'{key}="{value}"', *stages)
+
+    # 1. an output over an input or over another output (before anything is written)
+    out_path("export.path", "../config.toml", *export)
+    out_path("export.path", "../out/../config.toml", *export, name="export-path-dotdot-config")
+    out_path("export.path", "coefficients.h5", *export)
+    out_path("export.path", "run.json", *export)
+    out_path("export.path", "stages.json", *export)
+    out_path("export.path", ".lock", *export)
+    out_path("export.path", "samples.npy")
+    out_path("export.path", "metrics.json")
+    out_path("coefficients.path", "jumper.pt", "--stages", "coefficients", "--force")
+    out_path("coefficients.path", "../config.toml", "--stages", "coefficients", "--force")
+    out_path("coefficients.path", "samples.h5", name="coefficient-plot-is-samples-png")
+    out_path("coefficients.path", "metrics.csv", "--stages", "coefficients", "--force")
+    out_path("evaluate.cache_dir", "../config.toml", "--stages", "evaluate", "--force")
+    out_path("export.path", "../link.pt", *export, name="export-path-symlink-to-config",
+             setup=lambda d, o: (d / "link.pt").symlink_to(d / "config.toml"))
+    out_path("export.path", "../hard.pt", *export, name="export-path-hard-link-to-config",
+             setup=lambda d, o: os.link(d / "config.toml", d / "hard.pt"))
+    out_path("export.path", "../x0.npy", *export, name="export-path-is-evaluate-data",
+             setup=lambda d, o: (np_save(d / "x0.npy"), add_key(d, "evaluate", "data",
+                                                                  "x0.npy")))
+    out_path("teacher.path", "../config.toml", "--stages", "teacher", "--force", which=t)
+    out_path("teacher.path", "coefficients.h5", "--stages", "teacher", "--force", which=t)
+    out_path("teacher.path", "student.pt", "--stages", "teacher", "--force", which=t)
+    # ... or over what is not a regular file
+    out_path("export.path", "../null", *export, name="export-path-is-a-character-device",
+             setup=lambda d, o: char_device(d / "null"))
+    out_path("export.path", "../fifo", *export, name="export-path-is-a-fifo",
+             setup=lambda d, o: os.mkfifo(d / "fifo"))
+    out_path("export.path", "../folder", *export, name="export-path-is-a-folder",
+             setup=lambda d, o: (d / "folder").mkdir())
+    out_path("export.path", "../sock", *export, name="export-path-is-a-socket",
+             setup=lambda d, o: bind_socket(d / "sock"))
+    # two runs of one comparison writing one file
+    case("preconds-share-an-absolute-export-path", None,
+         lambda d, o: None, "--set", f'export.path="{Path(tempfile.gettempdir())}/shared.pt"',
+         "--stages", "export",
+         edit=lambda t: t.replace('[precond]\nname = "analytic"\nvariant = "forward"\n', "")
+         .replace("seed = 0\n", 'seed = 0\npreconds = [{name = "ctm"}, {name = "cm"}]\n', 1))
+
+    # out_dirs that are not ctmkit's (checked by --dry-run as by a run)
+    for value in ("/", "~", "..", "~/."):
+        case(f"out-dir-{value.replace('/', 'slash').replace('~', 'home').replace('.', 'dot')}",
+             None, None, "--set", f'run.out_dir="{value}"', "--dry-run")
+    case("out-dir-holds-a-users-files", None,
+         lambda d, o: (o.mkdir(), (o / "thesis.tex").write_text("mine")))
+    case("out-dir-holds-a-users-folder", None,
+         lambda d, o: (o.mkdir(), (o / "photos").mkdir(), (o / "photos" / "a.jpg")
+                       .write_bytes(b"x")), "--dry-run")
+    case("out-dir-is-the-configs-folder-with-a-readme", None,
+         lambda d, o: (d / "README.md").write_text("mine"), "--set", 'run.out_dir="."')
+    # the start-up sweep: only dead ctmkit runs' temporaries, only in ctmkit's folders (each
+    # case ends with exit 2 in a stage: after the sweep)
+    bad_jumper = ("--stages", "sample", "--force")
+
+    def sweep_case(name: str, where: str, temp_name: Callable[[], str],
+                   argv: tuple = bad_jumper) -> None:
+        def setup(d: Path, o: Path) -> None:
+            (d / where).mkdir(parents=True, exist_ok=True)
+            (d / where / temp_name()).write_bytes(b"not ctmkit's to delete")
+            truncate(o / "jumper.pt")
+        case(name, q, setup, *argv, keep=[f"{where}/{temp_name()}"])
+    sweep_case("sweep-keeps-a-users-backup-in-a-sub-folder", "out/notes",
+               lambda: ".thesis.tex.abcdefgh.tmp")
+    dead = _dead_pid()
+    sweep_case("sweep-keeps-a-sub-run's-temporary", "out/other-run",
+               lambda: f".jumper.pt.ctmkit-{dead}-1-abcdefgh.tmp")
+    sweep_case("sweep-keeps-a-live-writer's-temporary", "out",
+               lambda: f".coefficients.h5.{live_run_id()}-abcdefgh.tmp")
+    sweep_case("sweep-keeps-a-users-tmp-beside-a-shared-store", "shared",
+               lambda: ".c.h5.abcdefgh.tmp", ("--set", 'coefficients.path="../shared/c.h5"',
+                                               "--stages", "coefficients,sample", "--force"))
+
+    # locks: a second run may not join, not after .lock is deleted, not from a sub-folder
+    case("lock-file-deleted-under-a-running-run", q,
+         lambda d, o: (_hold_lock(o), (o / ".lock").unlink()), "--stages", "export", "--force")
+    case("out-dir-inside-a-running-runs-out-dir", q,
+         lambda d, o: _hold_lock(o), "--set", 'run.out_dir="out/analytic"')
+    case("comparison-while-a-run-holds-a-label-folder", None,
+         lambda d, o: _hold_lock(o / "cm"), "--stages", "export",
+         edit=lambda t: t.replace('[precond]\nname = "analytic"\nvariant = "forward"\n', "")
+         .replace("seed = 0\n", 'seed = 0\npreconds = [{name = "ctm"}, {name = "cm"}]\n', 1))
     return cases
+
+
+def live_run_id() -> str:
+    """``ctmkit-<pid>-<start>`` of this (live) process, as its temporaries carry it."""
+    from core.io import run_id
+    return f"ctmkit-{run_id()}"
+
+
+def np_save(path: Path) -> None:
+    import numpy as np
+    save_npy(path, np.zeros((8, 2), "f4"))
+
+
+def add_key(d: Path, section: str, key: str, value: str) -> None:
+    cfg = d / "config.toml"
+    cfg.write_text(cfg.read_text().replace(f"[{section}]\n", f'[{section}]\n{key} = "{value}"\n',
+                                           1))
+
+
+def char_device(path: Path) -> None:
+    """A copy of /dev/null at `path` (a FIFO where mknod is not allowed): a device to aim an
+    output at without risking the real /dev/null should ctmkit ever replace it."""
+    import stat
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except (PermissionError, AttributeError):
+        os.mkfifo(path)
+
+
+def bind_socket(path: Path) -> None:
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()
 
 
 def integrity_cases(T: Templates) -> list[Case]:

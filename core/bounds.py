@@ -53,12 +53,21 @@ def text_nesting(text: str, kind: str = "toml") -> int:
     return max(itertools.accumulate(_STEP[c] for c in brackets), default=0)
 
 
+def _dotted(limit: int) -> re.Pattern:
+    return re.compile(r"(?:[A-Za-z0-9_\-]*[ \t]*\.[ \t]*){%d,}" % limit)
+
+
 def check_text_nesting(text: str, where: str, kind: str = "toml",
                        limit: int = MAX_DEPTH) -> None:
-    """A `UserError` when `text` nests brackets deeper than `limit` (before it is parsed)."""
+    """A `UserError` when `text` nests brackets deeper than `limit`, or (TOML) holds a dotted
+    key of more than `limit` parts -- checked before parsing: tomllib recurses on brackets and
+    takes quadratic time in a dotted key's length."""
     depth = text_nesting(text, kind)
     if depth > limit:
         raise UserError(f"{where}: values nest {depth} levels deep; the bound is {limit}")
+    if kind == "toml" and _dotted(limit).search(_TOML_SKIP.sub("", text)):
+        raise UserError(f"{where}: a dotted key has more than {limit} parts; the bound is "
+                        f"{limit}")
 
 
 def check_nesting(obj, where: str, limit: int = MAX_DEPTH) -> None:

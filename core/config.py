@@ -138,14 +138,15 @@ class Section:
         self._check_length(key, v, length)
         return [self._check_float(key, x, min, max, positive) for x in v]
 
-    def ints(self, key: str, default=_REQUIRED, min=None, max=None) -> list[int]:
+    def ints(self, key: str, default=_REQUIRED, min=None, max=None,
+             length=MAX_LIST) -> list[int]:
         v = self._get(key, default)
         if v is None:
             return None
         if not isinstance(v, list) or not v or not all(
                 isinstance(x, int) and not isinstance(x, bool) for x in v):
             self.fail(key, f"expected a non-empty list of integers, got {v!r}")
-        self._check_length(key, v)
+        self._check_length(key, v, length)
         if min is not None and any(x < min for x in v):
             self.fail(key, f"every entry must be >= {min}, got {v!r}")
         if max is not None and any(x > max for x in v):
@@ -266,7 +267,7 @@ class Key:
                                 length=self.length)
             return s.float(n, d, min=self.min, max=self.max, positive=self.positive)
         if k == "ints":
-            return s.ints(n, d, min=self.min, max=self.max)
+            return s.ints(n, d, min=self.min, max=self.max, length=self.length)
         if k == "strs":
             v = s.strs(n, d)
             for x in v if self.choices else ():

@@ -121,8 +121,8 @@ class Common:
     conditional: bool
 
 
-def _optional_int(options, key: str, min: int) -> Optional[int]:
-    return options.int(key, min=min) if options.has(key) else None
+def _optional_int(options, key: str, min: int, max: Optional[int] = None) -> Optional[int]:
+    return options.int(key, min=min, max=max) if options.has(key) else None
 
 
 def _common(options) -> Common:
@@ -252,7 +252,7 @@ def _folder(options, ctx) -> Dataset:
     channels = options.int("channels", 3)
     if channels not in (1, 3):
         options.fail("channels", f"must be 1 or 3, got {channels}")
-    resolution = _optional_int(options, "resolution", 1)
+    resolution = _optional_int(options, "resolution", 1, 4096)   # as core.bounds' networks
     common = _common(options)
 
     files, labels = _folder_files(root)

@@ -338,7 +338,12 @@ def _array(options, ctx) -> Dataset:
     if y is not None:
         y = _check_labels(y, len(x), path)
     x, y = _as_images(_take(x, common.limit), layout, path), _take(y, common.limit)
-    return _dataset("array", _scale(x, value_range, path), y, common, [_sha256_file(path)],
+    try:
+        with np.errstate(over="raise", invalid="raise"):   # no inf from a float32 cast
+            x = _scale(x, value_range, path)
+    except FloatingPointError:
+        raise UserError(f"{path}: data values do not fit float32") from None
+    return _dataset("array", x, y, common, [_sha256_file(path)],
                     dict(layout=layout, range=value_range), f"array:{path.name}")
 
 

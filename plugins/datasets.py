@@ -234,15 +234,36 @@ def _folder_files(root: Path) -> tuple[list[Path], Optional[list[int]]]:
     return files, labels
 
 
+#: Pillow's modes of 16-bit greyscale PNGs: scaled to 8 bits, not clipped by convert("L")
+_16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_8_bit(im):
+    """A 16-bit greyscale image as 8-bit "L", each value x -> round(x / 257) (65535 -> 255);
+    other images as they are."""
+    from PIL import Image
+
+    if im.mode not in _16_BIT_MODES:
+        return im
+    a = np.asarray(im).astype(np.int64).clip(0, 65535)
+    return Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")
+
+
 def _decode_image(raw: bytes, path: Path, mode: str, resolution: Optional[int]) -> np.ndarray:
+    """The image in `raw` as uint8 [H, W(, C)] in Pillow `mode`, resized to `resolution`;
+    16-bit greyscale scaled to 8 bits; a decompression-bomb warning is the error, Pillow's
+    other warnings (e.g. on palette transparency) are silenced."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im = im.convert(mode)
-            if resolution is not None:
-                im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as im:
+                im = _to_8_bit(im).convert(mode)
+                if resolution is not None:
+                    im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
+                return np.asarray(im, dtype=np.uint8)
     except Exception as e:  # whatever Pillow raises on a bad file, the file is to blame
         raise UserError(f"{path}: unreadable image ({_one_line(e)})") from None
 

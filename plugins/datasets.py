@@ -101,6 +101,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from core.bounds import load_json
 from core.data import one_line as _one_line, read_array_file
 from core.datasets import Dataset, digest
 from core.errors import UserError
@@ -653,10 +654,7 @@ def _image_header(raw: bytes, where: str) -> tuple[int, int, int]:
 
 def _edm_labels(raw: bytes, where: str, images: list[str], what: str) -> Optional[np.ndarray]:
     """The int64 label of each of `images` from dataset.json's bytes, or None (no labels)."""
-    try:
-        meta = json.loads(raw)
-    except (ValueError, RecursionError) as e:      # JSONDecodeError, UnicodeDecodeError
-        raise UserError(f"{where}: not valid JSON ({_one_line(e)})") from None
+    meta = load_json(raw, where, "the label file")          # size and nesting bounded
     if not isinstance(meta, dict) or "labels" not in meta:
         raise UserError(f'{where}: expected {{"labels": [["<image>", <label>], ...]}} or '
                         f'{{"labels": null}}, got {_json_head(meta)}')

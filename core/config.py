@@ -37,6 +37,8 @@ MAX_BATCH = 1_000_000          # one batch
 MAX_GRID = 100_000             # time steps of a grid / solver steps
 MAX_ITERATIONS = 100_000_000   # optimiser steps (and the intervals counted in them)
 MAX_LIST = 1_000               # entries of a list of step counts, EMA rates, names, schedules
+MAX_SAMPLE_VALUES = 1 << 28    # values of one sample (a shape's product): 1 GiB in float32
+MAX_RANK = 8                   # entries of a sample shape
 
 #: Stage names in their canonical order. `core.stages` implements each one.
 STAGES = ("teacher", "coefficients", "distill", "export", "sample", "evaluate")
@@ -151,6 +153,15 @@ class Section:
             self.fail(key, f"every entry must be >= {min}, got {v!r}")
         if max is not None and any(x > max for x in v):
             self.fail(key, f"every entry must be <= {max:,}, got {next(x for x in v if x > max):,}")
+        return v
+
+    def shape(self, key: str, default=_REQUIRED) -> list[int] | None:
+        """A sample shape: at most `MAX_RANK` positive integers whose product is at most
+        `MAX_SAMPLE_VALUES` (what one sample may hold)."""
+        v = self.ints(key, default, min=1, length=MAX_RANK)
+        if v is not None and math.prod(v) > MAX_SAMPLE_VALUES:
+            self.fail(key, f"{v} holds {math.prod(v):,} values per sample; the bound is "
+                           f"{MAX_SAMPLE_VALUES:,}")
         return v
 
     def _check_length(self, key: str, v: list, bound: int = MAX_LIST) -> None:

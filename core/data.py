@@ -188,7 +188,7 @@ class DataSource:
                              section.where("gmm"))
             self.shape, self.x, self.y = self.gmm.shape, None, None
         else:
-            self.shape = tuple(section.ints("shape", None, min=1) or ())
+            self.shape = tuple(section.shape("shape", None) or ())
         section.finish()
         self._loaded = False
 

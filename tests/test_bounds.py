@@ -350,3 +350,17 @@ def test_edm_and_openai_state_dicts_are_checked_by_name():
 def test_config_bounds_are_in_the_reference():
     ks = {k.name: k for k in C.keys(C.DistillCfg)}
     assert ks["iterations"].max == C.MAX_ITERATIONS and ks["ema"].length == 16
+
+
+@pytest.mark.parametrize("shape,match", [
+    ([100_000, 100_000, 100_000], "the bound is 268,435,456"),
+    ([1] * 9, "holds 9 entries; the bound is 8"),
+])
+def test_sample_shapes_are_bounded(tmp_path, shape, match):
+    from core.data import DataSource
+    from plugins.teachers.torchscript import TorchScriptTeacher
+    _refused_fast(lambda: DataSource(Section("data", {"path": "x.npy", "shape": shape},
+                                             "c.toml", tmp_path)), "[data] shape", match)
+    _refused_fast(lambda: TorchScriptTeacher.from_options(
+        Section("teacher", {"path": "t.pt", "shape": shape}, "c.toml", tmp_path),
+        types.SimpleNamespace(device="cpu")), "[teacher] shape", match)

@@ -19,12 +19,12 @@ import sys
 import threading
 import warnings
 
-from core.errors import UserError
+from core.errors import UserError, one_line
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's default prints usage too)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(message)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -190,7 +190,8 @@ def main(argv=None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         why = e.strerror or str(e).strip().splitlines()[0] if str(e).strip() else \
             e.__class__.__name__
-        print(f"error: {where}{why} (nothing was left half-written)", file=sys.stderr)
+        print(f"error: {one_line(f'{where}{why}')} (nothing was left half-written)",
+              file=sys.stderr)
         return 2
     except Terminated:
         print("error: terminated (SIGTERM)", file=sys.stderr)

@@ -1569,9 +1569,208 @@ def integrity_cases(T: Templates) -> list[Case]:
     return cases
 
 
+def edm_snapshot_bytes(state: dict) -> bytes:
+    """An EDM snapshot pickle {ema: persistent EDMPrecond(state)} written opcode by opcode (the
+    meta dict pickled with protocol 4, frame header dropped, inside
+    torch_utils.persistence._reconstruct_persistent_obj(meta)): no fake modules needed."""
+    inner = pickle.dumps(dict(type="class", version=6, class_name="training.networks.EDMPrecond",
+                              state=state), protocol=4)
+    assert inner[2:3] == b"\x95" and len(inner) < 65536          # one frame
+    return (b"\x80\x04}\x8c\x03ema" + b"ctorch_utils.persistence\n_reconstruct_persistent_obj\n"
+            + inner[11:-1] + b"\x85Rs.")
+
+
+def _edm_state(**init_kwargs) -> dict:
+    return dict(_init_kwargs={"img_resolution": 8, "img_channels": 1, **init_kwargs},
+                _parameters={}, _buffers={}, _modules={})
+
+
+def _shared_lists(levels: int = 40) -> list:
+    bomb: list = []
+    for _ in range(levels):
+        bomb = [bomb, bomb]               # 2^levels lists when walked, levels + 1 in the file
+    return bomb
+
+
+def _module_dag(levels: int = 40):
+    import torch
+    m = torch.nn.Module()
+    for _ in range(levels):
+        parent = torch.nn.Module()
+        parent.a, parent.b = m, m
+        m = parent
+    return m
+
+
+def _retyped_state_dict(path: Path, what: str, convert: Callable) -> None:
+    """Rewrite a ctmkit .pt file (digest recomputed: a file that passes its checksum) with the
+    first floating tensor of its state dict(s) converted by `convert`."""
+    from core.io import DIGEST_KEY, load_torch, save_torch
+    obj = load_torch(path, what)
+    obj.pop(DIGEST_KEY)
+    sds = [obj["state_dict"]] if "state_dict" in obj else list(obj["modules"].values())
+    name = next(k for k, v in sds[0].items() if v.is_floating_point())
+    sds[0][name] = convert(sds[0][name])
+    save_torch(path, obj)
+
+
 def bounds_cases(T: Templates) -> list[Case]:
     """Sizes, counts and nesting a file or config may ask for; one-line errors (items 3 and 4)."""
+    import numpy as np
     cases: list[Case] = []
+
+    def case(name: str, which: str | None, make: Callable[[Path, Path], None] | None,
+             *argv: str, config: str | Callable[[str], str] | None = None) -> None:
+        """`which`: the template copied in (None: a fresh folder); `make(case_dir, out_dir)`
+        writes the hostile input; `config` the config text or an edit of the template's."""
+        def prepare(d: Path) -> list[str]:
+            out = T.copy_out(which, d) if which else d / "out"
+            base = train_config() if which == "train" else textwrap.dedent(QUICK_CONFIG)
+            text = config(base) if callable(config) else (config or base)
+            (d / "config.toml").write_text(text)
+            if make:
+                make(d, out)
+            return [str(d / "config.toml"), *argv]
+        cases.append(Case("bounds", name, prepare))
+
+    def teacher(spec: str) -> Callable[[str], str]:     # QUICK_CONFIG with another [teacher]
+        return lambda t: t.replace('kind = "gmm"\nweights = [0.3, 0.7]\n'
+                                   'means = [[-2.0, 0.0], [1.0, 1.0]]\nstds = [1.0, 0.5]\n',
+                                   spec + "\n")
+
+    def data(spec: str) -> Callable[[str], str]:        # a network teacher on this [data]
+        return lambda t: train_config(data=spec)
+
+    coef, teach = ("--stages", "coefficients"), ("--stages", "teacher")
+    export = ("--stages", "export", "--force")
+    resume_distill = ("--set", "distill.iterations=15", "--stages", "distill")
+    # nesting of TOML: tomllib recurses on brackets and is quadratic in a dotted key's length
+    case("toml-10000-nested-arrays", None, None,
+         config=lambda t: t.replace("seed = 0\n", "seed = " + "[" * 10_000 + "]" * 10_000 + "\n", 1))
+    case("toml-3000-nested-inline-tables", None, None,
+         config=lambda t: t.replace("seed = 0\n", "seed = " + "{a = " * 3000 + "1" + "}" * 3000
+                                    + "\n", 1))
+    case("toml-dotted-key-of-100000-parts", None, None,
+         config=lambda t: t + "\n[evaluate.metric]\n" + "a." * 100_000 + "b = 1\n")
+    case("set-value-5000-nested-arrays", None, None,
+         "--set", "run.seed=" + "[" * 5000 + "]" * 5000)
+    # --set: an unclosed quote or a line break is an error, not a literal
+    case("set-unclosed-double-quote", "quick", None, "--set", 'export.path="jumper2.pt', *export)
+    case("set-unclosed-single-quote", "quick", None, "--set", "export.path='jumper2.pt", *export)
+    case("set-unclosed-bracket", "quick", None, "--set", "evaluate.steps=[1, 2")
+    case("set-embedded-newline", "quick", None, "--set", 'export.path="a\nb.pt"', *export)
+    case("set-bare-word-with-newline", "quick", None, "--set", "export.path=a\nb.pt", *export)
+    # counts beyond their bound
+    case("distill-iterations-1e9", None, None, "--set", "distill.iterations=1000000000")
+    case("teacher_train-warmup-1e12", None, None, "--set", "teacher_train.warmup=1000000000000")
+    case("keep_checkpoints-1e6", None, None, "--set", "distill.keep_checkpoints=1000000")
+    case("evaluate-steps-entry-1e9", None, None, "--set", "evaluate.steps=[1, 1000000000]")
+    case("evaluate-steps-1001-entries", None, None,
+         "--set", "evaluate.steps=[" + ", ".join(["1"] * 1001) + "]")
+    case("distill-eval_steps-entry-1e9", None, None, "--set", "distill.eval_steps=[1000000000]")
+    case("distill-17-ema-rates", None, None,
+         "--set", "distill.ema=[" + ", ".join(["0.9"] * 17) + "]")
+    # a path holding a newline is named on one line
+    case("data-path-with-newline", None, None, *teach,
+         config=data('path = "x0\\nmissing\\r.npy"'))
+    case("coefficients-data-path-with-newline", "quick", None,
+         "--set", 'coefficients.data="line\\nbreak.npy"', *coef, "--force")
+    # memory a header claims, checked before allocating
+    def h5(builder):
+        def make(d: Path, o: Path) -> None:
+            import h5py
+            with h5py.File(d / "x0.h5", "w") as f:
+                builder(f)
+        return make
+    case("data-h5-header-claims-1.6GB", None,
+         h5(lambda f: f.create_dataset("x", shape=(10 ** 8, 2), dtype="f8")), *teach,
+         config=data('path = "x0.h5"\nshape = [2]'))
+    case("data-h5-strings", None, h5(lambda f: f.create_dataset("x", data=np.array(
+        [[b"a", b"b"]] * 10, dtype="S1"))), *teach, config=data('path = "x0.h5"\nshape = [2]'))
+    case("data-h5-compound", None, h5(lambda f: f.create_dataset("x", data=np.zeros(
+        10, dtype=[("a", "f8"), ("b", "f8")]))), *teach,
+         config=data('path = "x0.h5"\nshape = [2]'))
+    case("data-h5-external-storage", None, h5(lambda f: f.create_dataset(
+        "x", shape=(10, 2), dtype="f8", external=[("/dev/zero", 0, 160)])), *teach,
+         config=data('path = "x0.h5"\nshape = [2]'))
+    # numpy's warnings are the error, not a second line
+    case("data-npy-complex", None,
+         lambda d, o: save_npy(d / "x0.npy", np.ones((100, 2), np.complex128)), *teach,
+         config=data('path = "x0.npy"'))
+    case("data-array-overflows-float32", None,
+         lambda d, o: save_npy(d / "x0.npy", np.full((100, 2), 1e300)), *teach,
+         config=data('format = "array"\npath = "x0.npy"'))
+    # JSON ctmkit reads: nesting bounded
+    def edm_folder(labels_json: str):
+        def make(d: Path, o: Path) -> None:
+            from PIL import Image
+            (d / "ds").mkdir()
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(d / "ds" / "a.png")
+            (d / "ds" / "dataset.json").write_text(labels_json)
+        return make
+    case("dataset-json-100000-nested", None,
+         edm_folder('{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}"), *teach,
+         config=data('format = "edm"\npath = "ds"'))
+    case("jumper-meta-json-100000-nested", "quick",
+         lambda d, o: edit_zip_member(o / "jumper.pt", "extra/meta.json",
+                                      lambda b: b"[" * 100_000 + b"]" * 100_000),
+         "--stages", "sample", "--force")
+    # EDM pickles: object graphs and constructor kwargs
+    def pkl(state: dict):
+        return lambda d, o: (d / "net.pkl").write_bytes(edm_snapshot_bytes(state))
+    edm = teacher('kind = "edm"\npath = "net.pkl"')
+    case("edm-billion-laughs-init-kwargs", None, pkl(_edm_state(augment_dim=_shared_lists())),
+         *coef, config=edm)
+    dag = _edm_state()
+    dag["_modules"] = {"model": _module_dag()}
+    case("edm-submodule-dag-2^40", None, pkl(dag), *coef, config=edm)
+    deep: object = 1
+    for _ in range(300):
+        deep = [deep]
+    case("edm-init-kwargs-300-deep", None, pkl(_edm_state(augment_dim=deep)), *coef, config=edm)
+    case("edm-negative-label_dim", None, pkl(_edm_state(label_dim=-3)), *coef, config=edm)
+    case("edm-img_resolution-1e9", None, pkl(_edm_state(img_resolution=10 ** 9)), *coef,
+         config=edm)
+    case("edm-model_channels-parameter-bomb", None, pkl(_edm_state(
+        model_type="SongUNet", model_channels=4096, channel_mult=[64, 64, 64])), *coef,
+         config=edm)
+    case("edm-num_blocks-1e6", None, pkl(_edm_state(model_type="SongUNet", num_blocks=10 ** 6)),
+         *coef, config=edm)
+    case("edm-use_fp16-a-string", None, pkl(_edm_state(use_fp16="yes")), *coef, config=edm)
+    # openai state dicts: settings bounded before the network is built
+    def openai(**settings) -> Callable[[str], str]:
+        kv = {"image_size": 8, "num_channels": 64, "channel_mult": '"1"',
+              "attention_resolutions": '""', **settings}
+        return teacher('kind = "openai"\npath = "sd.pt"\n'
+                       + "".join(f"{k} = {v}\n" for k, v in kv.items()))
+
+    def sd(d: Path, o: Path) -> None:
+        import torch
+        torch.save({"w": torch.zeros(2)}, d / "sd.pt")
+    case("openai-num_res_blocks-1e6", None, sd, *coef, config=openai(num_res_blocks=1000000))
+    case("openai-parameter-bomb", None, sd, *coef,
+         config=openai(num_channels=4096, channel_mult='"64,64,64"'))
+    case("openai-dropout-2", None, sd, *coef, config=openai(dropout=2.0))
+    # state dicts of the wrong kind: in openai files (no checksum) and in ctmkit's files that
+    # pass their checksum (sparse and meta tensors cannot: its digest refuses them)
+    import torch
+    for kind, tensor in (("sparse", lambda: torch.zeros(4, 4).to_sparse()),
+                         ("meta", lambda: torch.empty(4, 4, device="meta")),
+                         ("complex", lambda: torch.zeros(4, 4, dtype=torch.complex64))):
+        case(f"openai-{kind}-weights", None,
+             lambda d, o, t=tensor: torch.save({"input_blocks.0.0.weight": t()}, d / "sd.pt"),
+             *coef, config=openai())
+    for kind, convert in (("int64", lambda t: t.long()), ("complex", lambda t: t.to(
+            torch.complex64))):
+        case(f"student-{kind}-weights", "train",
+             lambda d, o, c=convert: _retyped_state_dict(o / "student.pt", "student file", c),
+             *export)
+        case(f"checkpoint-{kind}-weights", "train",
+             lambda d, o, c=convert: _retyped_state_dict(newest(o / "checkpoints"), "checkpoint",
+                                                         c), *resume_distill)
+    case("teacher-int64-weights", "train",
+         lambda d, o: _retyped_state_dict(o / "teacher.pt", "teacher file", lambda t: t.long()),
+         "--stages", "coefficients", "--force")
     return cases
 
 

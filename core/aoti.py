@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from core.bounds import load_json
 from core.errors import UserError
 from core.io import atomic_path
 from core.jumper import validate_meta
@@ -174,10 +175,7 @@ def load_aoti(path: str | Path, device: str = "cpu") -> tuple[AOTIJumper, dict]:
                         ) from None
     if not metadata.get(META_KEY):
         raise UserError(f"{path}: not a ctmkit jumper (no meta.json inside)")
-    try:
-        meta = json.loads(metadata[META_KEY])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: meta.json is not valid JSON") from None
+    meta = load_json(metadata[META_KEY], str(path), "meta.json")    # core.bounds: size, depth
     if not isinstance(meta, dict):
         raise UserError(f"{path}: meta.json is not a JSON object")
     validate_meta(meta, str(path))

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from core import __version__
 from core.edm import TeacherAsNetwork  # noqa: F401  (re-exported)
 from core.edm import append_dims, denoiser_from_output
+from core.bounds import load_json
 from core.errors import UserError
 from core.io import jit_load, write_bytes
 
@@ -141,10 +142,7 @@ def load(path: str | Path, device: str = "cpu"):
     module = jit_load(Path(path), "jumper", device, extra_files=extra)
     if not extra["meta.json"]:
         raise UserError(f"{path}: not a ctmkit jumper (no meta.json inside)")
-    try:
-        meta = json.loads(extra["meta.json"])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: meta.json is not valid JSON") from None
+    meta = load_json(extra["meta.json"], str(path), "meta.json")    # core.bounds: size, depth
     if not isinstance(meta, dict):
         raise UserError(f"{path}: meta.json is not a JSON object")
     validate_meta(meta, str(path))

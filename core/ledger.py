@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 
 from core import __version__
+from core.bounds import MAX_JSON_BYTES, load_json
+from core.errors import UserError
 from core.io import file_digest, save_json
 
 LEDGER = "stages.json"
@@ -103,9 +105,11 @@ class Ledger:
         self.records = self._read()
 
     def _read(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):           # missing, unreadable or foreign: trust nothing
+        try:                                    # missing, unreadable, foreign, too large or
+            if self.path.stat().st_size > MAX_JSON_BYTES:       # too deep: trust nothing
+                return {}
+            data = load_json(self.path.read_bytes(), str(self.path), LEDGER)
+        except (OSError, UserError):
             return {}
         return data if isinstance(data, dict) else {}
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import UserError
-from core.io import write_bytes
+from core.io import is_stale_temporary, run_id, write_bytes
 
 #: the extra formats ``[sample] formats`` may name (``samples.npy`` is always written)
 FORMATS = ("npz", "png")
@@ -84,7 +84,11 @@ def save_png_folder(folder: Path, x: np.ndarray) -> Path:
                         f"move it away or choose another out_dir")
     u8 = edm_uint8(x)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.ctmkit-{os.getpid()}-", suffix=".tmp",
+    for e in os.scandir(folder.parent):      # a killed run's half-written folder of PNGs
+        if e.is_dir(follow_symlinks=False) and e.name.startswith(f".{folder.name}.ctmkit-") \
+                and is_stale_temporary(e.name):
+            shutil.rmtree(e.path, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.ctmkit-{run_id()}-", suffix=".tmp",
                                 dir=folder.parent))
     old = None
     try:
@@ -96,7 +100,7 @@ def save_png_folder(folder: Path, x: np.ndarray) -> Path:
                 Image.fromarray(img, "RGB")
             pil.save(p, format="PNG")
         if folder.exists():                       # ours (checked above): swap it out, then in
-            old = folder.with_name(tmp.name.replace(".tmp", ".old.tmp"))
+            old = folder.with_name(tmp.name[:-len(".tmp")] + "_old.tmp")
             os.replace(folder, old)
         os.replace(tmp, folder)
     finally:

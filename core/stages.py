@@ -354,6 +354,30 @@ def ctm_sample_binary(cfg, sampler) -> Path:
     return binary
 
 
+def _child_dies_with_parent():
+    """A `preexec_fn` (Linux): the kernel sends the child SIGKILL when ctmkit dies, kill -9
+    included, so no ctm_sample outlives the run that started it. Elsewhere None: the child is
+    still killed when ctmkit is interrupted or terminated (subprocess.run kills it)."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl    # resolved before the fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGKILL)                           # PR_SET_PDEATHSIG
+        if os.getppid() != parent:                         # ctmkit died before prctl
+            os._exit(1)
+    return preexec
+
+
 def _ctm_sample(run: Run, sampler, ts: list, out: Path):
     """Run the C++ sampler on the exported file into a scratch name beside `out`; only finite
     samples are renamed into place (with their labels). Returns (samples, labels or None)."""
@@ -372,7 +396,8 @@ def _ctm_sample(run: Run, sampler, ts: list, out: Path):
            "--device", run.device, "--quiet"]
     try:
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+            proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
+                                  preexec_fn=_child_dies_with_parent())
         except OSError as e:          # not an executable format, ...
             raise UserError(f"{binary}: cannot run ctm_sample ({e.strerror or e})") from None
         if proc.returncode != 0:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from core.edm import TeacherAsNetwork
+from core.bounds import check_state_dict
 from core.errors import UserError
 
 FORMAT, VERSION = "ctmkit.student", 1
@@ -102,6 +103,7 @@ def load_student(run, path: Path) -> nn.Module:
     if st.get("teacher_fingerprint") != run.teacher.fingerprint():
         raise UserError(f"{path}: distilled from another teacher; rerun 'distill'")
     net = build_student(run)
+    check_state_dict(st["state_dict"], str(path), net.state_dict())
     try:
         net.load_state_dict(st["state_dict"])
     except (RuntimeError, TypeError, AttributeError) as e:

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from core import distributed as dist
+from core.bounds import check_state_dict
 from core.errors import UserError
 from core.io import atomic_path, save_torch
 
@@ -94,6 +95,7 @@ def restore(state: dict, modules: dict, optimizer, path: Path | str = "checkpoin
     for k, m in modules.items():
         if k not in state["modules"]:
             raise UserError(f"{path}: checkpoint lacks {k!r}")
+        check_state_dict(state["modules"][k], f"{path}: {k}", m.state_dict())
     try:
         for k, m in modules.items():
             m.load_state_dict(state["modules"][k])

@@ -2,6 +2,7 @@
 (issue: CTM's whole recipe, item 4), byte-checked against hand-computed images."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -75,6 +76,13 @@ def test_png_folder_rgb_and_replacing_only_its_own_folder(tmp_path):
     sf.save_png_folder(tmp_path / "samples", x[:2])              # ctmkit's own: replaced whole
     assert len(list(out.rglob("*.png"))) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["samples"]   # no temporaries left
+    dead = tmp_path / ".samples.ctmkit-999999999-1-abc.tmp"       # a killed writer's folder
+    (dead / "000000").mkdir(parents=True)
+    live = tmp_path / f".samples.ctmkit-{os.getpid()}-0-abc.tmp"   # a live writer's: kept
+    live.mkdir()
+    sf.save_png_folder(tmp_path / "samples", x)
+    assert not dead.exists() and live.is_dir()
+    live.rmdir()
     user = tmp_path / "mine"
     user.mkdir()
     (user / "photo.png").write_bytes(b"keep")

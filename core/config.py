@@ -397,9 +397,15 @@ class CoefficientsCfg:
                         "metrics.json (\"deviation\")", min=0.0, max=10.0)
 
 
-#: [student]: the one host key.
-STUDENT_KEYS = [Key("str", "teacher", "the student starts as the teacher (the paper's "
-                    "initialisation)", name="init", choices=("teacher",))]
+@dataclass(kw_only=True)
+class StudentCfg:
+    init: str = key("str", "teacher", '"teacher" (the paper\'s initialisation) or a warm start '
+                    "(core/warm_start.py): a student.pt, a distill checkpoint or a run's out_dir "
+                    "(its newest checkpoint), relative to this file; {label}: the [run] preconds "
+                    "entry's label, e.g. \"../stage1/{label}\"")
+    init_ema: bool = key("bool", False, "a checkpoint source's EMAs and stop-gradient target "
+                         "too (else they start as its online weights)")
+    init_optimizer: bool = key("bool", False, "a checkpoint source's optimiser state too")
 
 #: The keys the host reads in the plugin-owned sections: the plugin each one names (the
 #: plugin reads the rest of its section).
@@ -439,6 +445,9 @@ class SampleCfg:
                       choices=("python", "ctm_sample"))
     binary: Path | None = key("path", None, "ctm_sample (default: this checkout's "
                               "build/ctm_sample)", example="build/ctm_sample")
+    formats: list[str] = key("strs", [], "extra to samples.npy: npz (samples.npz, ADM's "
+                             "evaluator.py), png (samples/, EDM's fid.py)", choices=("npz", "png"),
+                             example=["npz", "png"])
 
 
 @dataclass(kw_only=True)
@@ -480,6 +489,13 @@ class TrainCfg:
     optimizer: str = key("str", "adam", "", choices=("adam", "radam"))
     warmup: int = key("int", 0, "linear learning-rate warm-up iterations", min=0,
                       max=MAX_ITERATIONS)
+    lr_schedule: str = key("str", "constant", "after warmup: constant | linear / cosine "
+                           "(to lr_min at the last iteration) | inverse_sqrt (EDM2: lr / "
+                           "sqrt(max(it / lr_ref_iterations, 1)))",
+                           choices=("constant", "linear", "cosine", "inverse_sqrt"))
+    lr_min: float = key("float", 0.0, "the last iteration's lr of linear / cosine", min=0.0)
+    lr_ref_iterations: int = key("int", 0, "inverse_sqrt: iterations at the full lr (EDM2's "
+                                 "ref_batches)", min=0, max=MAX_ITERATIONS)
     grad_clip: float = key("float", 0.0, "max global gradient norm (0: off)", min=0.0)
     ema: list = key("floats", [0.999], "EMA rates; the first one is saved / exported",
                     min=0.0, max=1.0, length=16)
@@ -567,7 +583,7 @@ def declared() -> dict[str, list[Key]]:
     return {"run": keys(RunCfg), "diffusion": keys(DiffusionCfg), "data": [],
             "network": PLUGIN_KEYS["network"], "teacher": PLUGIN_KEYS["teacher"],
             "teacher_train": keys(TeacherTrainCfg), "precond": PLUGIN_KEYS["precond"],
-            "coefficients": keys(CoefficientsCfg), "student": STUDENT_KEYS,
+            "coefficients": keys(CoefficientsCfg), "student": keys(StudentCfg),
             "distill": keys(DistillCfg), "export": keys(ExportCfg), "sample": keys(SampleCfg),
             "evaluate": keys(EvaluateCfg)}
 
@@ -582,7 +598,7 @@ class Config:
     export: ExportCfg
     sample: SampleCfg
     evaluate: EvaluateCfg
-    student_init: str
+    student: StudentCfg
     teacher_train: TeacherTrainCfg
     distill: DistillCfg
     data: Section                # [data]: x_0 from a file or an analytic mixture
@@ -596,6 +612,16 @@ class Config:
     @property
     def teacher_kind(self) -> str:
         return self.teacher.data.get("kind")
+
+    @property
+    def student_init(self) -> str:
+        return self.student.init
+
+    @property
+    def student_init_path(self) -> Path | None:
+        """A warm start's source path (relative ones from the config file's folder)."""
+        init = self.student.init
+        return None if init == "teacher" else (self.base_dir / Path(init).expanduser()).resolve()
 
     @property
     def precond_name(self) -> str:
@@ -720,7 +746,9 @@ def parse_config(raw: dict, path: Path) -> Config:
         s.fail("t_min", f"must be below t_max ({diff.t_max}), got {diff.t_min}")
 
     coef = _read(CoefficientsCfg, sec["coefficients"], ctx)
-    student_init = STUDENT_KEYS[0].read(sec["student"], ctx)
+    student = _read(StudentCfg, sec["student"], ctx)
+    if "{label}" in student.init and not run.preconds:
+        sec["student"].fail("init", "holds {label}, which only [run] preconds entries define")
     export = _read(ExportCfg, sec["export"], ctx)
     if export.path.suffix == ".pt2":
         sec["export"].fail("path", "is the TorchScript file; name it *.pt (aoti = true writes the "
@@ -737,6 +765,8 @@ def parse_config(raw: dict, path: Path) -> Config:
     ev = _read(EvaluateCfg, sec["evaluate"], ctx)
     tt = _read(TeacherTrainCfg, sec["teacher_train"], ctx)
     ds = _read(DistillCfg, sec["distill"], ctx)
+    for name, t in (("teacher_train", tt), ("distill", ds)):
+        _check_lr_schedule(t, sec[name])
 
     teacher, precond = sec["teacher"], sec["precond"]
     if "kind" not in teacher.data:
@@ -750,10 +780,17 @@ def parse_config(raw: dict, path: Path) -> Config:
     # [distill]: the loss plugin may read more keys (e.g. max_ode_steps); checked at its stage
     # [sample]: host keys are read above; the remaining keys belong to the sampler plugin.
     return Config(path=path, base_dir=base, run=run, diffusion=diff, coefficients=coef,
-                  export=export, sample=sample, evaluate=ev, student_init=student_init,
+                  export=export, sample=sample, evaluate=ev, student=student,
                   teacher_train=tt, distill=ds, data=sec["data"], network=sec["network"],
                   teacher=teacher, precond=precond, sampler_options=sec["sample"], raw=raw,
                   sections=sec)
+
+
+def _check_lr_schedule(t: TrainCfg, s: Section) -> None:
+    if t.lr_min > t.lr:
+        s.fail("lr_min", f"must not exceed lr ({t.lr:g}), got {t.lr_min:g}")
+    if t.lr_schedule == "inverse_sqrt" and t.lr_ref_iterations < 1:
+        s.fail("lr_ref_iterations", "must be at least 1 with lr_schedule = \"inverse_sqrt\"")
 
 
 def for_precond(cfg: Config, entry: dict, own_dir: bool = True) -> Config:
@@ -765,6 +802,9 @@ def for_precond(cfg: Config, entry: dict, own_dir: bool = True) -> Config:
     run.pop("preconds", None)
     run["out_dir"] = str(cfg.run.out_dir / entry["label"] if own_dir else cfg.run.out_dir)
     raw["precond"] = {k: v for k, v in entry.items() if k != "label"}
+    init = raw.get("student", {}).get("init")
+    if isinstance(init, str):                  # a warm start per preconditioning
+        raw["student"]["init"] = init.replace("{label}", entry["label"])
     raw.setdefault("coefficients", {})["path"] = str(cfg.coefficients.path)
     raw.setdefault("evaluate", {})["cache_dir"] = str(cfg.evaluate.cache_dir)
     teacher = raw.setdefault("teacher", {})

@@ -77,6 +77,11 @@ def is_temporary(name: str) -> bool:
     return bool(_TMP_NAME.fullmatch(name) or _OLD_TMP_NAME.fullmatch(name))
 
 
+def is_stale_temporary(name: str) -> bool:
+    """A temporary of this version (file or folder) whose writer is no longer running."""
+    return bool(_TMP_NAME.fullmatch(name)) and _writer_is_dead(name)
+
+
 def _writer_is_dead(name: str) -> bool:
     """For a temporary of this version: its writer is no longer running (its PID is free or
     belongs to a process started at another time)."""

@@ -38,7 +38,7 @@ SECTIONS = {
 INPUTS = {
     "teacher": ("data",),
     "coefficients": ("teacher", "data"),
-    "distill": ("teacher", "data", "coefficients.h5"),
+    "distill": ("teacher", "data", "coefficients.h5", "student.init"),
     "export": ("teacher", "student.pt", "coefficients.h5"),
     "sample": ("jumper.pt",),
     "evaluate": ("teacher", "data", "jumper.pt", "samples.npy"),
@@ -47,8 +47,12 @@ INPUTS = {
 _BOOKKEEPING = (LEDGER, "run.json", ".lock")
 
 
-def _input_path(run, name: str) -> Path:
+def _input_path(run, name: str) -> Path | None:
     cfg = run.cfg
+    if name == "student.init":               # a warm start's source file, or None
+        from core.warm_start import source_file
+        p = cfg.student_init_path
+        return source_file(p) if p is not None else None
     return {"coefficients.h5": cfg.coefficients.path, "jumper.pt": cfg.export.path,
             "student.pt": run.out_dir / "student.pt",
             "samples.npy": run.out_dir / "samples.npy"}[name]
@@ -69,7 +73,7 @@ def stage_key(run, stage: str) -> str:
             inputs[name] = src.fingerprint() if src is not None else None
         else:
             p = _input_path(run, name)
-            inputs[name] = file_digest(p) if p.is_file() else None
+            inputs[name] = file_digest(p) if p is not None and p.is_file() else None
     desc["inputs"] = inputs
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -82,6 +86,9 @@ def watched_files(run) -> dict[Path, tuple]:
              and not p.name.startswith(".")] if run.out_dir.is_dir() else []
     paths += [cfg.coefficients.path, cfg.coefficients.path.with_suffix(".png"),
               cfg.export.path, cfg.export.path.with_suffix(".pt2")]
+    if run.out_dir.is_dir():                  # [sample] formats = ["png"]: samples/*/*.png
+        from core.sample_files import png_files
+        paths += png_files(run.out_dir / "samples")
     out = {}
     for p in paths:
         try:

@@ -51,7 +51,8 @@ STAGE_FILES = {
     "distill": ("student.pt", "checkpoints/", "metrics.csv", "metrics_tb/", "curves.png"),
     "export": (),
     "sample": ("samples.npy", "samples.labels.npy", "samples.png", ".samples.ctm_sample.npy",
-               ".samples.ctm_sample.labels.npy", ".samples.ctm_sample.png"),
+               ".samples.ctm_sample.labels.npy", ".samples.ctm_sample.png", "samples.npz",
+               "samples/"),
     "evaluate": ("metrics.json",),
 }
 #: written by a [run] preconds comparison in the parent out_dir

@@ -73,7 +73,7 @@ def resolved_config(cfg) -> dict:
     out = {name: _plain(getattr(cfg, name)) for name in
            ("run", "diffusion", "coefficients", "export", "sample", "evaluate",
             "teacher_train", "distill")}
-    out["student"] = {"init": cfg.student_init}
+    out["student"] = _plain(cfg.student)
     for name in ("data", "network", "teacher", "precond"):
         out[name] = _plain(getattr(cfg, name).data)
     return out
@@ -123,7 +123,16 @@ def write_run_record(cfg, run, argv: list[str]) -> None:
         "devices": _devices(cfg.run.device),
         "world_size": dist.world(),
         "teacher_sha256": teacher_file_digest(run),
+        **_warm_start_record(cfg),
     })
+
+
+def _warm_start_record(cfg) -> dict:
+    """``[student] init = <path>``: which file the student starts from, and its iteration."""
+    if cfg.student_init_path is None or "{label}" in cfg.student.init:
+        return {}
+    from core.warm_start import record
+    return {"student_init": record(cfg.student_init_path)}
 
 
 def dry_run(cfg, runs, force: bool, progress: bool = True) -> None:

@@ -84,11 +84,14 @@ def trainable(net: nn.Module) -> list:
     return [p for p in net.parameters() if p.requires_grad]
 
 
-def save_student(path: Path, net: nn.Module, teacher_fingerprint: str) -> None:
+def save_student(path: Path, net: nn.Module, teacher_fingerprint: str,
+                 origin: dict | None = None) -> None:
+    """`origin`: who made it ({"iteration", "precond": {name, variant, jumps_denoiser}}),
+    which a warm start from this file checks."""
     from core.io import save_torch
 
     save_torch(path, {"format": FORMAT, "version": VERSION,
-                      "teacher_fingerprint": teacher_fingerprint,
+                      "teacher_fingerprint": teacher_fingerprint, **(origin or {}),
                       "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}})
 
 

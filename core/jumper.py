@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from core import __version__
 from core.edm import TeacherAsNetwork  # noqa: F401  (re-exported)
 from core.edm import append_dims, denoiser_from_output
+from core.bounds import load_json
 from core.errors import UserError
 from core.integrity import check_archive, seal_archive
 from core.io import jit_load, regular_file, write_bytes
@@ -146,10 +147,7 @@ def _json_depth(value) -> int:
 
 def parse_meta(text, where: str) -> dict:
     """meta.json's text (str or bytes) -> the validated dict; one-line UserError otherwise."""
-    try:
-        meta = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise UserError(f"{where}: meta.json is not valid JSON") from None
+    meta = load_json(text, where, "meta.json", limit=MAX_JSON_DEPTH)   # core.bounds: size
     if not isinstance(meta, dict):
         raise UserError(f"{where}: meta.json is not a JSON object")
     return validate_meta(meta, where)

@@ -101,6 +101,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from core.bounds import load_json
 from core.data import one_line as _one_line, read_array_file
 from core.datasets import Dataset, digest
 from core.errors import UserError
@@ -121,8 +122,8 @@ class Common:
     conditional: bool
 
 
-def _optional_int(options, key: str, min: int) -> Optional[int]:
-    return options.int(key, min=min) if options.has(key) else None
+def _optional_int(options, key: str, min: int, max: Optional[int] = None) -> Optional[int]:
+    return options.int(key, min=min, max=max) if options.has(key) else None
 
 
 def _common(options) -> Common:
@@ -234,15 +235,36 @@ def _folder_files(root: Path) -> tuple[list[Path], Optional[list[int]]]:
     return files, labels
 
 
+#: Pillow's modes of 16-bit greyscale PNGs: scaled to 8 bits, not clipped by convert("L")
+_16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_8_bit(im):
+    """A 16-bit greyscale image as 8-bit "L", each value x -> round(x / 257) (65535 -> 255);
+    other images as they are."""
+    from PIL import Image
+
+    if im.mode not in _16_BIT_MODES:
+        return im
+    a = np.asarray(im).astype(np.int64).clip(0, 65535)
+    return Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")
+
+
 def _decode_image(raw: bytes, path: Path, mode: str, resolution: Optional[int]) -> np.ndarray:
+    """The image in `raw` as uint8 [H, W(, C)] in Pillow `mode`, resized to `resolution`;
+    16-bit greyscale scaled to 8 bits; a decompression-bomb warning is the error, Pillow's
+    other warnings (e.g. on palette transparency) are silenced."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im = im.convert(mode)
-            if resolution is not None:
-                im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as im:
+                im = _to_8_bit(im).convert(mode)
+                if resolution is not None:
+                    im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
+                return np.asarray(im, dtype=np.uint8)
     except Exception as e:  # whatever Pillow raises on a bad file, the file is to blame
         raise UserError(f"{path}: unreadable image ({_one_line(e)})") from None
 
@@ -252,7 +274,7 @@ def _folder(options, ctx) -> Dataset:
     channels = options.int("channels", 3)
     if channels not in (1, 3):
         options.fail("channels", f"must be 1 or 3, got {channels}")
-    resolution = _optional_int(options, "resolution", 1)
+    resolution = _optional_int(options, "resolution", 1, 4096)   # as core.bounds' networks
     common = _common(options)
 
     files, labels = _folder_files(root)
@@ -338,7 +360,12 @@ def _array(options, ctx) -> Dataset:
     if y is not None:
         y = _check_labels(y, len(x), path)
     x, y = _as_images(_take(x, common.limit), layout, path), _take(y, common.limit)
-    return _dataset("array", _scale(x, value_range, path), y, common, [_sha256_file(path)],
+    try:
+        with np.errstate(over="raise", invalid="raise"):   # no inf from a float32 cast
+            x = _scale(x, value_range, path)
+    except FloatingPointError:
+        raise UserError(f"{path}: data values do not fit float32") from None
+    return _dataset("array", x, y, common, [_sha256_file(path)],
                     dict(layout=layout, range=value_range), f"array:{path.name}")
 
 
@@ -627,10 +654,7 @@ def _image_header(raw: bytes, where: str) -> tuple[int, int, int]:
 
 def _edm_labels(raw: bytes, where: str, images: list[str], what: str) -> Optional[np.ndarray]:
     """The int64 label of each of `images` from dataset.json's bytes, or None (no labels)."""
-    try:
-        meta = json.loads(raw)
-    except (ValueError, RecursionError) as e:      # JSONDecodeError, UnicodeDecodeError
-        raise UserError(f"{where}: not valid JSON ({_one_line(e)})") from None
+    meta = load_json(raw, where, "the label file")          # size and nesting bounded
     if not isinstance(meta, dict) or "labels" not in meta:
         raise UserError(f'{where}: expected {{"labels": [["<image>", <label>], ...]}} or '
                         f'{{"labels": null}}, got {_json_head(meta)}')

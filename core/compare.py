@@ -5,10 +5,10 @@ number of jumps) drawn from the runs' ``metrics.csv``."""
 from __future__ import annotations
 
 import csv
-import json
 import re
 from pathlib import Path
 
+from core.bounds import load_json
 from core.errors import UserError
 from core.io import save_json
 
@@ -70,7 +70,7 @@ def summarise(cfg, runs: list) -> None:
     for r in runs:
         f = r.out_dir / "metrics.json"
         if f.is_file():
-            table[r.out_dir.name] = json.loads(f.read_text())
+            table[r.out_dir.name] = load_json(f.read_bytes(), str(f), "metrics.json")
     if table:
         save_json(cfg.run.out_dir / "comparison.json", table)
         log(f"compare: -> {cfg.run.out_dir / 'comparison.json'}")

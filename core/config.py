@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from core.bounds import MAX_DEPTH, check_nesting, check_text_nesting
 from core.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -34,6 +35,10 @@ SEED_MAX = 2 ** 63 - 1
 MAX_SAMPLES = 10_000_000       # samples drawn or evaluated
 MAX_BATCH = 1_000_000          # one batch
 MAX_GRID = 100_000             # time steps of a grid / solver steps
+MAX_ITERATIONS = 100_000_000   # optimiser steps (and the intervals counted in them)
+MAX_LIST = 1_000               # entries of a list of step counts, EMA rates, names, schedules
+MAX_SAMPLE_VALUES = 1 << 28    # values of one sample (a shape's product): 1 GiB in float32
+MAX_RANK = 8                   # entries of a sample shape
 
 #: Stage names in their canonical order. `core.stages` implements each one.
 STAGES = ("teacher", "coefficients", "distill", "export", "sample", "evaluate")
@@ -126,24 +131,42 @@ class Section:
         return v
 
     def floats(self, key: str, default=_REQUIRED, positive=False, nonempty=True, min=None,
-               max=None) -> list[float]:
+               max=None, length=MAX_LIST) -> list[float]:
         v = self._get(key, default)
         if v is None:
             return None
         if not isinstance(v, list) or (nonempty and not v):
             self.fail(key, f"expected a non-empty list of numbers, got {v!r}")
+        self._check_length(key, v, length)
         return [self._check_float(key, x, min, max, positive) for x in v]
 
-    def ints(self, key: str, default=_REQUIRED, min=None) -> list[int]:
+    def ints(self, key: str, default=_REQUIRED, min=None, max=None,
+             length=MAX_LIST) -> list[int]:
         v = self._get(key, default)
         if v is None:
             return None
         if not isinstance(v, list) or not v or not all(
                 isinstance(x, int) and not isinstance(x, bool) for x in v):
             self.fail(key, f"expected a non-empty list of integers, got {v!r}")
+        self._check_length(key, v, length)
         if min is not None and any(x < min for x in v):
             self.fail(key, f"every entry must be >= {min}, got {v!r}")
+        if max is not None and any(x > max for x in v):
+            self.fail(key, f"every entry must be <= {max:,}, got {next(x for x in v if x > max):,}")
         return v
+
+    def shape(self, key: str, default=_REQUIRED) -> list[int] | None:
+        """A sample shape: at most `MAX_RANK` positive integers whose product is at most
+        `MAX_SAMPLE_VALUES` (what one sample may hold)."""
+        v = self.ints(key, default, min=1, length=MAX_RANK)
+        if v is not None and math.prod(v) > MAX_SAMPLE_VALUES:
+            self.fail(key, f"{v} holds {math.prod(v):,} values per sample; the bound is "
+                           f"{MAX_SAMPLE_VALUES:,}")
+        return v
+
+    def _check_length(self, key: str, v: list, bound: int = MAX_LIST) -> None:
+        if len(v) > bound:
+            self.fail(key, f"holds {len(v):,} entries; the bound is {bound:,}")
 
     def schedules(self, key: str, t_min: float, t_max: float,
                   default=_REQUIRED) -> dict[int, list[float]]:
@@ -156,6 +179,7 @@ class Section:
             self.fail(key, f"expected a table of step count = [times], e.g. "
                            f"{{ 2 = [{t_max:g}, 0.6, {t_min:g}] }}, got {v!r}")
         out: dict[int, list[float]] = {}
+        self._check_length(key, list(v))
         for k, ts in v.items():
             if not (isinstance(k, str) and re.fullmatch(r"[1-9][0-9]*", k)) \
                     or int(k) > MAX_GRID:
@@ -180,6 +204,7 @@ class Section:
         v = self._get(key, default)
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             self.fail(key, f"expected a list of strings, got {v!r}")
+        self._check_length(key, v)
         return v
 
     def matrix(self, key: str, default=_REQUIRED) -> list[list[float]]:
@@ -232,6 +257,7 @@ class Key:
     positive: bool = False       # floats: > 0
     choices: tuple | None = None
     words: tuple = ()            # floats: these strings too, as they are ("adaptive")
+    length: int = MAX_LIST       # lists: at most this many entries
     base: str | None = None      # paths: "out_dir" resolves relative ones against out_dir
     example: Any = None
 
@@ -247,9 +273,12 @@ class Key:
             v = s._get(n, d)
             if isinstance(v, str) and v in self.words:
                 return v
-            return getattr(s, k)(n, d, min=self.min, max=self.max, positive=self.positive)
+            if k == "floats":
+                return s.floats(n, d, min=self.min, max=self.max, positive=self.positive,
+                                length=self.length)
+            return s.float(n, d, min=self.min, max=self.max, positive=self.positive)
         if k == "ints":
-            return s.ints(n, d, min=self.min)
+            return s.ints(n, d, min=self.min, max=self.max, length=self.length)
         if k == "strs":
             v = s.strs(n, d)
             for x in v if self.choices else ():
@@ -368,9 +397,15 @@ class CoefficientsCfg:
                         "metrics.json (\"deviation\")", min=0.0, max=10.0)
 
 
-#: [student]: the one host key.
-STUDENT_KEYS = [Key("str", "teacher", "the student starts as the teacher (the paper's "
-                    "initialisation)", name="init", choices=("teacher",))]
+@dataclass(kw_only=True)
+class StudentCfg:
+    init: str = key("str", "teacher", '"teacher" (the paper\'s initialisation) or a warm start '
+                    "(core/warm_start.py): a student.pt, a distill checkpoint or a run's out_dir "
+                    "(its newest checkpoint), relative to this file; {label}: the [run] preconds "
+                    "entry's label, e.g. \"../stage1/{label}\"")
+    init_ema: bool = key("bool", False, "a checkpoint source's EMAs and stop-gradient target "
+                         "too (else they start as its online weights)")
+    init_optimizer: bool = key("bool", False, "a checkpoint source's optimiser state too")
 
 #: The keys the host reads in the plugin-owned sections: the plugin each one names (the
 #: plugin reads the rest of its section).
@@ -404,17 +439,21 @@ class SampleCfg:
     seed: int = key("seed", _SEED, "the noise")
     timesteps: list[float] | None = key("floats", None, "explicit decreasing times t_0 > ... > "
                                         "t_K (overrides steps)", positive=True,
+                                        length=MAX_GRID + 1,
                                         example=[80.0, 0.8, 0.002])
     runner: str = key("str", "python", "ctm_sample: the C++ binary on the exported file",
                       choices=("python", "ctm_sample"))
     binary: Path | None = key("path", None, "ctm_sample (default: this checkout's "
                               "build/ctm_sample)", example="build/ctm_sample")
+    formats: list[str] = key("strs", [], "extra to samples.npy: npz (samples.npz, ADM's "
+                             "evaluator.py), png (samples/, EDM's fid.py)", choices=("npz", "png"),
+                             example=["npz", "png"])
 
 
 @dataclass(kw_only=True)
 class EvaluateCfg:
     steps: list[int] = key("ints", [1, 2, 3, 5], "step counts for the trajectory error and "
-                           "the metrics", min=1)
+                           "the metrics", min=1, max=MAX_GRID)
     num: int = key("int", 1000, "noise draws for the trajectory error", min=2,
                    max=MAX_SAMPLES)
     seed: int = key("seed", Derived("[run] seed + 1", lambda c: min(c["run"].seed + 1,
@@ -443,18 +482,28 @@ class EvaluateCfg:
 @dataclass(kw_only=True)
 class TrainCfg:
     """Keys shared by [teacher_train] and [distill]."""
-    iterations: int = key("int", _REQUIRED, "optimiser steps", min=1)
+    iterations: int = key("int", _REQUIRED, "optimiser steps", min=1, max=MAX_ITERATIONS)
     batch_size: int = key("int", _REQUIRED, "global batch: split over torchrun processes",
                           min=1, max=MAX_BATCH)
     lr: float = key("float", _REQUIRED, "learning rate", positive=True)
     optimizer: str = key("str", "adam", "", choices=("adam", "radam"))
-    warmup: int = key("int", 0, "linear learning-rate warm-up iterations", min=0)
+    warmup: int = key("int", 0, "linear learning-rate warm-up iterations", min=0,
+                      max=MAX_ITERATIONS)
+    lr_schedule: str = key("str", "constant", "after warmup: constant | linear / cosine "
+                           "(to lr_min at the last iteration) | inverse_sqrt (EDM2: lr / "
+                           "sqrt(max(it / lr_ref_iterations, 1)))",
+                           choices=("constant", "linear", "cosine", "inverse_sqrt"))
+    lr_min: float = key("float", 0.0, "the last iteration's lr of linear / cosine", min=0.0)
+    lr_ref_iterations: int = key("int", 0, "inverse_sqrt: iterations at the full lr (EDM2's "
+                                 "ref_batches)", min=0, max=MAX_ITERATIONS)
     grad_clip: float = key("float", 0.0, "max global gradient norm (0: off)", min=0.0)
     ema: list = key("floats", [0.999], "EMA rates; the first one is saved / exported",
-                    min=0.0, max=1.0)
-    checkpoint_every: int = key("int", 500, "iterations between checkpoints", min=1)
-    keep_checkpoints: int = key("int", 2, "checkpoints kept", min=1)
-    log_every: int = key("int", 10, "iterations between log lines", min=1)
+                    min=0.0, max=1.0, length=16)
+    checkpoint_every: int = key("int", 500, "iterations between checkpoints", min=1,
+                                max=MAX_ITERATIONS)
+    keep_checkpoints: int = key("int", 2, "checkpoints kept", min=1, max=MAX_LIST)
+    log_every: int = key("int", 10, "iterations between log lines", min=1,
+                         max=MAX_ITERATIONS)
     seed: int = key("seed", _SEED, "initialisation, data order and noise")
     precision: str = key("str", "fp32", "bf16 / fp16 on GPU only (CPU trains in fp32)",
                          choices=("fp32", "bf16", "fp16"))
@@ -494,10 +543,11 @@ class DistillCfg(TrainCfg):
     dsm_weight: Any = key("float", 1.0, "weight of the DSM loss, or \"adaptive\" (CTM's "
                           "gradient-norm balance)", min=0.0, words=("adaptive",))
     eval_every: int = key("int", 100, "the EMA student's evaluation every so many iterations",
-                          min=1)
+                          min=1, max=MAX_ITERATIONS)
     eval_num: int = key("int", 256, "noise draws / samples per evaluation", min=2,
                         max=MAX_SAMPLES)
-    eval_steps: list = key("ints", [1, 2, 4], "step counts of the evaluation", min=1)
+    eval_steps: list = key("ints", [1, 2, 4], "step counts of the evaluation", min=1,
+                           max=MAX_GRID)
     eval: list = key("strs", ["trajectory"], "trajectory error and/or metrics of [evaluate] "
                      "metrics (\"fid\")")
     eval_schedules: dict = key("schedules", {}, "as [evaluate] schedules: K jumps "
@@ -533,7 +583,7 @@ def declared() -> dict[str, list[Key]]:
     return {"run": keys(RunCfg), "diffusion": keys(DiffusionCfg), "data": [],
             "network": PLUGIN_KEYS["network"], "teacher": PLUGIN_KEYS["teacher"],
             "teacher_train": keys(TeacherTrainCfg), "precond": PLUGIN_KEYS["precond"],
-            "coefficients": keys(CoefficientsCfg), "student": STUDENT_KEYS,
+            "coefficients": keys(CoefficientsCfg), "student": keys(StudentCfg),
             "distill": keys(DistillCfg), "export": keys(ExportCfg), "sample": keys(SampleCfg),
             "evaluate": keys(EvaluateCfg)}
 
@@ -548,7 +598,7 @@ class Config:
     export: ExportCfg
     sample: SampleCfg
     evaluate: EvaluateCfg
-    student_init: str
+    student: StudentCfg
     teacher_train: TeacherTrainCfg
     distill: DistillCfg
     data: Section                # [data]: x_0 from a file or an analytic mixture
@@ -562,6 +612,16 @@ class Config:
     @property
     def teacher_kind(self) -> str:
         return self.teacher.data.get("kind")
+
+    @property
+    def student_init(self) -> str:
+        return self.student.init
+
+    @property
+    def student_init_path(self) -> Path | None:
+        """A warm start's source path (relative ones from the config file's folder)."""
+        init = self.student.init
+        return None if init == "teacher" else (self.base_dir / Path(init).expanduser()).resolve()
 
     @property
     def precond_name(self) -> str:
@@ -585,18 +645,37 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         text = path.read_text(encoding="utf-8")
     except (PermissionError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{src}: cannot read config ({e.__class__.__name__})") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{src}: not valid TOML: {e}") from None
+    raw = parse_toml(text, src)
     for item in overrides:
         apply_override(raw, item)
     return parse_config(raw, path)
 
 
+def parse_toml(text: str, where: str):
+    """`text` parsed as TOML, its nesting bounded by `core.bounds.MAX_DEPTH` (checked on the
+    text before parsing, as tomllib recurses, and on the result, for dotted keys); one-line
+    errors."""
+    check_text_nesting(text, where)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: not valid TOML: {e}") from None
+    except RecursionError:          # nesting the scan above did not see: still refused
+        raise UserError(f"{where}: values nest too deep; the bound is {MAX_DEPTH}") from None
+    check_nesting(raw, where)
+    return raw
+
+
+#: a --set value that fails as TOML is a bare-word string unless it holds one of these: then it
+#: was meant as TOML (an unclosed quote or bracket) and is an error, not a literal
+_TOML_MARKS = "\"'[]{}"
+
+
 def apply_override(raw: dict, item: str) -> None:
     """``section.key=value`` (``section.sub.key=value`` for sub-tables): the value is read as
-    TOML (``1e-4``, ``true``, ``[1, 2]``, ``"text"``); a bare word that is not TOML is a string."""
+    TOML (``1e-4``, ``true``, ``[1, 2]``, ``"text"``); a bare word that is not TOML is a string.
+    A value with a line break, or one that fails as TOML and holds a quote or a bracket (an
+    unclosed ``"text``), is an error."""
     where = f"--set {item}"
     name, eq, text = item.partition("=")
     parts = name.strip().split(".")
@@ -605,10 +684,18 @@ def apply_override(raw: dict, item: str) -> None:
     if parts[0] not in KNOWN_SECTIONS:
         raise UserError(f"{where}: unknown section [{parts[0]}] "
                         f"(known: {', '.join(KNOWN_SECTIONS)})")
+    text = text.strip()
+    if "\n" in text or "\r" in text:
+        raise UserError(f"{where}: the value holds a line break; give it on one line")
+    check_text_nesting(text, where)
     try:
-        value = tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text.strip()
+        value = tomllib.loads(f"v = {text}")["v"]
+    except (tomllib.TOMLDecodeError, RecursionError):
+        if any(c in text for c in _TOML_MARKS):
+            raise UserError(f"{where}: not a valid TOML value (an unclosed quote or bracket?); "
+                            f"write strings as '\"text\"'") from None
+        value = text
+    check_nesting(value, where)
     table = raw
     for p in parts[:-1]:
         table = table.setdefault(p, {})
@@ -659,7 +746,9 @@ def parse_config(raw: dict, path: Path) -> Config:
         s.fail("t_min", f"must be below t_max ({diff.t_max}), got {diff.t_min}")
 
     coef = _read(CoefficientsCfg, sec["coefficients"], ctx)
-    student_init = STUDENT_KEYS[0].read(sec["student"], ctx)
+    student = _read(StudentCfg, sec["student"], ctx)
+    if "{label}" in student.init and not run.preconds:
+        sec["student"].fail("init", "holds {label}, which only [run] preconds entries define")
     export = _read(ExportCfg, sec["export"], ctx)
     if export.path.suffix == ".pt2":
         sec["export"].fail("path", "is the TorchScript file; name it *.pt (aoti = true writes the "
@@ -676,6 +765,8 @@ def parse_config(raw: dict, path: Path) -> Config:
     ev = _read(EvaluateCfg, sec["evaluate"], ctx)
     tt = _read(TeacherTrainCfg, sec["teacher_train"], ctx)
     ds = _read(DistillCfg, sec["distill"], ctx)
+    for name, t in (("teacher_train", tt), ("distill", ds)):
+        _check_lr_schedule(t, sec[name])
 
     teacher, precond = sec["teacher"], sec["precond"]
     if "kind" not in teacher.data:
@@ -689,10 +780,17 @@ def parse_config(raw: dict, path: Path) -> Config:
     # [distill]: the loss plugin may read more keys (e.g. max_ode_steps); checked at its stage
     # [sample]: host keys are read above; the remaining keys belong to the sampler plugin.
     return Config(path=path, base_dir=base, run=run, diffusion=diff, coefficients=coef,
-                  export=export, sample=sample, evaluate=ev, student_init=student_init,
+                  export=export, sample=sample, evaluate=ev, student=student,
                   teacher_train=tt, distill=ds, data=sec["data"], network=sec["network"],
                   teacher=teacher, precond=precond, sampler_options=sec["sample"], raw=raw,
                   sections=sec)
+
+
+def _check_lr_schedule(t: TrainCfg, s: Section) -> None:
+    if t.lr_min > t.lr:
+        s.fail("lr_min", f"must not exceed lr ({t.lr:g}), got {t.lr_min:g}")
+    if t.lr_schedule == "inverse_sqrt" and t.lr_ref_iterations < 1:
+        s.fail("lr_ref_iterations", "must be at least 1 with lr_schedule = \"inverse_sqrt\"")
 
 
 def for_precond(cfg: Config, entry: dict, own_dir: bool = True) -> Config:
@@ -704,6 +802,9 @@ def for_precond(cfg: Config, entry: dict, own_dir: bool = True) -> Config:
     run.pop("preconds", None)
     run["out_dir"] = str(cfg.run.out_dir / entry["label"] if own_dir else cfg.run.out_dir)
     raw["precond"] = {k: v for k, v in entry.items() if k != "label"}
+    init = raw.get("student", {}).get("init")
+    if isinstance(init, str):                  # a warm start per preconditioning
+        raw["student"]["init"] = init.replace("{label}", entry["label"])
     raw.setdefault("coefficients", {})["path"] = str(cfg.coefficients.path)
     raw.setdefault("evaluate", {})["cache_dir"] = str(cfg.evaluate.cache_dir)
     teacher = raw.setdefault("teacher", {})

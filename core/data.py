@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -50,6 +51,34 @@ def check_array_sizes(path: Path) -> None:
         raise UserError(f"{path}: unreadable data file ({e.__class__.__name__})") from None
 
 
+#: an HDF5 dataset stored with filters (compression) may hold at most this many times the
+#: file's size; an unfiltered one at most the file's size (what its header claims is checked
+#: before anything is read)
+H5_MAX_RATIO = 1000
+#: what a failing h5py / numpy read raises (h5py's errors subclass these; numpy's warnings
+#: are raised as errors while a file is read, so that none is printed)
+READ_ERRORS = (ValueError, OSError, EOFError, KeyError, TypeError, RuntimeError, IndexError,
+               zipfile.BadZipFile, Warning)
+
+
+def check_h5_dataset(ds, where: str, file_size: int) -> None:
+    """Refuse HDF5 dataset `ds` before reading it when its dtype is not numeric, its data lives
+    outside the file (external or virtual storage), or its header claims more bytes than the
+    file can hold (`H5_MAX_RATIO` times the file's size when compressed)."""
+    if ds.dtype.kind not in "biuf":
+        raise UserError(f"{where}: holds {ds.dtype} values; only numeric arrays are read")
+    if ds.is_virtual or ds.external:
+        raise UserError(f"{where}: its data is stored outside the file (external or virtual "
+                        f"dataset); not read")
+    need = int(np.prod(ds.shape, dtype=np.float64)) * ds.dtype.itemsize
+    filtered = ds.id.get_create_plist().get_nfilters() > 0
+    bound = file_size * (H5_MAX_RATIO if filtered else 1)
+    if need > bound:
+        raise UserError(f"{where}: unreadable, truncated or corrupt (its header claims "
+                        f"{list(ds.shape)} {ds.dtype}, {need} bytes, but the file holds "
+                        f"{file_size}{f' (x{H5_MAX_RATIO} compressed)' if bound > file_size else ''})")
+
+
 def one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
@@ -70,28 +99,37 @@ def read_array_file(path: Path, what: str = "data") -> tuple[np.ndarray, np.ndar
     if suffix not in (".npy", ".npz", ".h5", ".hdf5"):
         raise UserError(f"{path}: unsupported {what} file (use .npy, .npz, .h5 or .hdf5)")
     try:
-        if suffix == ".npy":
-            return np.load(path, allow_pickle=False), None
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                xk, yk = _pick(z.files, X_KEYS), _pick(z.files, Y_KEYS)
-                if xk is None:
-                    raise UserError(f"{path}: no array named {' / '.join(X_KEYS)}")
-                return z[xk], (z[yk] if yk else None)
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            xk, yk = _pick(f, X_KEYS), _pick(f, Y_KEYS)
-            if xk is None:
-                raise UserError(f"{path}: no dataset named {' / '.join(X_KEYS)}")
-            for k in (xk, yk):
-                if k is not None and not isinstance(f[k], h5py.Dataset):
-                    raise UserError(f"{path}: {k!r} is a group, not a dataset")
-            return f[xk][()], (f[yk][()] if yk else None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")        # a warning while reading: the file's fault
+            return _read_arrays(path, suffix)
     except UserError:
         raise
-    except (ValueError, OSError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:
+    except READ_ERRORS as e:
         raise UserError(f"{path}: unreadable {what} file ({one_line(e)})") from None
+
+
+def _read_arrays(path: Path, suffix: str):
+    """read_array_file's reading, after its checks: (x, labels or None)."""
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False), None
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            xk, yk = _pick(z.files, X_KEYS), _pick(z.files, Y_KEYS)
+            if xk is None:
+                raise UserError(f"{path}: no array named {' / '.join(X_KEYS)}")
+            return z[xk], (z[yk] if yk else None)
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        xk, yk = _pick(f, X_KEYS), _pick(f, Y_KEYS)
+        if xk is None:
+            raise UserError(f"{path}: no dataset named {' / '.join(X_KEYS)}")
+        for k in (xk, yk):
+            if k is not None and not isinstance(f[k], h5py.Dataset):
+                raise UserError(f"{path}: {k!r} is a group, not a dataset")
+            if k is not None:
+                check_h5_dataset(f[k], f"{path}:{k}", path.stat().st_size)
+        return f[xk][()], (f[yk][()] if yk else None)
 
 
 def load_arrays(path: Path, shape: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -100,14 +138,19 @@ def load_arrays(path: Path, shape: tuple) -> tuple[torch.Tensor, torch.Tensor | 
     x = np.asarray(x)
     if x.ndim < 1 or x.shape[0] < 1 or tuple(x.shape[1:]) != tuple(shape):
         raise UserError(f"{path}: data has shape {x.shape}, expected [N, {', '.join(map(str, shape))}]")
-    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
-        raise UserError(f"{path}: data must be finite numbers")
+    if x.dtype.kind not in "biuf" or not np.all(np.isfinite(x)):
+        raise UserError(f"{path}: data must be finite real numbers, got {x.dtype}"
+                        if x.dtype.kind not in "biuf" else f"{path}: data must be finite numbers")
     if y is not None:
         y = np.asarray(y)
         if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
             raise UserError(f"{path}: labels must be {len(x)} integers, got {y.shape} {y.dtype}")
         y = torch.from_numpy(y.astype(np.int64))
-    return torch.from_numpy(x.astype(np.float64)), y
+    try:
+        with np.errstate(over="raise", invalid="raise"):   # float128 beyond float64
+            return torch.from_numpy(x.astype(np.float64)), y
+    except FloatingPointError:
+        raise UserError(f"{path}: data values do not fit float64") from None
 
 
 class DataSource:
@@ -145,7 +188,7 @@ class DataSource:
                              section.where("gmm"))
             self.shape, self.x, self.y = self.gmm.shape, None, None
         else:
-            self.shape = tuple(section.ints("shape", None, min=1) or ())
+            self.shape = tuple(section.shape("shape", None) or ())
         section.finish()
         self._loaded = False
 

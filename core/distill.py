@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from core import distributed as dist
-from core import plugins
+from core import plugins, warm_start
 from core.datastore import to_device  # noqa: F401  (re-exported: core.distill.to_device)
 from core.distances import make_distance
 from core.dsm import DSMLoss
@@ -26,8 +26,9 @@ from core.errors import UserError
 from core.jumper import jump
 from core.schedules import rho_grid
 from core.students import build_student, save_student, trainable
-from core.training import (EMA, TrainingLoop, backward, config_digest, iteration_generator,
-                           make_optimizer, plot_curves)
+from core.training import (EMA, LRSchedule, TrainingLoop, backward, config_digest,
+                           iteration_generator, make_optimizer, plot_curves,
+                           with_lr_schedule)
 
 
 class StepContext:
@@ -155,16 +156,28 @@ class Prefetch:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def fingerprint(run, precond_desc: dict) -> str:
+def _warm_start(run, precond):
+    """``[student] init = <path>``: the source run's weights (core/warm_start.py), or None."""
+    st = run.cfg.student
+    if st.init == "teacher":
+        return None
+    return warm_start.load(run.cfg.student_init_path, st.init_ema, st.init_optimizer,
+                           run.teacher.fingerprint(), precond)
+
+
+def fingerprint(run, precond_desc: dict, warm=None) -> str:
     cfg, d = run.cfg, run.cfg.distill
     keep = {k: v for k, v in vars(d).items()
             if k not in ("iterations", "checkpoint_every", "keep_checkpoints", "log_every",
                          "eval_every", "eval_num", "eval_steps", "eval_schedules",
                          "micro_batch", "solve_buckets", "compile", "compile_mode",
                          "channels_last", "tf32", "fused_optimizer")}
-    desc = {"teacher": run.teacher.fingerprint(), "precond": precond_desc, "distill": keep,
+    desc = {"teacher": run.teacher.fingerprint(), "precond": precond_desc,
+            "distill": with_lr_schedule(keep, d),
             "network": cfg.network.data, "data": run.data_fingerprint(),
             "diffusion": vars(cfg.diffusion)}
+    if warm is not None:      # its file and iteration: a changed source is another run
+        desc["init"] = {k: v for k, v in warm.describe().items() if k != "path"}
     return config_digest(desc)
 
 
@@ -191,6 +204,9 @@ def distill(run) -> None:
     distance = make_distance(d, device)
 
     student = build_student(run).to(device)
+    warm = _warm_start(run, precond)
+    if warm is not None:
+        warm_start.load_online(warm, student)
     if d.channels_last:
         student = student.to(memory_format=torch.channels_last)
         teacher_D = teacher_D.to(memory_format=torch.channels_last)
@@ -201,6 +217,9 @@ def distill(run) -> None:
     emas = [EMA(student, r) for r in d.ema]
     params = trainable(student)
     opt = make_optimizer(d.optimizer, params, d.lr, d.fused_optimizer)
+    if warm is not None:
+        warm_start.load_averages(warm, target.model, [e.model for e in emas])
+        warm_start.load_optimizer(warm, opt)
     modules = {"student": student, "target": target.model,
                **{f"ema_{i}": e.model for i, e in enumerate(emas)}}
     model = student
@@ -211,11 +230,15 @@ def distill(run) -> None:
     fp = fingerprint(run, {"name": precond.name, "variant": precond.variant,
                            "options": cfg.precond.data,
                            "coefficients": run.coefficients_digest() if precond.name == "analytic"
-                           else None})
+                           else None}, warm)
+    origin = {"teacher_fingerprint": teacher.fingerprint(),
+              "precond": {"name": precond.name, "variant": precond.variant,
+                          "jumps_denoiser": bool(precond.jumps_denoiser)}}
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     loop = TrainingLoop("distill", ckdir=run.out_dir / "checkpoints", fingerprint=fp,
                         modules=modules, optimizer=opt, params=params, ema_source=student,
-                        emas=[target, *emas], lr=d.lr, warmup=d.warmup, grad_clip=d.grad_clip,
+                        emas=[target, *emas], lr=LRSchedule.of(d), warmup=d.warmup,
+                        grad_clip=d.grad_clip, checkpoint_extra=origin,
                         iterations=d.iterations, checkpoint_every=d.checkpoint_every,
                         keep_checkpoints=d.keep_checkpoints, metrics=run.out_dir / "metrics.csv",
                         fields=["loss", "loss_main", "loss_dsm", "dsm_weight", "lr", "it_per_s"],
@@ -362,7 +385,8 @@ def distill(run) -> None:
         t_last += time.perf_counter() - paused    # it_per_s: evaluations and checkpoints out
     data.close()
     if dist.is_main():
-        save_student(run.out_dir / "student.pt", emas[0].model, teacher.fingerprint())
+        save_student(run.out_dir / "student.pt", emas[0].model, teacher.fingerprint(),
+                     {"iteration": d.iterations, "precond": origin["precond"]})
         plot_curves(log, run.out_dir / "curves.png",
                     f"distill: {d.loss} loss, {precond.name} preconditioning")
         final = {k: v for k, v in (log.rows[-1].items() if log.rows else [])}

@@ -3,6 +3,11 @@
 * Every output is serialised in memory first, written to a temporary name with Python's own
   checked I/O (a full disk is an ``OSError``, never an abort inside a C++ library), fsynced and
   renamed into place: a crash or kill -9 leaves the old file (or none), never half of one.
+* Temporaries are named ``.<final name>.ctmkit-<pid>-<start time>-<random>.tmp``: ctmkit's, and
+  naming the process that writes them (its PID and start time, so a reused PID is told
+  apart). The start-up sweep removes only those whose writer is dead, only in the folders the
+  run writes, never in their sub-folders; the unnamed ``.<final name>.<random>.tmp`` of
+  earlier versions only in out_dirs and their checkpoint folders, which are ctmkit's alone.
 * Bytes are deterministic: the same content gives the same file (``torch.save`` into a buffer,
   not onto a temporary *name*, which torch would write into the archive).
 * Every ``.pt`` file ctmkit writes carries ``sha256``, a digest of its content (tensors with their
@@ -17,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -27,8 +33,62 @@ from core.errors import UserError
 
 #: the key under which a ctmkit .pt file stores the digest of the rest of its content
 DIGEST_KEY = "sha256"
-#: temporaries are named ``.<final name>.<random>.tmp`` beside the final file
+#: temporaries are named ``.<final name>.ctmkit-<run id>-<random>.tmp`` beside the final file,
+#: the run id being the writer's PID and its process start time (see `run_id`)
 _TMP_SUFFIX = ".tmp"
+_TMP_TAG = "ctmkit"
+#: a temporary of this version: the writer's PID, its start time (clock ticks since boot;
+#: 0 where /proc is missing), mkstemp's random part
+_TMP_NAME = re.compile(r"\.(?P<name>.+)\.ctmkit-(?P<pid>[0-9]+)-(?P<start>[0-9]+)"
+                       r"-[A-Za-z0-9_]+\.tmp")
+#: a temporary of ctmkit before run ids (``.<final name>.<mkstemp's 8 random characters>.tmp``)
+_OLD_TMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{6,8}\.tmp")
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time of process `pid` (clock ticks since boot, /proc/PID/stat field 22): with
+    the PID it names one process, also after the PID is reused. None if there is no such
+    process; 0 where /proc is missing."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return 0
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+def run_id(pid: int | None = None) -> str:
+    """``<pid>-<start time>``: names the process that writes a temporary."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}-{_start_time(pid) or 0}"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of ctmkit's temporaries (of this or an earlier version)."""
+    return bool(_TMP_NAME.fullmatch(name) or _OLD_TMP_NAME.fullmatch(name))
+
+
+def is_stale_temporary(name: str) -> bool:
+    """A temporary of this version (file or folder) whose writer is no longer running."""
+    return bool(_TMP_NAME.fullmatch(name)) and _writer_is_dead(name)
+
+
+def _writer_is_dead(name: str) -> bool:
+    """For a temporary of this version: its writer is no longer running (its PID is free or
+    belongs to a process started at another time)."""
+    m = _TMP_NAME.fullmatch(name)
+    started = _start_time(int(m["pid"]))
+    return started is None or (started != 0 and int(m["start"]) != 0
+                               and started != int(m["start"]))
 
 
 @contextlib.contextmanager
@@ -40,7 +100,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_TMP_TAG}-{run_id()}-", suffix=_TMP_SUFFIX,
+                               dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     umask = os.umask(0)
@@ -70,18 +131,28 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.flush()
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the ``.<name>.<random>.tmp`` files that killed runs left under `folder`
-    (call it only while holding the folder's run lock)."""
+def remove_stale_temporaries(folders, owned=()) -> list[Path]:
+    """Delete the temporaries that killed ctmkit runs left in `folders` (not in their
+    sub-folders): files named as `atomic_path` names them whose writer is dead. In the `owned`
+    folders (out_dirs and their checkpoint folders, ctmkit's alone) also those of earlier
+    versions, which carry no writer. Nothing else is touched: not a live run's temporary, not
+    another program's file, not a sub-folder. Call it only while holding the run lock."""
     removed = []
-    folder = Path(folder)
-    if not folder.is_dir():
-        return removed
-    for p in folder.rglob(f".*{_TMP_SUFFIX}"):
-        if p.is_file() and p.name.count(".") >= 3:
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed.append(p)
+    owned = {Path(f) for f in owned}
+    for folder in dict.fromkeys(Path(f) for f in [*folders, *owned]):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for e in entries:
+            if not e.is_file(follow_symlinks=False):
+                continue
+            stale = (_writer_is_dead(e.name) if _TMP_NAME.fullmatch(e.name) else
+                     folder in owned and bool(_OLD_TMP_NAME.fullmatch(e.name)))
+            if stale:
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+                    removed.append(Path(e.path))
     return removed
 
 
@@ -224,17 +295,23 @@ def load_torch(path: str | os.PathLike, what: str, fmt: str | None = None,
     return obj
 
 
-def jit_load(path: Path, what: str, device: str = "cpu", extra_files: dict | None = None):
-    """torch.jit.load with one-line errors for missing, truncated or foreign files."""
+def jit_load(path, what: str, device: str = "cpu", extra_files: dict | None = None,
+             where: str | os.PathLike | None = None):
+    """torch.jit.load with one-line errors for missing, truncated or foreign files. `path` may
+    also be a binary file object (bytes already read and checked, core/jumper.py: load); `where`
+    then names it in messages."""
     import warnings
 
     import torch
 
-    regular_file(path, f"{what} file")
+    if isinstance(path, io.IOBase):
+        source, path = path, where if where is not None else what
+    else:
+        source = str(regular_file(path, f"{what} file"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)   # TorchScript is deprecated in 2.14
-            return torch.jit.load(str(path), map_location=device,
+            return torch.jit.load(source, map_location=device,
                                   _extra_files=extra_files if extra_files is not None else {})
     except Exception as e:  # torch raises RuntimeError/ValueError/... for bad archives
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__

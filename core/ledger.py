@@ -17,6 +17,9 @@ import json
 from pathlib import Path
 
 from core import __version__
+from core.bounds import MAX_JSON_BYTES, load_json
+from core.errors import UserError
+from core.integrity import sidecar_path
 from core.io import file_digest, save_json
 
 LEDGER = "stages.json"
@@ -36,7 +39,7 @@ SECTIONS = {
 INPUTS = {
     "teacher": ("data",),
     "coefficients": ("teacher", "data"),
-    "distill": ("teacher", "data", "coefficients.h5"),
+    "distill": ("teacher", "data", "coefficients.h5", "student.init"),
     "export": ("teacher", "student.pt", "coefficients.h5"),
     "sample": ("jumper.pt",),
     "evaluate": ("teacher", "data", "jumper.pt", "samples.npy"),
@@ -45,8 +48,12 @@ INPUTS = {
 _BOOKKEEPING = (LEDGER, "run.json", ".lock")
 
 
-def _input_path(run, name: str) -> Path:
+def _input_path(run, name: str) -> Path | None:
     cfg = run.cfg
+    if name == "student.init":               # a warm start's source file, or None
+        from core.warm_start import source_file
+        p = cfg.student_init_path
+        return source_file(p) if p is not None else None
     return {"coefficients.h5": cfg.coefficients.path, "jumper.pt": cfg.export.path,
             "student.pt": run.out_dir / "student.pt",
             "samples.npy": run.out_dir / "samples.npy"}[name]
@@ -67,7 +74,7 @@ def stage_key(run, stage: str) -> str:
             inputs[name] = src.fingerprint() if src is not None else None
         else:
             p = _input_path(run, name)
-            inputs[name] = file_digest(p) if p.is_file() else None
+            inputs[name] = file_digest(p) if p is not None and p.is_file() else None
     desc["inputs"] = inputs
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -79,7 +86,11 @@ def watched_files(run) -> dict[Path, tuple]:
     paths = [p for p in run.out_dir.iterdir() if p.is_file() and p.name not in _BOOKKEEPING
              and not p.name.startswith(".")] if run.out_dir.is_dir() else []
     paths += [cfg.coefficients.path, cfg.coefficients.path.with_suffix(".png"),
-              cfg.export.path, cfg.export.path.with_suffix(".pt2")]
+              cfg.export.path, cfg.export.path.with_suffix(".pt2"),
+              sidecar_path(cfg.export.path.with_suffix(".pt2"))]
+    if run.out_dir.is_dir():                  # [sample] formats = ["png"]: samples/*/*.png
+        from core.sample_files import png_files
+        paths += png_files(run.out_dir / "samples")
     out = {}
     for p in paths:
         try:
@@ -96,9 +107,11 @@ class Ledger:
         self.records = self._read()
 
     def _read(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):           # missing, unreadable or foreign: trust nothing
+        try:                                    # missing, unreadable, foreign, too large or
+            if self.path.stat().st_size > MAX_JSON_BYTES:       # too deep: trust nothing
+                return {}
+            data = load_json(self.path.read_bytes(), str(self.path), LEDGER)
+        except (OSError, UserError):
             return {}
         return data if isinstance(data, dict) else {}
 

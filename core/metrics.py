@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import platform
 import re
@@ -52,6 +51,7 @@ import torch
 from torch import Tensor
 
 from core.api import Metric  # noqa: F401  (the metric contract; re-exported)
+from core.bounds import load_json
 from core.errors import UserError
 from core.io import atomic_path
 
@@ -325,10 +325,7 @@ def feature_net(path, device="cpu") -> FeatureNetExtractor:
         raise UserError(f"{file}: unreadable feature net ({_first_line(e)})") from None
     meta = None
     if extra["meta.json"]:
-        try:
-            meta = json.loads(extra["meta.json"])
-        except ValueError:
-            raise UserError(f"{file}: feature net has an unreadable meta.json") from None
+        meta = load_json(extra["meta.json"], f"{file}: feature net", "meta.json")
         if not isinstance(meta, dict) or meta.get("format") != FEATURE_NET_FORMAT:
             raise UserError(f"{file}: meta.json format is not {FEATURE_NET_FORMAT!r}")
         if meta.get("version") != 1:

@@ -33,9 +33,43 @@ def compute_metrics(metrics: list, samples, reference, cache_dir: Path,
     for m in metrics:
         values = m.compute(samples, reference, cache_dir)
         out.update(values)
-        d = _info(m) if info else None
+        d = _info(m)
         if d is not None:
+            out.update(paper_names(values, len(samples), d))
+        if d is not None and info:
             out.update({f"{k}_info": d for k in values})
+    return out
+
+
+class Label(str):
+    """A string among metric values: log lines format every value with ``:.4g``."""
+
+    def __format__(self, spec: str) -> str:
+        return str(self)
+
+
+#: how many samples papers mean by "FID" (EDM, ADM, CTM: 50,000, "FID-50k")
+PAPER_FID_NUM = 50_000
+
+
+def paper_names(values: dict, num: int, info) -> dict:
+    """The names papers use for an Inception FID of 50,000 samples: ``fid50k`` (clean-fid's
+    clean mode) / ``fid50k_legacy_tf`` (the TensorFlow Inception, as EDM and ADM report it),
+    each with ``<name>_reference``: which reference statistics (file name or dataset)."""
+    from core.metrics import INCEPTION_MODES
+
+    out: dict = {}
+    if num != PAPER_FID_NUM:
+        return out
+    ref = info.get("reference") or {}
+    if ref.get("source") == "npz":
+        name = Path(str(ref.get("path"))).name
+    else:
+        name = f"dataset {str(ref.get('fingerprint'))[:16]} ({ref.get('num')} images)"
+    for suffix in INCEPTION_MODES.values():
+        if "fid" + suffix in values:
+            out[f"fid50k{suffix}"] = values["fid" + suffix]
+            out[f"fid50k{suffix}_reference"] = Label(name)
     return out
 
 

@@ -13,23 +13,47 @@ from pathlib import Path
 
 from core import __version__
 from core.errors import UserError
-from core.io import file_digest, remove_stale_temporaries, save_json
+from core.io import file_digest, remove_stale_temporaries, save_json, write_bytes
 from core.lock import RunLock
 
 
-def prepare_out_dir(out_dir: Path) -> RunLock:
-    """Check out_dir can be a folder, take its lock and sweep temporaries of killed runs."""
+def _check_folder(out_dir: Path) -> None:
     for parent in [out_dir, *out_dir.parents]:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{out_dir}: cannot be the output folder ({parent} is a file)")
             break
-    lock = RunLock(out_dir).acquire()
-    removed = remove_stale_temporaries(out_dir)
+
+
+def prepare_out_dirs(out_dirs: list[Path], written: list[Path] = ()) -> list[RunLock]:
+    """Lock the out_dirs of one command (the first one's parents checked: see core.lock), mark
+    each as ctmkit's (core.ownership.MARKER) and sweep the temporaries of killed runs from the
+    folders ctmkit writes (`written`: those outside the out_dirs). Returns the locks, to be
+    released in reverse order."""
+    from core.ownership import MARKER, owned_folders
+
+    for d in out_dirs:
+        _check_folder(d)
+    for i, d in enumerate(out_dirs):           # all refusals before any folder is made
+        RunLock(d).check(check_parents=i == 0)
+    locks: list[RunLock] = []
+    try:
+        for i, d in enumerate(out_dirs):
+            locks.append(RunLock(d).acquire(check_parents=i == 0))
+        for d in out_dirs:
+            if not (d / MARKER).exists():
+                write_bytes(d / MARKER, b"ctmkit out_dir: its files are ctmkit's to replace "
+                                        b"and sweep\n")
+    except BaseException:
+        for lock in reversed(locks):
+            lock.release()
+        raise
+    owned = [f for d in out_dirs for f in owned_folders(d)]
+    removed = remove_stale_temporaries(written, owned=owned)
     if removed:
         print(f"[ctmkit] removed {len(removed)} temporary file(s) left by an interrupted run",
               flush=True)
-    return lock
+    return locks
 
 
 def _plain(v):
@@ -50,7 +74,7 @@ def resolved_config(cfg) -> dict:
     out = {name: _plain(getattr(cfg, name)) for name in
            ("run", "diffusion", "coefficients", "export", "sample", "evaluate",
             "teacher_train", "distill")}
-    out["student"] = {"init": cfg.student_init}
+    out["student"] = _plain(cfg.student)
     for name in ("data", "network", "teacher", "precond"):
         out[name] = _plain(getattr(cfg, name).data)
     return out
@@ -100,7 +124,16 @@ def write_run_record(cfg, run, argv: list[str]) -> None:
         "devices": _devices(cfg.run.device),
         "world_size": dist.world(),
         "teacher_sha256": teacher_file_digest(run),
+        **_warm_start_record(cfg),
     })
+
+
+def _warm_start_record(cfg) -> dict:
+    """``[student] init = <path>``: which file the student starts from, and its iteration."""
+    if cfg.student_init_path is None or "{label}" in cfg.student.init:
+        return {}
+    from core.warm_start import record
+    return {"student_init": record(cfg.student_init_path)}
 
 
 def dry_run(cfg, runs, force: bool, progress: bool = True) -> None:
@@ -108,14 +141,20 @@ def dry_run(cfg, runs, force: bool, progress: bool = True) -> None:
     from core.ledger import Ledger, stage_key
     from core.stages import Run
 
-    print(json.dumps(resolved_config(cfg), indent=2, sort_keys=True))
-    print("plan:")
+    from core.ownership import check_ownership
+
+    prepared = []
     for c, st in runs:
         r = Run(c, progress=progress)
         # no out_dir for the plugins: a dataset is decoded into memory, not into a store in
         # out_dir/datastore (a dry run writes nothing)
         r.ctx = dataclasses.replace(r.ctx, out_dir=None)
         r.validate(st)                      # the same checks a real run makes first
+        prepared.append((r, st))
+    check_ownership(prepared)
+    print(json.dumps(resolved_config(cfg), indent=2, sort_keys=True))
+    print("plan:")
+    for r, st in prepared:
         ledger = Ledger(r.out_dir)
         for name in st:
             label = f" ({r.out_dir})"

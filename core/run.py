@@ -14,16 +14,28 @@ word is a string).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import warnings
 
-from core.errors import UserError
+from core.errors import UserError, one_line
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's default prints usage too)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(message)}", file=sys.stderr)
         sys.exit(2)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the run is: it unwinds like Ctrl-C (temporaries removed, the
+    ctm_sample child killed, the lock released) and ends with one line and status 143."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)      # one is enough; cleanup is under way
+    raise Terminated()
 
 
 #: stages that a comparison of several [run] preconds runs once, in the parent out_dir
@@ -99,7 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-    lock = None
+    locks = []
+    old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
         from core import plugins
         if args.list_plugins:
@@ -133,7 +147,7 @@ def main(argv=None) -> int:
             from core.record import dry_run
             dry_run(cfg, runs, args.force, progress=not args.no_progress)
             return 0
-        from core.record import prepare_out_dir, write_run_record
+        from core.record import prepare_out_dirs, write_run_record
         prepared = []
         for i, (c, st) in enumerate(runs):
             # for_precond keeps [data] as it is: the runs share one loaded dataset
@@ -148,7 +162,10 @@ def main(argv=None) -> int:
             r.validate(stages)
             prepared.append((r, st))
         if dist.is_main():   # once the config is valid, before anything is written
-            lock = prepare_out_dir(cfg.run.out_dir)
+            from core.ownership import check_ownership, written_folders
+            check_ownership(prepared)
+            locks = prepare_out_dirs(list(dict.fromkeys(r.out_dir for r, _ in prepared)),
+                                     written_folders(prepared))
         record = lambda: write_run_record(cfg, prepared[0][0],       # noqa: E731
                                           argv if argv is not None else sys.argv[1:])
         if dist.is_main() and not (cfg.run.out_dir / "run.json").exists():
@@ -177,14 +194,20 @@ def main(argv=None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         why = e.strerror or str(e).strip().splitlines()[0] if str(e).strip() else \
             e.__class__.__name__
-        print(f"error: {where}{why} (nothing was left half-written)", file=sys.stderr)
+        print(f"error: {one_line(f'{where}{why}')} (nothing was left half-written)",
+              file=sys.stderr)
         return 2
+    except Terminated:
+        print("error: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     finally:
-        if lock is not None:
+        for lock in reversed(locks):
             lock.release()
+        if old_sigterm is not None:
+            signal.signal(signal.SIGTERM, old_sigterm)
 
 
 if __name__ == "__main__":

@@ -293,6 +293,10 @@ def sample(run: Run) -> None:
     if ts[0] > meta["t_max"] * (1 + 1e-9) or ts[-1] < meta["t_min"] * (1 - 1e-9):
         raise UserError(f"{cfg.path}: [sample] timesteps must lie in [{meta['t_min']}, "
                         f"{meta['t_max']}]")
+    shape = list(meta["shape"])
+    if s.formats and (len(shape) != 3 or shape[0] not in (1, 3)):
+        raise UserError(f"{cfg.path}: [sample] formats = {s.formats} are image formats; this "
+                        f"jumper makes samples of shape {shape}")
     t0 = time.perf_counter()
     out = run.out_dir / "samples.npy"
     if s.runner == "ctm_sample":
@@ -305,6 +309,7 @@ def sample(run: Run) -> None:
         save_npy(out, x)
         if labels is not None:
             save_npy(run.out_dir / "samples.labels.npy", labels)
+    _save_formats(run, x, labels)
     title = f"{meta['precond']}{'/' + meta['variant'] if meta['variant'] else ''} jumper, " \
             f"{len(ts) - 1} steps"
     if len(meta["shape"]) == 3:
@@ -320,6 +325,16 @@ def sample(run: Run) -> None:
         plot_samples(x, run.out_dir / "samples.png", title, ref)
     log(f"sample: {s.num} samples, {len(ts) - 1} steps, {s.runner}, "
         f"{time.perf_counter() - t0:.1f}s -> {out}")
+
+
+def _save_formats(run: Run, x: np.ndarray, labels) -> None:
+    """``[sample] formats``: the samples also as ADM's / EDM's evaluators read them."""
+    from core import sample_files
+    formats = run.cfg.sample.formats
+    if "npz" in formats:
+        log(f"sample: -> {sample_files.save_npz(run.out_dir / 'samples.npz', x, labels)}")
+    if "png" in formats:
+        log(f"sample: -> {sample_files.save_png_folder(run.out_dir / 'samples', x)}/")
 
 
 def _check_scriptable(precond, name: str) -> None:
@@ -352,6 +367,30 @@ def ctm_sample_binary(cfg, sampler) -> Path:
     return binary
 
 
+def _child_dies_with_parent():
+    """A `preexec_fn` (Linux): the kernel sends the child SIGKILL when ctmkit dies, kill -9
+    included, so no ctm_sample outlives the run that started it. Elsewhere None: the child is
+    still killed when ctmkit is interrupted or terminated (subprocess.run kills it)."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl    # resolved before the fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGKILL)                           # PR_SET_PDEATHSIG
+        if os.getppid() != parent:                         # ctmkit died before prctl
+            os._exit(1)
+    return preexec
+
+
 def _ctm_sample(run: Run, sampler, ts: list, out: Path):
     """Run the C++ sampler on the exported file into a scratch name beside `out`; only finite
     samples are renamed into place (with their labels). Returns (samples, labels or None)."""
@@ -370,7 +409,8 @@ def _ctm_sample(run: Run, sampler, ts: list, out: Path):
            "--device", run.device, "--quiet"]
     try:
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+            proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
+                                  preexec_fn=_child_dies_with_parent())
         except OSError as e:          # not an executable format, ...
             raise UserError(f"{binary}: cannot run ctm_sample ({e.strerror or e})") from None
         if proc.returncode != 0:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from core.edm import TeacherAsNetwork
+from core.bounds import check_state_dict
 from core.errors import UserError
 
 FORMAT, VERSION = "ctmkit.student", 1
@@ -83,11 +84,14 @@ def trainable(net: nn.Module) -> list:
     return [p for p in net.parameters() if p.requires_grad]
 
 
-def save_student(path: Path, net: nn.Module, teacher_fingerprint: str) -> None:
+def save_student(path: Path, net: nn.Module, teacher_fingerprint: str,
+                 origin: dict | None = None) -> None:
+    """`origin`: who made it ({"iteration", "precond": {name, variant, jumps_denoiser}}),
+    which a warm start from this file checks."""
     from core.io import save_torch
 
     save_torch(path, {"format": FORMAT, "version": VERSION,
-                      "teacher_fingerprint": teacher_fingerprint,
+                      "teacher_fingerprint": teacher_fingerprint, **(origin or {}),
                       "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}})
 
 
@@ -99,6 +103,7 @@ def load_student(run, path: Path) -> nn.Module:
     if st.get("teacher_fingerprint") != run.teacher.fingerprint():
         raise UserError(f"{path}: distilled from another teacher; rerun 'distill'")
     net = build_student(run)
+    check_state_dict(st["state_dict"], str(path), net.state_dict())
     try:
         net.load_state_dict(st["state_dict"])
     except (RuntimeError, TypeError, AttributeError) as e:

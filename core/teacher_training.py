@@ -14,8 +14,9 @@ from core.edm import EDMDenoiser, add_noise
 from core.errors import UserError
 from core.io import save_torch
 from core.plugins import create_network
-from core.training import (EMA, TrainingLoop, backward, config_digest, iteration_generator,
-                           make_optimizer, plot_curves)
+from core.training import (EMA, LRSchedule, TrainingLoop, backward, config_digest,
+                           iteration_generator, make_optimizer, plot_curves,
+                           with_lr_schedule)
 
 FORMAT = "ctmkit.teacher"      # the file the network teacher (plugins/teachers/network.py) reads
 
@@ -41,13 +42,15 @@ def train_teacher(run) -> None:
     denoise = EDMDenoiser(model, diff.sigma_data)
     loss = DSMLoss(tt.p_mean, tt.p_std)
     fp = config_digest({"network": cfg.network.data, "data": source.fingerprint(),
-                        "train": {k: v for k, v in vars(tt).items()
-                                  if k not in ("iterations", "checkpoint_every",
-                                               "keep_checkpoints", "log_every")},
+                        "train": with_lr_schedule({k: v for k, v in vars(tt).items()
+                                                   if k not in ("iterations", "checkpoint_every",
+                                                                "keep_checkpoints", "log_every")},
+                                                  tt),
                         "sigma_data": diff.sigma_data})
     loop = TrainingLoop("teacher", ckdir=run.out_dir / "teacher_checkpoints", fingerprint=fp,
                         modules={"net": net, "ema": ema.model}, optimizer=opt,
-                        params=list(net.parameters()), ema_source=net, emas=[ema], lr=tt.lr,
+                        params=list(net.parameters()), ema_source=net, emas=[ema],
+                        lr=LRSchedule.of(tt),
                         warmup=tt.warmup, grad_clip=tt.grad_clip, iterations=tt.iterations,
                         checkpoint_every=tt.checkpoint_every,
                         keep_checkpoints=tt.keep_checkpoints,

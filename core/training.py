@@ -9,7 +9,9 @@ import csv
 import hashlib
 import io
 import json
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from core import distributed as dist
+from core.bounds import check_state_dict
 from core.errors import UserError
 from core.io import atomic_path, save_torch
 
@@ -92,6 +95,7 @@ def restore(state: dict, modules: dict, optimizer, path: Path | str = "checkpoin
     for k, m in modules.items():
         if k not in state["modules"]:
             raise UserError(f"{path}: checkpoint lacks {k!r}")
+        check_state_dict(state["modules"][k], f"{path}: {k}", m.state_dict())
     try:
         for k, m in modules.items():
             m.load_state_dict(state["modules"][k])
@@ -230,8 +234,54 @@ def make_optimizer(name: str, params, lr: float, fused: bool = False):
     raise ValueError(name)
 
 
-def lr_at(iteration: int, lr: float, warmup: int) -> float:
-    return lr * min(1.0, (iteration + 1) / warmup) if warmup > 0 else lr
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate of iteration `it` (0-based), a pure function of `it`, so a resumed run
+    follows the uninterrupted one exactly: a linear warm-up over `warmup` iterations, times
+
+    * ``constant``: 1;
+    * ``linear`` / ``cosine``: from `lr` (at the end of the warm-up) to `lr_min` at the last
+      iteration (``iterations - 1``), linearly / along half a cosine;
+    * ``inverse_sqrt``: EDM2's (Karras et al. 2024, Eqn. 15: lr / sqrt(max(t / t_ref, 1))), in
+      iterations: full lr up to `ref` iterations, then decaying as 1 / sqrt(it).
+    """
+    lr: float
+    warmup: int = 0
+    kind: str = "constant"
+    lr_min: float = 0.0
+    ref: int = 0
+    iterations: int = 1
+
+    @classmethod
+    def of(cls, cfg) -> "LRSchedule":
+        """The schedule a [teacher_train] / [distill] config (TrainCfg) declares."""
+        return cls(lr=cfg.lr, warmup=cfg.warmup, kind=cfg.lr_schedule, lr_min=cfg.lr_min,
+                   ref=cfg.lr_ref_iterations, iterations=cfg.iterations)
+
+    def __call__(self, it: int) -> float:
+        warm = min(1.0, (it + 1) / self.warmup) if self.warmup > 0 else 1.0
+        if self.kind == "constant":
+            return self.lr * warm
+        if self.kind == "inverse_sqrt":
+            return self.lr * warm / math.sqrt(max(it / self.ref, 1.0))
+        span = self.iterations - 1 - self.warmup          # decay after the warm-up's last step
+        p = min(max((it - self.warmup) / span, 0.0), 1.0) if span > 0 else 1.0
+        decay = 1.0 - p if self.kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
+        return warm * (self.lr_min + (self.lr - self.lr_min) * decay)
+
+
+def with_lr_schedule(keys: dict, cfg) -> dict:
+    """A fingerprint's view `keys` of a TrainCfg, with the schedule keys as they bear on the
+    weights: none for ``constant`` (fingerprints of runs from before schedules still match),
+    and ``iterations`` too for ``linear`` / ``cosine``, whose every lr depends on it (a longer
+    run is then another run, not a resumable extension)."""
+    keys = {k: v for k, v in keys.items() if k not in ("lr_schedule", "lr_min",
+                                                       "lr_ref_iterations")}
+    if cfg.lr_schedule != "constant":
+        keys.update(lr_schedule=cfg.lr_schedule, lr_ref_iterations=cfg.lr_ref_iterations)
+    if cfg.lr_schedule in ("linear", "cosine"):
+        keys.update(lr_min=cfg.lr_min, iterations=cfg.iterations)
+    return keys
 
 
 def config_digest(desc: dict) -> str:
@@ -261,14 +311,17 @@ class TrainingLoop:
     the CSV `metrics` (its columns `fields`, rows past the resumed checkpoint dropped)."""
 
     def __init__(self, name: str, *, ckdir: Path, fingerprint: str, modules: dict, optimizer,
-                 params: list, ema_source: nn.Module, emas: list, lr: float, warmup: int,
+                 params: list, ema_source: nn.Module, emas: list, lr, warmup: int,
                  grad_clip: float, iterations: int, checkpoint_every: int,
                  keep_checkpoints: int, metrics: Path, fields: list, progress: bool,
-                 scaler=None):
+                 scaler=None, checkpoint_extra: dict | None = None):
         self.name, self.ckdir, self.fingerprint = name, ckdir, fingerprint
+        self.checkpoint_extra = checkpoint_extra or {}   # who wrote it (warm starts read it)
         self.modules, self.optimizer, self.params = modules, optimizer, params
         self.ema_source, self.emas, self.scaler = ema_source, emas, scaler
-        self.lr, self.warmup, self.grad_clip = lr, warmup, grad_clip
+        # `lr`: a float (constant after `warmup`) or the run's LRSchedule
+        self.schedule = lr if isinstance(lr, LRSchedule) else LRSchedule(lr, warmup)
+        self.grad_clip = grad_clip
         self.total, self.checkpoint_every = iterations, checkpoint_every
         self.keep, self.progress = keep_checkpoints, progress
         if dist.is_main():    # fails (one line) before any log or checkpoint is written
@@ -318,7 +371,7 @@ class TrainingLoop:
     def step(self, it: int) -> float:
         """The optimiser step of iteration `it` (gradients in place): the warm-up lr, the
         scaler's unscale, gradient clipping, the step, then every EMA. Returns the lr."""
-        lr = lr_at(it, self.lr, self.warmup)
+        lr = self.schedule(it)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         scaler = self.scaler
@@ -346,4 +399,4 @@ class TrainingLoop:
             self.verify()
             self.log.flush()
             save_checkpoint(self.ckdir, done, self.fingerprint, self.modules, self.optimizer,
-                            self.keep)
+                            self.keep, self.checkpoint_extra)

@@ -127,10 +127,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from core.bounds import load_json
 from core.data import check_array_sizes, one_line as _one_line, read_array_file
 from core.datasets import Dataset, digest
-from core.datastore import (ImageStore, MappedArray, Plan, cache_folder, decode_in_memory, default_workers,
-                            file_digest_cached, open_or_build, store_key)
+from core.datastore import (ImageStore, MappedArray, Plan, cache_folder, decode_in_memory,
+                            default_workers, file_digest_cached, open_or_build, store_key)
 from core.errors import UserError
 from core.hookspecs import hookimpl
 
@@ -149,8 +150,8 @@ class Common:
     conditional: bool
 
 
-def _optional_int(options, key: str, min: int) -> Optional[int]:
-    return options.int(key, min=min) if options.has(key) else None
+def _optional_int(options, key: str, min: int, max: Optional[int] = None) -> Optional[int]:
+    return options.int(key, min=min, max=max) if options.has(key) else None
 
 
 def _common(options) -> Common:
@@ -309,25 +310,45 @@ def _folder_files(root: Path) -> tuple[list[Path], Optional[list[int]]]:
     return files, labels
 
 
+#: Pillow's modes of 16-bit greyscale PNGs: scaled to 8 bits, not clipped by convert("L")
+_16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_8_bit(im):
+    """A 16-bit greyscale image as 8-bit "L", each value x -> round(x / 257) (65535 -> 255);
+    other images as they are."""
+    from PIL import Image
+
+    if im.mode not in _16_BIT_MODES:
+        return im
+    a = np.asarray(im).astype(np.int64).clip(0, 65535)
+    return Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")
+
+
 def _decode_image(raw: bytes, path, mode: str, resolution: Optional[int],
                   transform: str = "none") -> np.ndarray:
     """An encoded image as uint8 [H, W] or [H, W, 3] in `mode` ("L" or "RGB"). Resized to
     resolution x resolution when given: bicubic (transform "none"), or as EDM's dataset_tool
-    ``--transform=center-crop``: the centred square crop, then a Lanczos resize."""
+    ``--transform=center-crop``: the centred square crop, then a Lanczos resize. 16-bit
+    greyscale is scaled to 8 bits; a decompression-bomb warning is the error, Pillow's other
+    warnings (e.g. on palette transparency) are silenced."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im = im.convert(mode)
-            if transform == "center-crop":
-                w, h = im.size
-                crop = min(w, h)
-                im = im.crop(((w - crop) // 2, (h - crop) // 2, (w + crop) // 2,
-                              (h + crop) // 2))
-                im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
-            elif resolution is not None:
-                im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as im:
+                im = _to_8_bit(im).convert(mode)
+                if transform == "center-crop":
+                    w, h = im.size
+                    crop = min(w, h)
+                    im = im.crop(((w - crop) // 2, (h - crop) // 2, (w + crop) // 2,
+                                  (h + crop) // 2))
+                    im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
+                elif resolution is not None:
+                    im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
+                return np.asarray(im, dtype=np.uint8)
     except Exception as e:  # whatever Pillow raises on a bad file, the file is to blame
         raise UserError(f"{path}: unreadable image ({_one_line(e)})") from None
 
@@ -405,7 +426,7 @@ def _folder(options, ctx) -> Dataset:
     channels = options.int("channels", 3)
     if channels not in (1, 3):
         options.fail("channels", f"must be 1 or 3, got {channels}")
-    resolution = _optional_int(options, "resolution", 1)
+    resolution = _optional_int(options, "resolution", 1, 4096)   # as core.bounds' networks
     transform = _transform(options, resolution)
     workers = _workers(options)
     common = _common(options)
@@ -508,8 +529,9 @@ def _array(options, ctx) -> Dataset:
     if mapped is not None and mapped.dtype.kind == "f":     # float: mapped as it is
         x = _take(mapped, common.limit)
         _check_in_chunks(x, value_range, path)
-        return _dataset("array", MappedArray(x, lambda b: _scale(b, value_range, path).numpy()),
-                        None, common, [file_digest_cached(path, cache)], settings, name)
+        per_batch = lambda b: _scale_checked(b, value_range, path).numpy()   # noqa: E731
+        return _dataset("array", MappedArray(x, per_batch), None, common,
+                        [file_digest_cached(path, cache)], settings, name)
     x, y = read_array_file(path, "array")
     x = np.asarray(x)
     if x.dtype.kind not in "iuf":
@@ -519,8 +541,17 @@ def _array(options, ctx) -> Dataset:
     if y is not None:
         y = _check_labels(y, len(x), path)
     x, y = _as_images(_take(x, common.limit), layout, path), _take(y, common.limit)
-    return _dataset("array", _scale(x, value_range, path), y, common,
+    return _dataset("array", _scale_checked(x, value_range, path), y, common,
                     [file_digest_cached(path, cache)], settings, name)
+
+
+def _scale_checked(x: np.ndarray, value_range: str, path: Path):
+    """`_scale`, with a float32 overflow (inf from a float64 cast) as the error."""
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            return _scale(x, value_range, path)
+    except FloatingPointError:
+        raise UserError(f"{path}: data values do not fit float32") from None
 
 
 def _mapped_npy(path: Path, layout: str) -> Optional[np.ndarray]:
@@ -545,7 +576,7 @@ def _check_in_chunks(x: np.ndarray, value_range: str, path: Path, rows: int = 40
     """The checks of `_scale` (finite, in range) over a mapped array, `rows` at a time: memory
     stays bounded (the whole file is read once per load)."""
     for i in range(0, len(x), rows):
-        _scale(np.asarray(x[i:i + rows]), value_range, path)
+        _scale_checked(np.asarray(x[i:i + rows]), value_range, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -852,10 +883,7 @@ def _image_header(raw: bytes, where: str) -> tuple[int, int, int]:
 
 def _edm_labels(raw: bytes, where: str, images: list[str], what: str) -> Optional[np.ndarray]:
     """The int64 label of each of `images` from dataset.json's bytes, or None (no labels)."""
-    try:
-        meta = json.loads(raw)
-    except (ValueError, RecursionError) as e:      # JSONDecodeError, UnicodeDecodeError
-        raise UserError(f"{where}: not valid JSON ({_one_line(e)})") from None
+    meta = load_json(raw, where, "the label file")          # size and nesting bounded
     if not isinstance(meta, dict) or "labels" not in meta:
         raise UserError(f'{where}: expected {{"labels": [["<image>", <label>], ...]}} or '
                         f'{{"labels": null}}, got {_json_head(meta)}')
@@ -899,7 +927,7 @@ def _json_head(value) -> str:
 
 def _edm(options, ctx) -> Dataset:
     path = options.path("path")
-    resolution = _optional_int(options, "resolution", 1)
+    resolution = _optional_int(options, "resolution", 1, 4096)
     transform = _transform(options, resolution)
     workers = _workers(options)
     common = _common(options)

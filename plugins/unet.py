@@ -70,6 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.bounds import check_network_kwargs
 from core.hookspecs import hookimpl
 from plugins.networks import FourierEmbedding
 
@@ -318,23 +319,26 @@ def _unet(options, ctx, *, shape, num_classes, student):
         options.fail("name", f"the unet network needs image data of shape (C, H, W), got shape "
                              f"{tuple(shape)}")
     mc = options.int("model_channels", 32, min=1, max=4096)
-    mult = options.ints("channel_mult", [1, 2, 2], min=1)
+    mult = options.ints("channel_mult", [1, 2, 2], min=1, max=64, length=16)
     res = level_resolutions(shape[1], len(mult))
     if options.has("attn_resolutions") and options.data["attn_resolutions"] == []:
         attn = options.strs("attn_resolutions")          # the empty list: no level attention
     else:
-        attn = options.ints("attn_resolutions", [res[-1]], min=1)
+        attn = options.ints("attn_resolutions", [res[-1]], min=1, max=4096, length=16)
     bad = [r for r in attn if r not in res]
     if bad:
         options.fail("attn_resolutions", f"no level has resolution {bad[0]} (levels: "
                                          f"{', '.join(map(str, res))})")
-    heads = options.int("num_heads", 1, min=1)
+    heads = options.int("num_heads", 1, min=1, max=1024)
+    blocks = options.int("num_blocks", 2, min=1, max=64)
+    check_network_kwargs(dict(model_channels=mc, channel_mult=mult, num_blocks=blocks),
+                         options.where("model_channels"))
     attended = [mc * m for m, r in zip(mult, res) if r in attn] + [mc * mult[-1]]
     if any(c % heads for c in attended):
         options.fail("num_heads", f"must divide the attended channel counts "
                                   f"{sorted(set(attended))}, got {heads}")
     return UNet(shape, model_channels=mc, channel_mult=mult,
-                num_blocks=options.int("num_blocks", 2, min=1), attn_resolutions=attn,
+                num_blocks=blocks, attn_resolutions=attn,
                 num_heads=heads, dropout=options.float("dropout", 0.0, min=0.0, max=1.0),
                 embedding=options.str("embedding", "positional", choices=("positional", "fourier")),
                 scale_shift=options.bool("scale_shift", True),

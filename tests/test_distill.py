@@ -142,8 +142,11 @@ def _weights(path):
 
 
 @pytest.mark.slow
-def test_kill_9_and_resume_equals_uninterrupted(work, tmp_path_factory):
+@pytest.mark.parametrize("schedule", ["", 'lr_schedule = "cosine"\nlr_min = 1e-5\nwarmup = 4'])
+def test_kill_9_and_resume_equals_uninterrupted(work, tmp_path_factory, schedule):
     import shutil
+    if schedule:              # a decaying lr: a resumed run must follow the same curve
+        (work / "c.toml").write_text(CONFIG.replace("[distill]", "[distill]\n" + schedule))
     other = tmp_path_factory.mktemp("uninterrupted")
     shutil.copytree(work, other, dirs_exist_ok=True)
     r = run_cli(other / "c.toml", "--stages", "distill,export")
@@ -169,6 +172,15 @@ def test_kill_9_and_resume_equals_uninterrupted(work, tmp_path_factory):
         assert torch.equal(a[k], b[k]), k
     ra, rb = _metrics(work / "out" / "metrics.csv"), _metrics(other / "out" / "metrics.csv")
     assert [r["iteration"] for r in ra] == [r["iteration"] for r in rb]
+    if schedule:              # the logged lr is the schedule's, in both runs
+        from core.training import LRSchedule
+        f = LRSchedule(4e-4, 4, "cosine", 1e-5, 0, 40)
+        logged = [r for r in ra if r["lr"]]                  # evaluation rows have no lr
+        assert len(logged) >= 4
+        for r in logged:
+            expected = f(int(r["iteration"]) - 1)
+            assert float(r["lr"]) == pytest.approx(expected, rel=1e-5)      # CSV: 6 digits
+        assert [r["lr"] for r in ra] == [r["lr"] for r in rb]
 
 
 @pytest.mark.slow
@@ -270,3 +282,152 @@ def test_micro_batch_gives_the_whole_batch_result(work, tmp_path_factory, dsm_we
         assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-5)
         assert float(ra["dsm_weight"]) == pytest.approx(float(rb["dsm_weight"]), rel=1e-4)
     assert moved
+
+
+# --- warm starts ([student] init = <path>; issue: CTM's whole recipe, item 1) -------------------
+
+def _stage2(work, init: str, extra: str = "", iterations: int = 2) -> Path:
+    """A second run in out2/ that starts from `init`, sharing out/'s teacher and coefficients."""
+    out = work / "out"
+    text = CONFIG.replace('out_dir = "out"', 'out_dir = "out2"').replace(
+        'stages = ["teacher", "coefficients", "distill", "export"]', 'stages = ["distill"]'
+    ).replace('kind = "network"', f'kind = "network"\npath = "{out / "teacher.pt"}"').replace(
+        "[coefficients]", f'[coefficients]\npath = "{out / "coefficients.h5"}"').replace(
+        "iterations = 40", f"iterations = {iterations}").replace(
+        "checkpoint_every = 10", "checkpoint_every = 2\nlr = 1e-4\nema = [0.9, 0.5]")
+    text += f'[student]\ninit = "{init}"\n{extra}\n'
+    (work / "c2.toml").write_text(text)
+    return work / "c2.toml"
+
+
+@pytest.fixture
+def stage1(work):
+    cfg = work / "c.toml"
+    cfg.write_text(CONFIG.replace("iterations = 40", "iterations = 6").replace(
+        "checkpoint_every = 10", "checkpoint_every = 3\nema = [0.9, 0.5]").replace(
+        "eval_every = 20", "eval_every = 100"))
+    r = run_cli(cfg, "--stages", "distill")
+    assert r.returncode == 0, r.stderr
+    return work
+
+
+def _warm_modules(cfg_path):
+    """The student, target and EMAs a run of `cfg_path` starts from (as distill() makes them)."""
+    from core import distill, warm_start
+    from core.students import build_student
+    from core.training import EMA
+    run = _run_obj(cfg_path)
+    precond = run.precond()
+    ws = distill._warm_start(run, precond)
+    student = build_student(run)
+    warm_start.load_online(ws, student)
+    target, emas = EMA(student, 0.99), [EMA(student, r) for r in run.cfg.distill.ema]
+    warm_start.load_averages(ws, target.model, [e.model for e in emas])
+    return ws, student, target.model, [e.model for e in emas]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_warm_start_sources_load_what_they_promise(stage1):
+    from core.io import load_torch
+    out = stage1 / "out"
+    student_pt = load_torch(out / "student.pt", "student")["state_dict"]
+    ckpt = load_torch(out / "checkpoints" / "ckpt-00000006.pt", "checkpoint")
+    # a student.pt: online weights, target and every EMA start as its weights
+    ws, s, tgt, emas = _warm_modules(_stage2(stage1, str(out / "student.pt")))
+    assert ws.kind == "student" and ws.iteration == 6
+    for m in (s, tgt, *emas):
+        assert _same(m.state_dict(), student_pt)
+    # an out_dir: its newest checkpoint's online weights, everything else from them ...
+    ws, s, tgt, emas = _warm_modules(_stage2(stage1, str(out)))
+    assert ws.kind == "checkpoint" and ws.iteration == 6 and ws.path.name == "ckpt-00000006.pt"
+    assert _same(s.state_dict(), ckpt["modules"]["student"])
+    assert _same(emas[1].state_dict(), ckpt["modules"]["student"])
+    assert not _same(ckpt["modules"]["ema_1"], ckpt["modules"]["student"])
+    # ... and with init_ema its EMAs and stop-gradient target
+    ws, s, tgt, emas = _warm_modules(_stage2(stage1, str(out), "init_ema = true"))
+    assert _same(tgt.state_dict(), ckpt["modules"]["target"])
+    assert _same(emas[0].state_dict(), ckpt["modules"]["ema_0"])
+    assert _same(emas[1].state_dict(), ckpt["modules"]["ema_1"])
+
+
+@pytest.mark.slow
+def test_warm_started_run_records_its_source_resumes_exactly_and_refuses_a_changed_one(stage1):
+    import json
+    import shutil
+    from core.io import load_torch
+    from core.students import save_student
+    out = stage1 / "out"
+    cfg = _stage2(stage1, str(out), "init_ema = true\ninit_optimizer = true", iterations=4)
+    r = run_cli(cfg)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((stage1 / "out2" / "run.json").read_text())["student_init"]
+    assert rec["iteration"] == 6 and rec["path"].endswith("ckpt-00000006.pt")
+    assert len(rec["sha256"]) == 64
+    rows = _metrics(stage1 / "out2" / "metrics.csv")
+    assert [r["iteration"] for r in rows if r["loss"]][-1] == "4"     # counts from 0 again
+    # kill nothing, but resume from the new run's own iteration-2 checkpoint: same weights
+    done = load_torch(stage1 / "out2" / "student.pt", "student")["state_dict"]
+    (stage1 / "out2" / "checkpoints" / "ckpt-00000004.pt").unlink()
+    (stage1 / "out2" / "student.pt").unlink()
+    r = run_cli(cfg)
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    assert _same(load_torch(stage1 / "out2" / "student.pt", "student")["state_dict"], done)
+    # the source changes under the new run: its checkpoints are another configuration
+    shutil.rmtree(out / "checkpoints")
+    st = load_torch(out / "student.pt", "student")
+    net = _run_obj(stage1 / "c.toml")
+    from core.students import build_student
+    s = build_student(net)
+    s.load_state_dict({k: v * 1.01 for k, v in st["state_dict"].items()})
+    save_student(out / "student.pt", s, st["teacher_fingerprint"])
+    cfg = _stage2(stage1, str(out / "student.pt"), iterations=4)
+    (stage1 / "out2" / "stages.json").unlink()
+    r = run_cli(cfg)
+    assert r.returncode == 2 and "different configuration" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_warm_start_sources_that_do_not_fit_are_one_error_line(stage1):
+    out = stage1 / "out"
+    cases = [
+        (str(stage1 / "nowhere.pt"), "", "does not exist"),
+        (str(stage1), "", "without distill checkpoints"),
+        (str(out / "teacher.pt"), "", "neither a ctmkit student.pt nor a distill checkpoint"),
+        (str(out / "student.pt"), "init_ema = true", "init_ema / init_optimizer need"),
+        (str(out / "checkpoints" / "ckpt-00000006.pt"), "", "mixes F_theta"),
+    ]
+    for init, extra, message in cases:
+        cfg = _stage2(stage1, init, extra)
+        if "F_theta" in message:              # a D-mixing (analytic) source into a cm run
+            cfg.write_text(cfg.read_text().replace('name = "analytic"\nvariant = "backward"',
+                                                   'name = "cm"'))
+        r = run_cli(cfg)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (init, r.stderr)
+    # weights of another shape (a layer narrower): they do not fit
+    from core.io import load_torch
+    from core.students import save_student
+    st = load_torch(out / "student.pt", "student")
+    k = next(k for k, v in st["state_dict"].items() if v.dim() == 2)
+    narrow = {n: (v[:-1] if n == k else v) for n, v in st["state_dict"].items()}
+
+    class Holder(torch.nn.Module):
+        def state_dict(self, *a, **kw):
+            return narrow
+    save_student(stage1 / "narrow.pt", Holder(), st["teacher_fingerprint"])
+    r = run_cli(_stage2(stage1, str(stage1 / "narrow.pt")))
+    assert r.returncode == 2 and "does not fit this run's student" in r.stderr, r.stderr
+    # a truncated source
+    bad = stage1 / "truncated.pt"
+    data = (out / "student.pt").read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    r = run_cli(_stage2(stage1, str(bad)))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # {label} without [run] preconds
+    r = run_cli(_stage2(stage1, "../{label}/out"), "--dry-run")
+    assert r.returncode == 2 and "{label}" in r.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
+import warnings
 from pathlib import Path
 
 import h5py
@@ -19,6 +20,7 @@ import numpy as np
 
 from core import __version__
 from core.coefficients.table import CoefficientTable
+from core.data import READ_ERRORS, check_h5_dataset
 from core.errors import UserError
 from core.io import content_digest, write_bytes
 
@@ -77,7 +79,8 @@ def load(path: str | Path) -> CoefficientTable:
     if not path.is_file():
         raise UserError(f"{path}: coefficient file not found (run the 'coefficients' stage)")
     try:
-        with h5py.File(path, "r") as h:
+        with warnings.catch_warnings(), h5py.File(path, "r") as h:
+            warnings.simplefilter("error")
             if _attr(h, "format", path) != FORMAT:
                 raise UserError(f"{path}: not a ctmkit coefficient file "
                                 f"(format {_attr(h, 'format', path)!r})")
@@ -94,13 +97,14 @@ def load(path: str | Path) -> CoefficientTable:
                         or h[name].shape[0] > MAX_TIMES:
                     raise UserError(f"{path}: dataset {name!r} is not a 1-D array of at most "
                                     f"{MAX_TIMES} entries")
+                check_h5_dataset(h[name], f"{path}:{name}", path.stat().st_size)
                 raw[name] = h[name][()]
                 if name in DATASETS:
                     data[name] = np.asarray(raw[name], dtype=np.float64)
             guarded = np.asarray(raw["s_guarded"], bool)
     except UserError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except READ_ERRORS as e:               # every h5py exception type, numpy's warnings
         raise UserError(f"{path}: unreadable coefficient file ({e.__class__.__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
     n = len(data["t"])
@@ -142,7 +146,7 @@ def reusable(path: str | Path, teacher_fingerprint: str, settings: dict) -> bool
                     and h.attrs.get("teacher_fingerprint") == teacher_fingerprint
                     and json.loads(h.attrs.get("settings", "null")) == json.loads(
                         json.dumps(settings, sort_keys=True)))
-    except (OSError, ValueError, TypeError):
+    except READ_ERRORS + (RecursionError,):
         return False
     if not same:
         return False

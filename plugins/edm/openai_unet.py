@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.bounds import check_network_kwargs, check_state_dict
 from core.errors import UserError
 
 SIGMA_DATA = 0.5
@@ -484,6 +485,7 @@ def build_openai_unet(settings: Mapping[str, Any], student: bool = False,
         except (TypeError, ValueError) as e:
             raise UserError(f"openai unet: bad settings ({str(e).splitlines()[0][:160]})") \
                 from None
+    check_network_kwargs(kwargs, "openai unet")
     try:
         return OpenAIDenoiser(**kwargs, qkv_order=qkv_order, student=student,
                               sigma_data=sigma_data)
@@ -561,6 +563,7 @@ def check_openai_state_dict(model: nn.Module, sd: Mapping[str, Tensor],
     """UserError (one line) naming the first key of `sd` that does not fit `model`: missing
     (the student's ``s_*`` keys may be missing), unexpected, or of another shape."""
     own = model.state_dict()
+    check_state_dict(sd, source, own)
     hint = "; are the network settings those of the checkpoint?"
     for key, value in own.items():
         if key not in sd:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.bounds import check_network_kwargs, check_state_dict
 from core.errors import UserError
 from plugins.edm.dhariwal import DhariwalUNet
 from plugins.edm.songunet import SongUNet
@@ -185,6 +186,7 @@ def build_precond(class_name: str, init_kwargs: Dict, student: bool = False) -> 
     for required in ("img_resolution", "img_channels"):
         if required not in kwargs:
             raise UserError(f"{name}: the snapshot's init kwargs lack {required!r}")
+    check_network_kwargs(kwargs, f"{name}: the snapshot's init kwargs")
     try:
         return cls(student=student, **kwargs)
     except (TypeError, ValueError) as e:
@@ -195,6 +197,7 @@ def load_state(net: nn.Module, state_dict: Dict[str, Tensor], label: str = "<sna
     """Copy EDM weights into ``net``: strict for a teacher; for a student only ``s_*`` keys of
     the network (``model.s_*``) may be missing."""
     student = bool(getattr(net, "student", False))
+    check_state_dict(state_dict, label, net.state_dict())
     try:
         missing, unexpected = net.load_state_dict(state_dict, strict=not student)
     except RuntimeError as e:

@@ -35,6 +35,7 @@ from typing import Any, Dict, Union
 import numpy as np
 import torch
 
+from core.bounds import check_graph
 from core.errors import UserError
 
 #: precond classes ctmkit re-implements (plugins.edm.precond)
@@ -219,6 +220,7 @@ def load_edm_snapshot(path: Union[str, Path]) -> dict:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{label}: not a readable EDM snapshot ({type(e).__name__}: "
                         f"{first})") from None
+    check_graph(obj, label)       # before anything walks it: shared-reference bombs, depth
     if not isinstance(obj, dict) or not isinstance(obj.get("ema"), PersistentStub):
         raise UserError(f"{label}: not an EDM network snapshot (no 'ema' network in the "
                         f"pickle)")
@@ -280,6 +282,7 @@ def edm_network_spec(snapshot: Union[dict, PersistentStub], key: str = "ema") ->
     stub = snapshot.get(key) if isinstance(snapshot, dict) else snapshot
     if not isinstance(stub, PersistentStub):
         raise UserError(f"{label}: no {key!r} network in the snapshot")
+    check_graph(stub, label)      # a snapshot dict built elsewhere: bounded before the walks
     class_name = stub.class_name.rsplit(".", 1)[-1]
     if class_name not in KNOWN_PRECONDS:
         raise UserError(f"{label}: unsupported EDM network class {stub.class_name!r} "

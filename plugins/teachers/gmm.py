@@ -62,7 +62,7 @@ class GMMTeacher(Teacher):
         weights = options.floats("weights", positive=True)
         means = options.matrix("means")
         stds = options.floats("stds", positive=True)
-        shape = options.ints("shape", None, min=1)
+        shape = options.shape("shape", None)
         if not (len(weights) == len(means) == len(stds)):
             options.fail("weights", f"weights, means and stds must have one entry per "
                          f"component; got {len(weights)}, {len(means)}, {len(stds)}")

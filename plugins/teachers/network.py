@@ -9,6 +9,7 @@ import torch
 
 from core.api import Teacher
 from core.edm import EDMDenoiser
+from core.bounds import check_state_dict
 from core.errors import UserError
 from core.plugins import create_network
 from core.teacher_training import FORMAT
@@ -37,6 +38,7 @@ class NetworkTeacher(Teacher):
         self.shape, self.num_classes = tuple(st["shape"]), int(st["num_classes"])
         self.net = create_network(st["network"], st["options"], ctx, self.shape, self.num_classes,
                                  False, str(path))
+        check_state_dict(st["state_dict"], str(path), self.net.state_dict())
         try:
             self.net.load_state_dict(st["state_dict"])
         except RuntimeError as e:

@@ -23,8 +23,8 @@ class TorchScriptTeacher(Teacher):
 
     @classmethod
     def from_options(cls, options, ctx) -> "TorchScriptTeacher":
-        return cls(options.path("path"), options.ints("shape", min=1),
-                   options.int("num_classes", 0, min=0), ctx.device)
+        return cls(options.path("path"), options.shape("shape"),
+                   options.int("num_classes", 0, min=0, max=100_000), ctx.device)
 
     def _check(self, device):
         x = torch.zeros((2, *self.shape), device=device)

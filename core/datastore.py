@@ -163,7 +163,7 @@ def _store_lock(cache_dir: Path, key: str, what: str):
     """Hold the exclusive lock of store `key`; yields whether the cache folder is writable (a
     read-only one can still serve complete stores, unlocked)."""
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        make_cache_folder(cache_dir)
         fd = os.open(cache_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM) or not cache_dir.is_dir():
@@ -181,6 +181,19 @@ def _store_lock(cache_dir: Path, key: str, what: str):
         yield True
     finally:
         os.close(fd)           # closing the descriptor drops the lock
+
+
+def make_cache_folder(cache_dir: Path) -> None:
+    """Create the cache folder, marked as ctmkit's (core.ownership.MARKER): the default one
+    lies in out_dir, which is checked for files ctmkit did not write, and the data are opened
+    (the store built) before that check, ahead of the process group."""
+    from core.ownership import MARKER
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    marker = cache_dir / MARKER
+    if not marker.exists():
+        with contextlib.suppress(OSError):
+            marker.touch()
 
 
 def _stat_key(path: Path) -> dict:
@@ -354,7 +367,7 @@ def _build(folder: Path, key: str, plan: Plan, what: str, progress: bool):
         folder.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             (folder / MANIFEST).unlink()            # from here on the old store is not trusted
-        remove_stale_temporaries(folder)            # what a killed builder left (we hold the lock)
+        remove_stale_temporaries([], owned=[folder])   # a killed builder's (we hold the lock)
         _check_room(folder, len(header) + plan.n * row)
         row_digests, rows = hashlib.sha256(), 0
         with atomic_path(folder / IMAGES) as tmp, open(tmp, "wb") as fh, \
@@ -446,5 +459,6 @@ def file_digest_cached(path: Path, cache_dir: Optional[Path]) -> str:
     digest = file_digest(path)
     if memo is not None:
         with contextlib.suppress(OSError):
+            make_cache_folder(Path(cache_dir))
             save_json(memo, {"stat": stat, "sha256": digest})
     return digest

@@ -96,6 +96,10 @@ def torch_jit_error() -> type:
 
 
 def main(argv=None) -> int:
+    argv_list = sys.argv[1:] if argv is None else list(argv)
+    if argv_list[:1] == ["gap"]:          # ``ctmkit gap config.toml``: core/gap.py
+        from core.gap import main as gap_main
+        return gap_main(argv_list[1:])
     p = _Parser(prog="python -m core.run", description="ctmkit: distill a diffusion teacher "
                 "into a few-step consistency (trajectory) model.")
     p.add_argument("config", nargs="?", help="config.toml")

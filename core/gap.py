@@ -8,7 +8,7 @@ noise), the jumper f(t, s) x_t + g(t, s) D (Eqn. 8) lands exactly on x_s when
 
 the denoiser a perfect student needs. The consistency gap is ||D_theta* - D_phi(x_t, t)||
 (Section 3.2, bounded in Prop. 3.1 / Eqn. 16; Analytic-Precond's s_t minimises it, Eqn. 17).
-For CM / BCM, which mix the network output F rather than D (Table 1), Eqn. (8) inverted gives
+For CM / BCM, which mix the network output F rather than D (Table 1), Eqn. 8 inverted gives
 F*, and the gap is that of D* = c_skip(t) x_t + c_out(t) F* (Eqn. 3). Reported per
 preconditioning, as RMS per dimension over the noise draws:
 
@@ -65,14 +65,14 @@ def jump_gap(precond, sigma_data: float, x_t, x_s, D_phi, t: float, f: float,
     the teacher-initialised jump f x_t + g D_phi - x_s (float64 tensors [num, ...])."""
     from core.edm import denoiser_from_output, output_from_denoiser
 
-    inner_star = (x_s - f * x_t) / g                                     # Eqn. (8) inverted
+    inner_star = (x_s - f * x_t) / g                                     # see Eqn. 8, inverted
     tt = torch.full((x_t.shape[0],), t, dtype=torch.float64)
     if precond.jumps_denoiser:
         D_star, inner_phi = inner_star, D_phi
-    else:                       # CM / BCM: F* (Table 1), its D through Eqn. (3)
+    else:                       # CM / BCM: F* (Table 1), its D through Eqn. 3
         D_star = denoiser_from_output(inner_star, x_t, tt, sigma_data)
         inner_phi = output_from_denoiser(D_phi, x_t, tt, sigma_data)
-    jump = f * x_t + g * inner_phi - x_s                                 # Eqn. (8)
+    jump = f * x_t + g * inner_phi - x_s                                 # see Eqn. 8
     return _rms(D_star - D_phi), _rms(jump)
 
 

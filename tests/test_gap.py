@@ -177,3 +177,54 @@ def test_gap_help_and_a_bad_flag(capsys):
         main(["gap", "c.toml", "--bogus"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+IMAGE_CONFIG = """
+[run]
+out_dir = "out"
+stages = ["teacher", "coefficients"]
+preconds = [{name = "ctm"}, {name = "analytic", variant = "backward"}]
+[data]
+format = "array"
+path = "images.npz"
+[network]
+name = "unet"
+model_channels = 8
+channel_mult = [1, 2]
+num_blocks = 1
+attn_resolutions = [4]
+[teacher]
+kind = "network"
+[teacher_train]
+iterations = 20
+batch_size = 16
+lr = 2e-3
+[coefficients]
+n_timesteps = 6
+n_samples = 16
+batch = 8
+[distill]
+N = 4
+[evaluate]
+steps = [1, 2]
+num = 8
+"""
+
+
+@pytest.mark.slow
+def test_gap_on_a_class_conditional_image_teacher(write_config, run_main, tmp_path):
+    """A network teacher (a UNet on 8x8 labelled images): float32 denoiser, labels drawn."""
+    from test_image_pipeline import make_images
+
+    make_images(tmp_path / "images.npz")
+    cfg = write_config(IMAGE_CONFIG)
+    rc, _, err = run_main(cfg)
+    assert rc == 0, err
+    rc, out, err = run_main("gap", cfg)
+    assert rc == 0, err
+    result = json.loads((tmp_path / "out" / "gap.json").read_text())
+    assert sorted(result) == ["analytic-backward", "ctm"]
+    for r in result.values():
+        assert r["dtype"] == "float32" and r["num"] == 8
+        assert len(r["train_grid"]["pairs"]) == 10 and r["train_grid"]["gap_rms"] > 0
+        assert [len(r["schedules"][K]) for K in ("1", "2")] == [1, 2]

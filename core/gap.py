@@ -90,16 +90,25 @@ def fixed_noise(teacher, num: int, seed: int, t_max: float):
     return x_T, labels
 
 
-def teacher_states(teacher, x_T, labels, times: list[float], cache: dict, key) -> dict:
-    """{t: x_t} along the teacher's reference PF-ODE solution from x_T at times[0] (= t_max),
-    solved once per `key` in `cache`; a NaN / Inf state is a UserError."""
+def teacher_states(teacher, x_T, labels, times: list[float], cache: dict, key,
+                   device: str = "cpu", progress: bool = False) -> dict:
+    """{t: x_t} (float64, on the CPU) along the teacher's reference PF-ODE solution from x_T at
+    times[0] (= t_max), solved on `device` one segment at a time (as `reference_solve` does in
+    one call), once per `key` in `cache`; a NaN / Inf state is a UserError."""
+    from tqdm.auto import tqdm
+
     if key not in cache:
-        states = [x_T.double()] + teacher.reference_solve(x_T, times[0], times[1:], labels)
-        for t, x in zip(times, states):
-            if not bool(torch.isfinite(x).all()):
+        x = x_T.to(device)
+        lab = labels.to(device) if labels is not None else None
+        states = {times[0]: x_T.double()}
+        for t0, t1 in tqdm(list(zip(times, times[1:])), desc="teacher ODE", unit="segment",
+                           disable=not progress):
+            x = teacher.reference_solve(x, t0, [t1], lab)[0]
+            states[t1] = x.double().cpu()
+            if not bool(torch.isfinite(states[t1]).all()):
                 raise UserError(f"teacher {teacher.name!r} returned NaN/Inf on its PF-ODE from "
-                                f"fixed noise (at t = {t:g}); gap.json was not written")
-        cache[key] = dict(zip(times, states))
+                                f"fixed noise (at t = {t1:g}); gap.json was not written")
+        cache[key] = states
     return cache[key]
 
 
@@ -204,8 +213,8 @@ def compute(cfg, run, entries, progress: bool = True) -> dict:
     times = sorted({*grid, *(t for ts in schedules.values() for t in ts)}, reverse=True)
     x_T, labels = fixed_noise(teacher, g.num, g.seed, d.t_max)
     cache = _REFERENCE_ODE.setdefault(teacher.fingerprint(), {})
-    states = teacher_states(teacher, x_T, labels, times, cache, ("gap", g.num, g.seed,
-                                                                 tuple(times)))
+    states = teacher_states(teacher, x_T, labels, times, cache,
+                            ("gap", g.num, g.seed, tuple(times)), run.device, progress)
     denoised = teacher_denoised(teacher, states, labels, dtype, run.device)
     out = {}
     for label, section in tqdm(entries, desc="gap", unit="precond", disable=not progress):

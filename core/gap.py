@@ -254,8 +254,9 @@ def _parse(argv):
     p.add_argument("config", help="config.toml")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, as for ctmkit config.toml; repeatable")
-    p.add_argument("--out", help="write gap.json / gap.png (and a missing coefficient store) "
-                   "into this folder instead of [run] out_dir")
+    p.add_argument("--out", help="the run's folder instead of [run] out_dir: gap.json and "
+                   "gap.png go there, and a network teacher and the coefficient store are read "
+                   "from (or a missing store made) there")
     p.add_argument("--device", help="cpu | cuda[:N] for the teacher's denoiser "
                    "(default: [run] device)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -103,6 +103,15 @@ def test_gap_of_every_run_precond_and_cm_through_its_denoiser(write_config, run_
     assert result["ctm"]["train_grid"]["gap_rms"] != result["cm"]["train_grid"]["gap_rms"]
 
 
+def test_out_and_set_flags(write_config, run_main, tmp_path):
+    cfg = write_config(FAST.replace(PRECOND, 'name = "ctm"'))
+    rc, out, err = run_main("gap", cfg, "--out", tmp_path / "elsewhere", "--set", "gap.steps=[3]",
+                            "--set", "evaluate.schedules={}")
+    assert rc == 0, err
+    result = json.loads((tmp_path / "elsewhere" / "gap.json").read_text())
+    assert list(result["ctm"]["schedules"]) == ["3"] and not (tmp_path / "out").exists()
+
+
 def _one_error_line(rc, err, tmp_path, *needles):
     assert rc == 2 and err.count("\n") == 1 and err.startswith("error: "), err
     assert "Traceback" not in err

@@ -20,6 +20,11 @@ AOTInductor package metadata (``inductor_configs["aot_inductor.metadata"]``), un
 "model")`` (or ``get_metadata()``), Python with ``load_aoti``. A second key,
 ``"ctmkit.inputs"``, names the entry point's inputs (``"x,t,s"`` or ``"x,t,s,class_labels"``).
 
+Every package has a sidecar ``<name>.pt2.sha256`` (core/integrity.py) with the SHA-256 of the
+whole file: ``load_aoti`` and ctm_sample read the file once, check that digest, and only then
+read its metadata and load its library, from a private copy in a temporary folder (where
+AOTInductor also extracts the library) that is removed again, also when the load fails.
+
 A package is compiled for one device type (the device of the jumper's parameters and buffers
 when exported: CPU unless moved) and, on CPU, for the instruction set of the exporting machine;
 it needs the same torch version to load.
@@ -30,17 +35,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import warnings
+import weakref
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from core.bounds import load_json
 from core.errors import UserError
+from core.integrity import check_sidecar, write_sidecar
 from core.io import atomic_path
-from core.jumper import validate_meta
+from core.jumper import parse_meta, read_jumper_bytes, validate_meta
 
 MODEL_NAME = "model"          # aoti_compile_and_package's default
 META_KEY = "meta.json"
@@ -78,7 +87,8 @@ def _quiet_torch_logs():
 def export_aoti(jumper: nn.Module, path: str | Path, meta: dict, example_batch: int = 2) -> None:
     """Export ``jumper`` (an eager ``core.jumper.Jumper``, not a scripted one) with a dynamic
     batch dimension and write the AOTInductor package ``path`` (which must end in ``.pt2``)
-    atomically, with ``meta`` embedded as its ``meta.json`` metadata. Raises ``UserError`` for
+    atomically, with ``meta`` embedded as its ``meta.json`` metadata, and then its digest
+    sidecar ``path.sha256`` (core/integrity.py: write_sidecar). Raises ``UserError`` for
     a bad path or meta; an exception from torch.export / AOTInductor (a network that cannot be
     exported) propagates unchanged, and nothing is written then.
 
@@ -123,11 +133,14 @@ def export_aoti(jumper: nn.Module, path: str | Path, meta: dict, example_batch: 
         # of 1; the generated code is size-generic, and the tests run batches of 1
         "aot_inductor.check_lowerbound": False,
     }
-    with _quiet_torch_logs(), atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        # a file object: aoti_compile_and_package wants names ending in .pt2, and the temporary
-        # name of atomic_path does not
-        torch._inductor.aoti_compile_and_package(exported, package_path=fh,
-                                                 inductor_configs=configs)
+    with _quiet_torch_logs(), atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            # a file object: aoti_compile_and_package wants names ending in .pt2, and the
+            # temporary name of atomic_path does not
+            torch._inductor.aoti_compile_and_package(exported, package_path=fh,
+                                                     inductor_configs=configs)
+        data = Path(tmp).read_bytes()
+    write_sidecar(path, data)     # after the package: a crash between leaves a refused pair
 
 
 class AOTIJumper:
@@ -162,23 +175,53 @@ def load_aoti(path: str | Path, device: str = "cpu") -> tuple[AOTIJumper, dict]:
     ``device`` must be of the device type the package was compiled for ("cpu" for packages
     exported from a CPU jumper; "cuda" / "cuda:N" for a CUDA one)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: jumper file not found")
+    data = read_jumper_bytes(path)
+    check_sidecar(path, data)       # before anything reads the package, let alone loads it
+    folder = tempfile.mkdtemp(prefix="ctmkit-aoti-")
+    try:
+        jumper, meta = _load_checked(path, data, folder, device)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    # the library stays extracted (in `folder`) while the jumper lives
+    weakref.finalize(jumper, shutil.rmtree, folder, True)
+    return jumper, meta
+
+
+@contextlib.contextmanager
+def _tmpdir_env(folder: str):
+    """TMPDIR = `folder` meanwhile: AOTInductor's loader extracts the package into a fresh
+    ``$TMPDIR/aotinductor_*`` and, when loading fails, leaves it there."""
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = folder
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old
+
+
+def _load_checked(path: Path, data: bytes, folder: str, device: str
+                  ) -> tuple[AOTIJumper, dict]:
+    """load_aoti after the digest check: `data` (the package's checked bytes) is copied into
+    `folder`, which the caller removes."""
     from torch._inductor.package import load_package
 
+    copy = os.path.join(folder, "jumper.pt2")
+    with open(copy, "wb") as fh:
+        fh.write(data)
     # 1. the metadata alone (no extraction, no dlopen), as ctm_sample does
     try:
         metadata = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(
-            str(path), MODEL_NAME)
+            copy, MODEL_NAME)
     except Exception as e:   # zip errors: anything that is not a .pt2
         raise UserError(f"{path}: not a loadable AOTInductor package ({_first_line(e)})"
                         ) from None
     if not metadata.get(META_KEY):
         raise UserError(f"{path}: not a ctmkit jumper (no meta.json inside)")
-    meta = load_json(metadata[META_KEY], str(path), "meta.json")    # core.bounds: size, depth
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: meta.json is not a JSON object")
-    validate_meta(meta, str(path))
+    meta = parse_meta(metadata[META_KEY], str(path))
     conditional = int(meta["num_classes"]) > 0
     inputs = metadata.get(INPUTS_KEY)
     expected = INPUTS_CONDITIONAL if conditional else INPUTS_UNCONDITIONAL
@@ -189,12 +232,14 @@ def load_aoti(path: str | Path, device: str = "cpu") -> tuple[AOTIJumper, dict]:
     built_for = metadata.get("AOTI_DEVICE_KEY", "cpu")
     if built_for != dev.type:
         raise UserError(f"{path}: the package was compiled for {built_for}, not for {dev.type}")
-    # 2. extract the package and load its library
+    # 2. extract the package (into `folder`) and load its library
     try:
-        with _quiet_torch_logs():
-            runner = load_package(str(path), model_name=MODEL_NAME,
+        with _quiet_torch_logs(), _tmpdir_env(folder):
+            runner = load_package(copy, model_name=MODEL_NAME,
                                   device_index=dev.index if dev.index is not None else -1)
     except Exception as e:
         raise UserError(f"{path}: not a loadable AOTInductor package ({_first_line(e)})"
                         ) from None
+    finally:
+        os.unlink(copy)
     return AOTIJumper(runner, str(path), conditional), meta

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from core.datasets import Dataset
+from core.datastore import ImageStore, Plan, cache_folder, open_or_build
 from core.edm import add_noise, append_dims, batch_times
 from core.errors import UserError
 from core.hookspecs import hookimpl
@@ -46,6 +47,8 @@ from core.schedules import rho_grid
 
 __all__ = ["hookimpl", "UserError", "Teacher", "Network", "Preconditioning", "Solver", "Loss",
            "StepContext", "Sampler", "Dataset", "Metric",
+           # the uint8 image store of a dataset plugin (core/datastore.py)
+           "ImageStore", "Plan", "cache_folder", "open_or_build",
            # helpers a plugin may use (the host's own conventions)
            "append_dims", "batch_times", "add_noise", "rho_grid"]
 
@@ -208,8 +211,10 @@ class Loss:
     """A distillation loss. The host calls, per iteration:
 
     1. ``draw(gen, x0, N) -> {key: tensor}``: every random quantity for the *global* batch
-       (x0 [B_global, *shape] float32 on the CPU) from the CPU generator `gen`, each tensor with
-       the batch as its first dimension (the host slices them per process and micro-batch);
+       from the CPU generator `gen`, each tensor with the batch as its first dimension (the
+       host slices them per process and micro-batch). x0 gives the global batch's shape
+       [B_global, *shape] and dtype (float32) only: it is a tensor on the ``meta`` device, no
+       values -- each process reads only its own rows of data;
     2. ``inputs(draws, x0, grid) -> (x, t, s)``: the student's inputs for this slice, on the
        CPU (grid: the N+1 float64 times); the host runs the student once on them and on the
        DSM inputs together;
@@ -259,8 +264,21 @@ class Sampler:
 
 # --- dataset (hook ctmkit_datasets): core.datasets.Dataset, re-exported above --------------------
 # A dataset factory gets the [data] section (its ``format`` key names the plugin) and returns a
-# core.datasets.Dataset: float32 x [N, *shape] (images [N, C, H, W] in [-1, 1]), int64 y [N] or
-# None, a fingerprint string that changes with the content.
+# core.datasets.Dataset(x, y, fingerprint, hflip=..., name=...):
+#
+# * x, images: a core.datastore.ImageStore -- uint8 [N, C, H, W] (0..255, read as x / 127.5 - 1
+#   in [-1, 1]), best memory-mapped read-only (``np.load(path, mmap_mode="r")``, or a store
+#   decoded once with ``core.datastore.open_or_build``) so every process shares one copy and
+#   none holds the set; or
+# * x, small float data: a float tensor [N, *shape] in memory (vectors, float images in
+#   [-1, 1]);
+# * y: int64 [N] or None; fingerprint: a string that changes with the content and settings.
+#
+# ctmkit reads a dataset by index only -- ``draw``/``rows``/``sample`` (random batches, the
+# float conversion and flips on the batch's device), ``view``/``batches`` (in order, batch by
+# batch) -- never as one tensor; ``Dataset.x`` still materialises everything for small sets.
+# A dataset that is not a finite set (an analytic sampler) is a teacher with ``sample_data``
+# instead. Example: examples/plugins/checkers (images made once into a store, then mapped).
 
 
 # --- metric (hook ctmkit_metrics) --------------------------------------------------------------

@@ -167,7 +167,7 @@ class DataSource:
             from core.datasets import load
             self.dataset = load(section, ctx or SimpleNamespace(base_dir=section.base_dir))
             self.path, self.shape = None, self.dataset.shape
-            self.x, self.y = self.dataset.x, self.dataset.y
+            self._x, self.y = None, self.dataset.y       # x: read from the dataset on demand
             self._loaded = True
             return
         self.path = section.path("path", None)
@@ -191,6 +191,16 @@ class DataSource:
             self.shape = tuple(section.shape("shape", None) or ())
         section.finish()
         self._loaded = False
+
+    @property
+    def x(self):
+        """All examples as one tensor (a dataset's: materialised on access; ctmkit's own
+        readers sample by index instead)."""
+        return self.dataset.x if self.dataset is not None else self._x
+
+    @x.setter
+    def x(self, value) -> None:
+        self._x = value
 
     @classmethod
     def from_file(cls, path: Path, shape: tuple) -> "DataSource":
@@ -239,6 +249,14 @@ class DataSource:
         self.load()
         idx = torch.randint(0, len(self.x), (n,), generator=generator)
         return self.x[idx], (self.y[idx] if self.y is not None else None)
+
+    def sample_rows(self, n: int, generator: torch.Generator, keep: slice):
+        """Rows `keep` of ``sample(n, generator)`` (the same draws): a dataset reads only
+        these rows; an analytic mixture or an in-memory array draws all n and slices."""
+        if self.dataset is not None:
+            return self.dataset.sample_rows(n, generator, keep)
+        x, y = self.sample(n, generator)
+        return x[keep], (y[keep] if y is not None else None)
 
     def as_dataset(self):
         """The examples as a `core.datasets.Dataset` (the reference set of the metrics)."""

@@ -1,7 +1,7 @@
 """The `distill` stage: CTM / CM training of a student with any preconditioning (Appendix B.2).
 
-Per iteration: draw the global batch (data, noise, t/s/u indices) from the iteration's generator,
-keep this rank's slice, run the student once on [loss inputs; DSM inputs], add the loss and the
+Per iteration: draw the global batch (data indices, noise, t/s/u indices) from the iteration's
+generator, keep this rank's slice (reading only its rows of data), run the student once on [loss inputs; DSM inputs], add the loss and the
 weighted DSM loss, step the optimiser, update the stop-gradient target (see Eqn. 28) and the EMAs.
 Checkpoints are atomic; rerunning the same command resumes from the newest and ends with the
 same weights as an uninterrupted run.
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from core import distributed as dist
 from core import plugins, warm_start
+from core.datastore import to_device  # noqa: F401  (re-exported: core.distill.to_device)
 from core.distances import make_distance
 from core.dsm import DSMLoss
 from core.edm import denoiser_from_output
@@ -28,14 +29,6 @@ from core.students import build_student, save_student, trainable
 from core.training import (EMA, LRSchedule, TrainingLoop, backward, config_digest,
                            iteration_generator, make_optimizer, plot_curves,
                            with_lr_schedule)
-
-
-def to_device(t: Tensor, device) -> Tensor:
-    """A host tensor on `device`. On CUDA through pinned memory and asynchronously: a copy from
-    pageable memory waits until the GPU has drained its queue, a sync per copy."""
-    if str(device).startswith("cuda") and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 class StepContext:
@@ -120,6 +113,47 @@ class StepContext:
         res = torch.empty_like(xs)
         res[perm] = xs
         return res
+
+
+class Prefetch:
+    """Each iteration's generator and this rank's rows of data (x0 float32 on the host,
+    labels), the next iteration's gathered in a thread while the current one trains. The
+    draws are those of ``sample_rows(batch, iteration_generator(seed, it), keep)`` whether
+    prefetched or not (each iteration's generator is keyed by (seed, it)); the generator is
+    handed over positioned after the data draws, for the loss's draws. `pin`: put x0 in
+    pinned memory (a CUDA copy from it is asynchronous)."""
+
+    def __init__(self, sample_rows, seed: int, batch: int, keep: slice, pin: bool,
+                 ahead: bool = True):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.sample_rows, self.seed, self.batch, self.keep, self.pin = \
+            sample_rows, seed, batch, keep, pin
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ctmkit-data") if ahead else None
+        self.next: tuple | None = None            # (iteration, future)
+
+    def _load(self, it: int):
+        gen = iteration_generator(self.seed, it)
+        x0, labels = self.sample_rows(self.batch, gen, self.keep)
+        x0 = x0.float()
+        if self.pin:
+            x0 = x0.pin_memory()
+        return gen, x0, labels
+
+    def get(self, it: int):
+        """(generator, x0 host, labels) of iteration `it`; starts gathering it + 1."""
+        if self.next is not None and self.next[0] == it:
+            result = self.next[1].result()
+        else:
+            if self.next is not None:
+                self.next[1].cancel()
+            result = self._load(it)
+        self.next = (it + 1, self.pool.submit(self._load, it + 1)) if self.pool else None
+        return result
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _warm_start(run, precond):
@@ -213,7 +247,7 @@ def distill(run) -> None:
     grid_host = torch.tensor(rho_grid(d.N, diff.t_min, diff.t_max, diff.rho),
                              dtype=torch.float64)
     grid = grid_host.to(device)
-    sampler = run.data_sampler(None, "distill")
+    sample_rows = run.local_rows_sampler(None, "distill")
     ref_cache: dict = {}
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16"
                                else torch.float16) if precision != "fp32"
@@ -290,17 +324,20 @@ def distill(run) -> None:
                     positive_grid=diff.t_min > 0 and
                     "positive" in inspect.signature(solver.step).parameters)
     model_fwd = fast(model)
+    # the global batch's draws, this rank's rows of data only (read by index); on CUDA the next
+    # iteration's rows are gathered (into pinned memory) while this one trains
+    cuda = device.startswith("cuda")
+    data = Prefetch(sample_rows, d.seed, d.batch_size, sl, pin=cuda, ahead=cuda)
     for it in loop.iterations():
-        gen = iteration_generator(d.seed, it)
-        x0, labels = sampler(d.batch_size, gen)
-        x0 = x0.float()
-        draws = loss.draw(gen, x0, d.N)
-        dsm_draws = dsm.draw(gen, x0) if dsm_on else None
-        # this rank's slice of the global batch (and its CPU copy: the student's inputs are
-        # made on the CPU, as the draws are, with no copy back from the device)
-        x0_host = x0[sl]
+        gen, x0_host, labels = data.get(it)
+        # the loss draws see the global batch's shape and dtype (a tensor on the meta device)
+        batch_like = torch.empty((d.batch_size,) + tuple(x0_host.shape[1:]), device="meta")
+        draws = loss.draw(gen, batch_like, d.N)
+        dsm_draws = dsm.draw(gen, batch_like) if dsm_on else None
+        # this rank's CPU copy: the student's inputs are made on the CPU, as the draws are,
+        # with no copy back from the device
         x0 = to_device(x0_host, device)
-        labels = to_device(labels[sl], device) if labels is not None else None
+        labels = to_device(labels, device) if labels is not None else None
         draws = {k: v[sl] for k, v in draws.items()}
         if dsm_on:
             dsm_draws = {k: v[sl] for k, v in dsm_draws.items()}
@@ -346,6 +383,7 @@ def distill(run) -> None:
             evaluate(done)
         loop.end_iteration(done)
         t_last += time.perf_counter() - paused    # it_per_s: evaluations and checkpoints out
+    data.close()
     if dist.is_main():
         save_student(run.out_dir / "student.pt", emas[0].model, teacher.fingerprint(),
                      {"iteration": d.iterations, "precond": origin["precond"]})

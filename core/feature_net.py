@@ -105,7 +105,8 @@ def split(x: Tensor, y: Tensor, seed: int, fraction: float = 0.1):
         raise UserError("need at least 2 images to hold out a test set")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 1))
     n_test = max(1, int(len(x) * fraction))
-    return x[perm[n_test:]], y[perm[n_test:]], x[perm[:n_test]], y[perm[:n_test]]
+    take = (lambda i: x.subset(i)) if hasattr(x, "subset") else (lambda i: x[i])
+    return take(perm[n_test:]), y[perm[n_test:]], take(perm[:n_test]), y[perm[:n_test]]
 
 
 def train_on(dataset, out: Path, epochs: int = 2, batch: int = 128, seed: int = 0,
@@ -117,10 +118,11 @@ def train_on(dataset, out: Path, epochs: int = 2, batch: int = 128, seed: int = 
         raise UserError(f"{at}a feature net needs labelled images; the dataset "
                         f"{'has no labels' if dataset.y is None else 'is not images'}")
     if test is None:
-        x, y, xt, yt = split(dataset.x, dataset.y, seed)
+        x, y, xt, yt = split(dataset.view(), dataset.y, seed)     # rows read per batch
         test_fp = "held-out 10%"
     else:
-        x, y, xt, yt, test_fp = dataset.x, dataset.y, test.x, test.y, test.fingerprint()
+        x, y, xt, yt, test_fp = (dataset.view(), dataset.y, test.view(), test.y,
+                                 test.fingerprint())
     num_classes = max(int(y.max()), int(yt.max())) + 1
     if num_classes < 2:
         raise UserError(f"{at}a classifier needs at least 2 classes")

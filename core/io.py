@@ -295,17 +295,23 @@ def load_torch(path: str | os.PathLike, what: str, fmt: str | None = None,
     return obj
 
 
-def jit_load(path: Path, what: str, device: str = "cpu", extra_files: dict | None = None):
-    """torch.jit.load with one-line errors for missing, truncated or foreign files."""
+def jit_load(path, what: str, device: str = "cpu", extra_files: dict | None = None,
+             where: str | os.PathLike | None = None):
+    """torch.jit.load with one-line errors for missing, truncated or foreign files. `path` may
+    also be a binary file object (bytes already read and checked, core/jumper.py: load); `where`
+    then names it in messages."""
     import warnings
 
     import torch
 
-    regular_file(path, f"{what} file")
+    if isinstance(path, io.IOBase):
+        source, path = path, where if where is not None else what
+    else:
+        source = str(regular_file(path, f"{what} file"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)   # TorchScript is deprecated in 2.14
-            return torch.jit.load(str(path), map_location=device,
+            return torch.jit.load(source, map_location=device,
                                   _extra_files=extra_files if extra_files is not None else {})
     except Exception as e:  # torch raises RuntimeError/ValueError/... for bad archives
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__

@@ -4,8 +4,9 @@ export / load (DESIGN.md, "Exported jumper").
     f_theta(x, t, s) = f(t, s) x + g(t, s) D_theta(x, t, s),  D_theta = c_skip x + c_out F_theta
     (or f x + g F_theta for preconditionings with ``jumps_denoiser = False``; Table 1): `jump`
 
-The file is a TorchScript archive whose extra file ``meta.json`` describes it; the same file is
-what the C++ ``ctm_sample`` loads.
+The file is a TorchScript archive whose extra file ``meta.json`` describes it, sealed by the
+extra file ``archive_sha256``, the digest of every other record (core/integrity.py), checked
+before anything of the file is deserialised; the same file is what the C++ ``ctm_sample`` loads.
 """
 
 
@@ -24,7 +25,8 @@ from core.edm import TeacherAsNetwork  # noqa: F401  (re-exported)
 from core.edm import append_dims, denoiser_from_output
 from core.bounds import load_json
 from core.errors import UserError
-from core.io import jit_load, write_bytes
+from core.integrity import check_archive, seal_archive
+from core.io import jit_load, regular_file, write_bytes
 
 FORMAT, VERSION = "ctmkit.jumper", 1
 DTYPES_BY_NAME = {"float32": torch.float32, "float64": torch.float64}
@@ -85,7 +87,8 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float1
 def payload_digest(module) -> str:
     """SHA-256 of a (scripted) module's tensors, ``meta.json``'s ``payload_sha256``: for every
     parameter and buffer in name order, ``name \n dtype \n d0,d1,.. \n nbytes \n`` and the raw
-    little-endian bytes. ctm_sample (cpp_runtime/integrity.cpp) computes the same."""
+    little-endian bytes. ctm_sample (cpp_runtime/jumper_torchscript.cpp) computes the same;
+    the whole-archive digest (core/integrity.py) covers everything else in the file."""
     named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     h = hashlib.sha256()
     for name in sorted(named):
@@ -100,7 +103,8 @@ def payload_digest(module) -> str:
 
 def export(jumper: Jumper, path: str | Path, meta: dict) -> None:
     """Script the jumper and save it atomically with ``meta.json`` (and the digest of its
-    tensors) inside the archive; serialised in memory first, so a full disk is a clean error."""
+    tensors) inside the archive, sealed with the whole-archive digest (core/integrity.py);
+    serialised in memory first, so a full disk is a clean error."""
     import io
 
     scripted = script(jumper.eval())
@@ -109,43 +113,112 @@ def export(jumper: Jumper, path: str | Path, meta: dict) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(scripted, buf, _extra_files={"meta.json": json.dumps(meta)})
-    write_bytes(path, buf.getvalue())
+    write_bytes(path, seal_archive(buf.getvalue()))
+
+
+#: bounds of meta.json, the same in cpp_runtime/meta.cpp (tests/fixtures/meta_cases.json):
+#: dimensions of one sample, values in one sample, classes, nesting depth of any value
+MAX_SHAPE_DIMS = 8
+MAX_SAMPLE_NUMEL = 1 << 24
+MAX_NUM_CLASSES = (1 << 31) - 1
+MAX_JSON_DEPTH = 64
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _json_depth(value) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0, ``[]`` is 1), without recursion."""
+    depth, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        depth = max(depth, d)
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return depth
+
+
+def parse_meta(text, where: str) -> dict:
+    """meta.json's text (str or bytes) -> the validated dict; one-line UserError otherwise."""
+    meta = load_json(text, where, "meta.json", limit=MAX_JSON_DEPTH)   # core.bounds: size
+    if not isinstance(meta, dict):
+        raise UserError(f"{where}: meta.json is not a JSON object")
+    return validate_meta(meta, where)
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with a meta.json that has all META_KEYS and the right format and version
+    (None: nothing); the rules of cpp_runtime/meta.cpp: parse_meta."""
+    for key in ("precond", "dtype", "ctmkit_version"):
+        if not isinstance(meta[key], str):
+            return f"{key} is not a string"
+    if meta["variant"] is not None and not isinstance(meta["variant"], str):
+        return "variant is neither a string nor null"
+    for key in ("sigma_data", "t_min", "t_max", "rho"):
+        if not _is_number(meta[key]):
+            return f"{key} is not a number"
+        if not math.isfinite(meta[key]):
+            return f"{key} is not finite"
+    if not 0 < meta["t_min"] < meta["t_max"]:
+        return "0 < t_min < t_max is required"
+    if not meta["rho"] > 0:
+        return "rho > 0 is required"
+    if not meta["sigma_data"] > 0:
+        return "sigma_data > 0 is required"
+    if meta["dtype"] not in DTYPES_BY_NAME:
+        return f"dtype {meta['dtype']!r} is neither float32 nor float64"
+    shape = meta["shape"]
+    if not (isinstance(shape, list) and shape and all(_is_int(n) and n > 0 for n in shape)):
+        return "shape must be a non-empty list of positive integers"
+    if len(shape) > MAX_SHAPE_DIMS or math.prod(shape) > MAX_SAMPLE_NUMEL:
+        return (f"shape is too large (at most {MAX_SHAPE_DIMS} dimensions and "
+                f"{MAX_SAMPLE_NUMEL} values per sample)")
+    if not (_is_int(meta["num_classes"]) and 0 <= meta["num_classes"] <= MAX_NUM_CLASSES):
+        return f"num_classes must be an integer in 0..{MAX_NUM_CLASSES}"
+    digest = meta.get("payload_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+        return "payload_sha256 must be a 64-digit hex string"
+    if _json_depth(meta) > MAX_JSON_DEPTH:
+        return f"nested deeper than {MAX_JSON_DEPTH} levels"
+    return None
 
 
 def validate_meta(meta: dict, where: str) -> dict:
+    """`meta` if it is a consistent ctmkit jumper meta.json; one-line UserError otherwise."""
     missing = [k for k in META_KEYS if k not in meta]
     if meta.get("format") != FORMAT:
         raise UserError(f"{where}: not a ctmkit jumper (meta.json format is "
                         f"{meta.get('format')!r})")
     if missing:
         raise UserError(f"{where}: meta.json lacks {', '.join(missing)}")
-    if meta["version"] != VERSION:
+    if not _is_number(meta["version"]) or meta["version"] != VERSION:
         raise UserError(f"{where}: jumper format version {meta['version']} is not supported")
-    try:
-        ok = (0 < float(meta["t_min"]) < float(meta["t_max"]) and float(meta["rho"]) > 0
-              and float(meta["sigma_data"]) > 0 and isinstance(meta["shape"], list)
-              and meta["shape"] and all(isinstance(n, int) and n > 0 for n in meta["shape"])
-              and isinstance(meta["num_classes"], int) and meta["num_classes"] >= 0
-              and meta["dtype"] in ("float32", "float64")
-              and all(math.isfinite(float(meta[k])) for k in ("t_min", "t_max", "rho")))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise UserError(f"{where}: meta.json is inconsistent (t_min < t_max, rho > 0, "
-                        f"sigma_data > 0, a shape of positive integers and dtype float32 | float64 are required)")
+    problem = _meta_problem(meta)
+    if problem:
+        raise UserError(f"{where}: meta.json is inconsistent ({problem})")
     return meta
 
 
 def load(path: str | Path, device: str = "cpu"):
-    """(scripted jumper, meta) from an exported file; one-line errors for bad files."""
+    """(scripted jumper, meta) from an exported file; one-line errors for bad files. The file
+    is read once; its whole-archive digest is checked on those bytes before TorchScript sees
+    them (a flipped bit in the code, data.pkl or meta.json is refused, not run)."""
+    import io
+
+    data = read_jumper_bytes(path)
+    check_archive(data, str(path))
     extra = {"meta.json": ""}
-    module = jit_load(Path(path), "jumper", device, extra_files=extra)
+    module = jit_load(io.BytesIO(data), "jumper", device, extra_files=extra, where=path)
     if not extra["meta.json"]:
         raise UserError(f"{path}: not a ctmkit jumper (no meta.json inside)")
-    meta = load_json(extra["meta.json"], str(path), "meta.json")    # core.bounds: size, depth
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: meta.json is not a JSON object")
-    validate_meta(meta, str(path))
+    meta = parse_meta(extra["meta.json"], str(path))
     if meta.get("payload_sha256") != payload_digest(module):
         raise UserError(f"{path}: jumper is corrupt or altered (SHA-256 of its tensors does not "
                         f"match meta.json's payload_sha256)" if "payload_sha256" in meta else
@@ -153,6 +226,15 @@ def load(path: str | Path, device: str = "cpu"):
                         f"rerun 'export'")
     _probe(module.eval(), meta, str(path), device)
     return module, meta
+
+
+def read_jumper_bytes(path: str | Path) -> bytes:
+    """The bytes of the jumper file `path` (a regular file), read once: what is checked is what
+    is loaded."""
+    try:
+        return regular_file(path, "jumper file").read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the jumper file ({e.strerror or e})") from None
 
 
 def _probe(module, meta: dict, where: str, device: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from core import __version__
 from core.bounds import MAX_JSON_BYTES, load_json
 from core.errors import UserError
+from core.integrity import sidecar_path
 from core.io import file_digest, save_json
 
 LEDGER = "stages.json"
@@ -85,7 +86,8 @@ def watched_files(run) -> dict[Path, tuple]:
     paths = [p for p in run.out_dir.iterdir() if p.is_file() and p.name not in _BOOKKEEPING
              and not p.name.startswith(".")] if run.out_dir.is_dir() else []
     paths += [cfg.coefficients.path, cfg.coefficients.path.with_suffix(".png"),
-              cfg.export.path, cfg.export.path.with_suffix(".pt2")]
+              cfg.export.path, cfg.export.path.with_suffix(".pt2"),
+              sidecar_path(cfg.export.path.with_suffix(".pt2"))]
     if run.out_dir.is_dir():                  # [sample] formats = ["png"]: samples/*/*.png
         from core.sample_files import png_files
         paths += png_files(run.out_dir / "samples")

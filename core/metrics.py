@@ -431,9 +431,9 @@ def reference_stats(dataset, extractor, num: int, cache_dir, seed: int = 0, batc
     if n < len(dataset):
         g = torch.Generator().manual_seed(int(seed))
         idx = torch.randperm(len(dataset), generator=g)[:n].sort().values
-        images = dataset.x[idx]
+        images = dataset.view(idx)                 # read batch by batch, never all at once
     else:
-        images = dataset.x
+        images = dataset.view()
     feats = compute_features(images, extractor, batch=batch, progress=progress)
     mu, sigma = _stats(feats)
     f32 = feats.astype(np.float32)

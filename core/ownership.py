@@ -99,6 +99,9 @@ def configured_outputs(run, stages) -> list[Use]:
     if cfg.export.aoti:
         uses.append(Use(exp.with_suffix(".pt2"), "the AOTInductor package (beside [export] "
                                                  "path)", "export" in stages))
+        from core.integrity import sidecar_path
+        uses.append(Use(sidecar_path(exp.with_suffix(".pt2")), "the AOTInductor package's "
+                        "digest file (beside [export] path)", "export" in stages))
     if cfg.teacher_kind == "network":
         uses.append(Use(run.teacher_file(), "[teacher] path (the trained teacher)",
                         "teacher" in stages))

@@ -3,6 +3,7 @@ what ran — as EDM's training_options.json), and the ``--dry-run`` plan."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import subprocess
@@ -145,6 +146,9 @@ def dry_run(cfg, runs, force: bool, progress: bool = True) -> None:
     prepared = []
     for c, st in runs:
         r = Run(c, progress=progress)
+        # no out_dir for the plugins: a dataset is decoded into memory, not into a store in
+        # out_dir/datastore (a dry run writes nothing)
+        r.ctx = dataclasses.replace(r.ctx, out_dir=None)
         r.validate(st)                      # the same checks a real run makes first
         prepared.append((r, st))
     check_ownership(prepared)

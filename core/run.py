@@ -158,6 +158,10 @@ def main(argv=None) -> int:
             r = Run(c, progress=not args.no_progress,
                     data=prepared[0][0].data_source() if prepared else None)
             if i == 0:
+                # the data first: a store that must be decoded is built (one process per store,
+                # under its file lock; the others wait) before the process group exists, so a
+                # long decode never meets torch.distributed's timeout
+                r.data_source()
                 dist.init(r.device)
             r.validate(stages)
             prepared.append((r, st))

@@ -173,6 +173,19 @@ class Run:
         source = self.data_for(path, what)
         return source.sample if source is not None else self.teacher.sample_data
 
+    def local_rows_sampler(self, path: Path | None, what: str):
+        """sample(n, generator, keep) -> rows `keep` of what `data_sampler`'s sample(n,
+        generator) returns, from the same draws: a dataset reads only those rows (one rank's
+        share of a global batch); the teacher's own distribution draws all n and slices."""
+        source = self.data_for(path, what)
+        if source is not None:
+            return source.sample_rows
+
+        def teacher_rows(n, generator, keep):
+            x, y = self.teacher.sample_data(n, generator)
+            return x[keep], (y[keep] if y is not None else None)
+        return teacher_rows
+
 
 # --- coefficients ----------------------------------------------------------------------------
 

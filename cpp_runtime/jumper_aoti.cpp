@@ -1,13 +1,19 @@
 // The AOTInductor backend: a .pt2 package written by core/aoti.py: export_aoti, loaded with
 // torch::inductor::AOTIModelPackageLoader. meta.json is package metadata (key "meta.json");
 // "ctmkit.inputs" names the entry point's positional inputs ("x,t,s" or "x,t,s,class_labels").
+// The package is read once and checked against its sidecar <name>.pt2.sha256 (core/integrity.py)
+// before anything reads it; the checked bytes are copied into a private temporary folder, which
+// is also where AOTInductor extracts the library, and which is removed whatever happens.
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <sstream>
 
 #include "errors.hpp"
+#include "integrity.hpp"
 #include "jumper.hpp"
 
 namespace ctm {
@@ -44,8 +50,9 @@ std::string last_error_line(const std::string& captured) {
 
 class AOTIJumper final : public JumperBackend {
 public:
-    AOTIJumper(std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader, bool pass_labels)
-        : loader_(std::move(loader)), pass_labels_(pass_labels) {
+    AOTIJumper(std::unique_ptr<TempDir> folder,
+               std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader, bool pass_labels)
+        : folder_(std::move(folder)), loader_(std::move(loader)), pass_labels_(pass_labels) {
         inputs_.reserve(4);
     }
 
@@ -86,6 +93,7 @@ public:
     const char* kind() const override { return "aoti"; }
 
 private:
+    std::unique_ptr<TempDir> folder_;   // declared first: removed after the loader is gone
     std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;
     bool pass_labels_;
     std::vector<at::Tensor> inputs_;   // reused: no allocation per jump
@@ -104,11 +112,22 @@ LoadedJumper load_aoti_jumper(const std::string& path, const c10::Device& device
     // own setting wins.
     ::setenv("AOTI_RUNTIME_CHECK_INPUTS", "1", /*overwrite=*/0);
 
+    // 0. The whole file against its sidecar, then a private copy of the checked bytes.
+    auto folder = std::make_unique<TempDir>("ctm_sample-aoti-");
+    const std::string copy = folder->path() + "/jumper.pt2";
+    {
+        const std::string data = read_jumper_file(path);
+        check_sidecar(path, data);
+        std::ofstream out(copy, std::ios::binary);
+        if (!out.write(data.data(), static_cast<std::streamsize>(data.size())) || !out.flush())
+            throw UserError(copy + ": cannot write a temporary copy of the package");
+    }
+
     // 1. The metadata alone (no extraction, no dlopen): foreign files fail here.
     std::unordered_map<std::string, std::string> md;
     try {
         CerrCapture capture;
-        md = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path,
+        md = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(copy,
                                                                                   kModelName);
     } catch (const c10::Error& e) {
         not_loadable(path, summarize_error(e.what_without_backtrace()));
@@ -142,19 +161,22 @@ LoadedJumper load_aoti_jumper(const std::string& path, const c10::Device& device
         throw UserError(path + ": the package was compiled for " + built_for + ", not for " +
                         "--device " + device.str());
 
-    // 2. Extract the package and load its library.
+    // 2. Extract the package (into the private folder) and load its library.
     std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
     try {
         CerrCapture capture;
+        ScopedTmpdir tmpdir(folder->path());
         loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
-            path, kModelName, /*run_single_threaded=*/true, /*num_runners=*/1,
+            copy, kModelName, /*run_single_threaded=*/true, /*num_runners=*/1,
             device.has_index() ? device.index() : c10::DeviceIndex(-1));
     } catch (const c10::Error& e) {
         not_loadable(path, summarize_error(e.what_without_backtrace()));
     } catch (const std::exception& e) {
         not_loadable(path, summarize_error(e.what()));
     }
-    out.backend = std::make_unique<AOTIJumper>(std::move(loader), takes_labels);
+    std::error_code ec;
+    std::filesystem::remove(copy, ec);   // extracted: the copy is not needed any more
+    out.backend = std::make_unique<AOTIJumper>(std::move(folder), std::move(loader), takes_labels);
     return out;
 }
 

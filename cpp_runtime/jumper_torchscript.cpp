@@ -1,11 +1,17 @@
 // The TorchScript backend: an archive written by torch.jit.save (core/jumper.py: export) with
-// meta.json among its extra files.
+// meta.json among its extra files, sealed by extra/archive_sha256 (core/integrity.py). The file
+// is read once; the digest is checked on those bytes, and the same bytes are then loaded.
+#include <caffe2/serialize/inline_container.h>
+#include <caffe2/serialize/read_adapter_interface.h>
 #include <torch/script.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
+#include <set>
 
 #include "errors.hpp"
+#include "integrity.hpp"
 #include "jumper.hpp"
 #include "sha256.hpp"
 
@@ -48,6 +54,69 @@ std::string payload_digest(const torch::jit::Module& module) {
     return h.hex();
 }
 
+// The file's bytes for PyTorchStreamReader and torch::jit::load, without a copy.
+class MemoryReader final : public caffe2::serialize::ReadAdapterInterface {
+public:
+    explicit MemoryReader(std::shared_ptr<const std::string> data) : data_(std::move(data)) {}
+    size_t size() const override { return data_->size(); }
+    size_t read(uint64_t pos, void* buf, size_t n, const char* what = "") const override {
+        if (pos >= data_->size()) return 0;
+        n = std::min<size_t>(n, data_->size() - pos);
+        std::memcpy(buf, data_->data() + pos, n);
+        return n;
+    }
+
+private:
+    std::shared_ptr<const std::string> data_;
+};
+
+[[noreturn]] void not_loadable(const std::string& path, const std::string& why) {
+    throw UserError(path + ": not a loadable TorchScript jumper (" + why + ")");
+}
+
+[[noreturn]] void altered(const std::string& path, const std::string& why) {
+    throw UserError(path + ": jumper is corrupt or altered (" + why + ")");
+}
+
+// core/integrity.py: check_archive. The digest record must be there and match the version-1
+// digest of every other record; duplicated names and zip bombs are refused before reading.
+void check_archive(const std::string& path, const std::shared_ptr<const std::string>& data) {
+    try {
+        caffe2::serialize::PyTorchStreamReader reader(std::make_shared<MemoryReader>(data));
+        std::vector<std::string> names = reader.getAllRecords();
+        if (std::set<std::string>(names.begin(), names.end()).size() != names.size())
+            altered(path, "a record name appears twice");
+        unsigned long long claimed = 0;
+        for (const auto& name : names) claimed += reader.getRecordSize(name);
+        if (claimed > kMaxExpansion * data->size() + (1u << 20))
+            altered(path, "its records claim " + std::to_string(claimed) + " bytes, more than " +
+                              std::to_string(kMaxExpansion) + " x the file's " +
+                              std::to_string(data->size()));
+        if (!reader.hasRecord(kArchiveDigestRecord) && !reader.hasRecord("extra/meta.json"))
+            throw UserError(path + ": not a ctmkit jumper (no meta.json inside)");
+        if (!reader.hasRecord(kArchiveDigestRecord))
+            throw UserError(path + ": the jumper has no whole-archive digest (archive_sha256; "
+                            "exported by an older ctmkit?); re-export it (stage 'export')");
+        std::sort(names.begin(), names.end());
+        Sha256 h;
+        std::string stored;
+        for (const auto& name : names) {
+            auto [ptr, size] = reader.getRecord(name);
+            const char* bytes = static_cast<const char*>(ptr.get());
+            if (name == kArchiveDigestRecord) {
+                stored.assign(bytes, size);
+                continue;
+            }
+            h.update(name + "\n" + std::to_string(size) + "\n");
+            if (size) h.update(bytes, size);
+        }
+        if (stored != h.hex())
+            altered(path, "SHA-256 of its records does not match archive_sha256");
+    } catch (const c10::Error& e) {
+        not_loadable(path, summarize_error(e.what_without_backtrace()));
+    }
+}
+
 class TorchScriptJumper final : public JumperBackend {
 public:
     TorchScriptJumper(torch::jit::Module module, bool pass_labels)
@@ -74,16 +143,18 @@ private:
 }  // namespace
 
 LoadedJumper load_torchscript_jumper(const std::string& path, const c10::Device& device) {
+    auto data = std::make_shared<const std::string>(read_jumper_file(path));
+    check_archive(path, data);   // before TorchScript parses any of it
     torch::jit::ExtraFilesMap extra{{"meta.json", ""}};
     torch::jit::Module module;
     try {
-        module = torch::jit::load(path, device, extra);
+        module = torch::jit::load(std::make_shared<MemoryReader>(data), device, extra);
+    } catch (const UserError&) {
+        throw;
     } catch (const c10::Error& e) {
-        throw UserError(path + ": not a loadable TorchScript jumper (" +
-                        summarize_error(e.what_without_backtrace()) + ")");
+        not_loadable(path, summarize_error(e.what_without_backtrace()));
     } catch (const std::exception& e) {
-        throw UserError(path + ": not a loadable TorchScript jumper (" +
-                        summarize_error(e.what()) + ")");
+        not_loadable(path, summarize_error(e.what()));
     }
     if (extra["meta.json"].empty())
         throw UserError(path + ": not a ctmkit jumper (no meta.json inside)");

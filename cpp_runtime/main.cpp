@@ -110,11 +110,7 @@ int run(int argc, char** argv) {
         return 0;
     }
     ctm::check_output_path(opt.out);
-    {
-        std::error_code ec;
-        if (std::filesystem::equivalent(opt.out, opt.model, ec))
-            throw ctm::UserError("--out " + opt.out + " is the model file");
-    }
+    ctm::check_not_input(opt.out, opt.model);
     c10::Device device = pick_device(opt.device);
     if (opt.threads > 0) at::set_num_threads(opt.threads);
 
@@ -122,6 +118,13 @@ int run(int argc, char** argv) {
     ctm::LoadedJumper jumper = ctm::load_jumper(opt.model, device);
     const ctm::JumperMeta& meta = jumper.meta;
     ctm::check_against_meta(opt, meta);
+    for (const auto& [wanted, suffix] : {std::pair{meta.num_classes > 0, ".labels.npy"},
+                                         std::pair{meta.is_image(), ".png"}}) {
+        if (!wanted) continue;
+        const std::string sibling = ctm::sibling_path(opt.out, suffix);
+        ctm::check_output_path(sibling);
+        ctm::check_not_input(sibling, opt.model, "--out's " + std::string(suffix));
+    }
     ctm::DrawSpec spec;
     spec.timesteps = ctm::resolve_timesteps(opt, meta);
     spec.gamma = opt.gamma;

@@ -13,8 +13,11 @@ constexpr const char* kKeys[] = {"format", "version", "precond", "variant", "sig
                                  "t_min", "t_max", "rho", "shape", "num_classes", "dtype",
                                  "ctmkit_version"};
 
-// Largest number of values in one sample we accept (guards the size arithmetic).
-constexpr std::int64_t kMaxSampleNumel = std::int64_t(1) << 40;
+// Bounds, the same in core/jumper.py (tests/fixtures/meta_cases.json): dimensions of one
+// sample, values in one sample (guards the size arithmetic and the allocations), classes.
+constexpr std::size_t kMaxShapeDims = 8;
+constexpr std::int64_t kMaxSampleNumel = std::int64_t(1) << 24;
+constexpr std::int64_t kMaxNumClasses = (std::int64_t(1) << 31) - 1;
 
 [[noreturn]] void bad(const std::string& where, const std::string& what) {
     throw UserError(where + ": meta.json is inconsistent (" + what + ")");
@@ -97,11 +100,18 @@ JumperMeta parse_meta(std::string_view json_text, const std::string& where) {
     const Json& shape = *m.find("shape");
     if (!shape.is_array() || shape.items.empty())
         bad(where, "shape must be a non-empty list of positive integers");
+    const std::string too_large = "shape is too large (at most " +
+                                  std::to_string(kMaxShapeDims) + " dimensions and " +
+                                  std::to_string(kMaxSampleNumel) + " values per sample)";
     std::int64_t numel = 1;
     for (const Json& d : shape.items) {
         auto n = d.as_int();
         if (!n || *n <= 0) bad(where, "shape must be a non-empty list of positive integers");
-        if (*n > kMaxSampleNumel / numel) bad(where, "shape is too large");
+    }
+    if (shape.items.size() > kMaxShapeDims) bad(where, too_large);
+    for (const Json& d : shape.items) {
+        auto n = d.as_int();
+        if (*n > kMaxSampleNumel / numel) bad(where, too_large);
         numel *= *n;
         meta.shape.push_back(*n);
     }
@@ -113,7 +123,8 @@ JumperMeta parse_meta(std::string_view json_text, const std::string& where) {
     }
 
     auto classes = m.find("num_classes")->as_int();
-    if (!classes || *classes < 0) bad(where, "num_classes must be an integer >= 0");
+    if (!classes || *classes < 0 || *classes > kMaxNumClasses)
+        bad(where, "num_classes must be an integer in 0.." + std::to_string(kMaxNumClasses));
     meta.num_classes = *classes;
     return meta;
 }

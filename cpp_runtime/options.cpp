@@ -1,5 +1,6 @@
 #include "options.hpp"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <map>
@@ -18,12 +19,15 @@ namespace {
 }
 
 template <typename Int>
-Int parse_int(const std::string& flag, const std::string& text, Int min, const char* what) {
+Int parse_int(const std::string& flag, const std::string& text, Int min, const char* what,
+              std::optional<Int> max = std::nullopt) {
     Int v{};
     const char* b = text.data();
     const char* e = b + text.size();
     auto r = std::from_chars(b, e, v);
     if (text.empty() || r.ec != std::errc() || r.ptr != e || v < min) bad_value(flag, what, text);
+    if (max && v > *max)
+        throw UserError(flag + ": at most " + std::to_string(*max) + ", got '" + text + "'");
     return v;
 }
 
@@ -59,20 +63,23 @@ const char* usage_text() {
         "  --out PATH          samples as .npy (float32, [num, *shape]); image shapes\n"
         "                      [1|3, H, W] also get <stem>.png, conditional models\n"
         "                      <stem>.labels.npy (int64)\n"
-        "  --steps K           number of jumps on EDM's rho grid (default 2)\n"
+        "  --steps K           number of jumps on EDM's rho grid, 1..10000 (default 2)\n"
         "  --timesteps LIST    explicit t0,t1,...,tK, strictly decreasing within the model's\n"
         "                      [t_min, t_max] (overrides the rho grid)\n"
-        "  --num N             number of samples (default 1000)\n"
-        "  --batch B           samples per forward pass (default 500)\n"
+        "  --num N             number of samples, at most 2^31-1 (default 1000)\n"
+        "  --batch B           samples per forward pass, at most 2^20 and 2^28 values\n"
+        "                      (default 500)\n"
         "  --seed S            seed of the random numbers, 0..2^64-1 (default 0)\n"
         "  --gamma G           CTM gamma-sampling, 0 (deterministic) .. 1 (CM-style\n"
         "                      multistep) (default 0)\n"
         "  --class-label C     class of every sample, 0 <= C < num_classes (default: random\n"
         "                      labels for class-conditional models)\n"
         "  --device D          cpu, cuda or cuda:N (default cpu)\n"
-        "  --threads T         CPU threads for LibTorch (default: LibTorch's choice)\n"
+        "  --threads T         CPU threads for LibTorch, 1..1024 (default: LibTorch's\n"
+        "                      choice)\n"
         "  --warmup W          untimed jumps on a zero batch before sampling, per batch\n"
-        "                      size; no random numbers, same samples (default 2; 0: none)\n"
+        "                      size; no random numbers, same samples (default 2; 0: none;\n"
+        "                      at most 100)\n"
         "  --timing            print load / warm-up / sampling / write times on stderr\n"
         "  --quiet             no progress line (shown when stderr is a terminal) and no\n"
         "                      summary line on stderr\n"
@@ -125,18 +132,18 @@ Options parse_options(int argc, const char* const* argv) {
             if (value.empty()) bad_value(flag, "a file path", value);
             opt.out = value;
         } else if (flag == "--steps") {
-            opt.steps = parse_int<std::int64_t>(flag, value, 1, "an integer >= 1");
+            opt.steps = parse_int<std::int64_t>(flag, value, 1, "an integer >= 1", kMaxSteps);
             opt.steps_given = true;
         } else if (flag == "--num") {
-            opt.num = parse_int<std::int64_t>(flag, value, 1, "an integer >= 1");
+            opt.num = parse_int<std::int64_t>(flag, value, 1, "an integer >= 1", kMaxNum);
         } else if (flag == "--batch") {
-            opt.batch = parse_int<std::int64_t>(flag, value, 1, "an integer >= 1");
+            opt.batch = parse_int<std::int64_t>(flag, value, 1, "an integer >= 1", kMaxBatch);
         } else if (flag == "--seed") {
             opt.seed = parse_int<std::uint64_t>(flag, value, 0, "an integer in 0..2^64-1");
         } else if (flag == "--threads") {
-            opt.threads = parse_int<int>(flag, value, 1, "an integer >= 1");
+            opt.threads = parse_int<int>(flag, value, 1, "an integer >= 1", kMaxThreads);
         } else if (flag == "--warmup") {
-            opt.warmup = parse_int<int>(flag, value, 0, "an integer >= 0");
+            opt.warmup = parse_int<int>(flag, value, 0, "an integer >= 0", kMaxWarmup);
         } else if (flag == "--class-label") {
             opt.class_label = parse_int<std::int64_t>(flag, value, 0, "an integer >= 0");
         } else if (flag == "--gamma") {
@@ -149,8 +156,12 @@ Options parse_options(int argc, const char* const* argv) {
             std::vector<double> ts;
             std::stringstream ss(value);
             std::string item;
-            while (std::getline(ss, item, ','))
+            while (std::getline(ss, item, ',')) {
+                if (ts.size() > static_cast<std::size_t>(kMaxSteps))
+                    throw UserError(flag + ": at most " + std::to_string(kMaxSteps + 1) +
+                                    " times");
                 ts.push_back(parse_double(flag, item, "comma-separated positive numbers"));
+            }
             if (!value.empty() && value.back() == ',')
                 bad_value(flag, "comma-separated positive numbers", value);
             if (ts.size() < 2)
@@ -186,6 +197,12 @@ std::vector<double> rho_grid(std::int64_t steps, double t_min, double t_max, dou
 }
 
 void check_against_meta(const Options& opt, const JumperMeta& meta) {
+    const std::int64_t batch = std::min(opt.batch, opt.num);
+    if (batch > kMaxBatchValues / meta.sample_numel())
+        throw UserError("--batch: at most " + std::to_string(kMaxBatchValues) +
+                        " values per batch (" + std::to_string(kMaxBatchValues /
+                                                               meta.sample_numel()) +
+                        " samples of this model), got " + std::to_string(batch));
     if (opt.class_label) {
         if (meta.num_classes == 0)
             throw UserError("--class-label: the model is unconditional (num_classes = 0)");

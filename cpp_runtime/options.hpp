@@ -10,6 +10,16 @@
 
 namespace ctm {
 
+// Bounds of the command line (one "<flag>: at most N" line beyond them): jumps, samples,
+// samples per batch and values per batch (batch x the model's sample size), threads, warm-up
+// jumps.
+inline constexpr std::int64_t kMaxSteps = 10000;
+inline constexpr std::int64_t kMaxNum = (std::int64_t(1) << 31) - 1;
+inline constexpr std::int64_t kMaxBatch = std::int64_t(1) << 20;
+inline constexpr std::int64_t kMaxBatchValues = std::int64_t(1) << 28;
+inline constexpr int kMaxThreads = 1024;
+inline constexpr int kMaxWarmup = 100;
+
 struct Options {
     std::string model;
     std::string out;

@@ -123,6 +123,20 @@ void AtomicFile::commit() {
     }
 }
 
+namespace {
+
+const char* file_kind(mode_t mode) {
+    if (S_ISDIR(mode)) return "a directory";
+    if (S_ISLNK(mode)) return "a symbolic link";
+    if (S_ISCHR(mode)) return "a character device";
+    if (S_ISBLK(mode)) return "a block device";
+    if (S_ISFIFO(mode)) return "a FIFO";
+    if (S_ISSOCK(mode)) return "a socket";
+    return "not a regular file";
+}
+
+}  // namespace
+
 void check_output_path(const std::string& path) {
     if (path.empty()) throw UserError("--out: empty path");
     fs::path p(path);
@@ -132,7 +146,21 @@ void check_output_path(const std::string& path) {
         throw UserError(path + ": directory " + dir.string() + " does not exist");
     if (::access(dir.c_str(), W_OK | X_OK) != 0)
         throw UserError(path + ": directory " + dir.string() + " is not writable");
-    if (fs::is_directory(p, ec)) throw UserError(path + ": is a directory");
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+        throw UserError(path + ": is " + file_kind(st.st_mode) + ", not a regular file "
+                        "(ctm_sample replaces regular files only)");
+}
+
+void check_not_input(const std::string& out, const std::string& model,
+                     const std::string& flag) {
+    std::error_code ec;
+    for (const std::string& input : {model, model + ".sha256"})
+        if (fs::equivalent(out, input, ec) ||
+            fs::weakly_canonical(out, ec) == fs::weakly_canonical(input, ec))
+            throw UserError(flag + " " + out + " is " +
+                            (input == model ? "the model file" : "the model's digest file") +
+                            " (--model " + model + ")");
 }
 
 std::string sibling_path(const std::string& out, std::string_view suffix) {

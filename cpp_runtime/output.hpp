@@ -37,9 +37,15 @@ private:
 // Removes pending temporary files on SIGINT, SIGTERM and SIGHUP, then dies by the signal.
 void install_cleanup_handlers();
 
-// Throws UserError unless `path`'s directory exists and is writable and `path` is not a
-// directory: checked before sampling so that a long run does not fail at the very end.
+// Throws UserError unless `path`'s directory exists and is writable and `path` is either
+// missing or a regular file (a directory, symbolic link, device, FIFO or socket is never
+// replaced): checked before sampling so that a long run does not fail at the very end.
 void check_output_path(const std::string& path);
+
+// Throws UserError when the output `out` (given by `flag`, or derived from it) is the model
+// file or its digest sidecar: the same inode (hard or symbolic links) or the same real path.
+void check_not_input(const std::string& out, const std::string& model,
+                     const std::string& flag = "--out");
 
 // "<dir>/<stem><suffix>" for out = "<dir>/<stem>.npy" (or "<dir>/<name><suffix>" when the name
 // has no ".npy" extension).

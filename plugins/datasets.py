@@ -3,8 +3,18 @@ NVlabs/edm dataset archives.
 
 The ``[data]`` section picks a loader with ``format``; the loader reads the rest of the
 section, and a key no loader reads is reported as unknown. Relative paths resolve against the
-config's folder. Images come out as float32 [N, C, H, W] scaled to [-1, 1]; labels as int64
-[N] (0..K-1) or none.
+config's folder. Images are held as uint8 [N, C, H, W] in a `core.datastore.ImageStore` and
+read batch by batch as float32 scaled to [-1, 1]; labels as int64 [N] (0..K-1) or none.
+
+Where the images live: a uint8 ``.npy`` (``format = "array"``) is memory-mapped in place. The
+formats that must be decoded (folder, edm, idx, cifar10) are decoded once into a store in the
+cache folder (``cache_dir``; default ``out_dir/datastore``), keyed by the source's cheap
+fingerprint (sizes, mtimes and a digest of its index: a zip's central directory, a folder's
+file list with sizes and mtimes; for idx the files' SHA-256) and the decode settings, built by
+one process under a lock (``workers`` processes decode folder and edm images), and reused by
+every later run, stage and rank -- see core/datastore.py. Loaded outside a run (no out_dir and
+no cache_dir) they are decoded into memory, as uint8. ``.npz`` and ``.h5`` files are loaded into
+memory as before.
 
 Options every format reads:
 
@@ -15,6 +25,8 @@ path           required  the file or folder to read
 hflip          false     flip each drawn example left-right with probability 1/2
 limit          all       keep only the first N examples (N >= 1)
 conditional    true      false drops the labels (an unconditional dataset)
+cache_dir      out_dir/  where decoded stores go (a folder on a shared filesystem serves
+               datastore every node; a read-only one serves the stores it holds)
 =============  ========  ==================================================================
 
 ``format = "folder"``: PNG / JPEG images read with Pillow. ``path`` is a folder; when it holds
@@ -26,12 +38,21 @@ whose names start with "." are skipped.
 channels       3         1: convert to grayscale ("L"), 3: convert to RGB (alpha dropped)
 resolution     none      resize every image to resolution x resolution (bicubic); without
                          it all images must share one size
+transform      "none"    "center-crop": as EDM's dataset_tool ``--transform=center-crop``,
+                         the centred square crop, then a Lanczos resize to resolution
+workers        min(8,    processes that decode the images when the store is built
+               cores)
 =============  ========  ==================================================================
 
 ``format = "array"``: ``.npy``, ``.npz`` or ``.h5`` / ``.hdf5``. The examples are the array (or
 dataset) named ``x``, ``data``, ``images`` or ``arr_0``; labels, if any, ``y`` or ``labels``.
 A 2-D array [N, d] is a set of vectors; a 3-D array [N, H, W] holds grayscale images (read as
-[N, 1, H, W]); a 4-D array holds images.
+[N, 1, H, W]); a 4-D array holds images. A uint8 ``.npy`` of images (range "auto" or "byte")
+is memory-mapped read-only, never loaded: every process of a machine shares it through the page
+cache, and its SHA-256 is computed once per (file, size, mtime) and remembered in the cache
+folder. A float ``.npy`` is memory-mapped as it is, read and converted per batch (its values are
+checked once per load, a chunk at a time). ``.npz``, ``.h5`` and other integer arrays are loaded
+into memory.
 
 =============  ========  ==================================================================
 layout         "auto"    "NCHW", "NHWC", or "auto": NHWC when the last axis has 1 or 3
@@ -69,15 +90,19 @@ or [N, 1, H, W]. Class labels come from ``dataset.json`` at the root, ``{"labels
 img00000000.png", 6], ...]}``, one integer per image; without that file, or with ``"labels":
 null``, the dataset has no labels. Each member's size is checked before it is read (at most 256
 MiB, expanding at most 200:1; only stored or deflated members), and each image's header before
-it is decoded. The fingerprint covers the SHA-256 of the whole archive (of a folder: as
-``folder`` does, the images read and ``dataset.json``).
+it is decoded. ``resolution``, ``transform`` and ``workers`` as for ``folder`` (with
+``transform = "center-crop"`` and ``resolution = 64`` a store matches what dataset_tool's
+``--transform=center-crop --resolution=64x64`` writes, so it matches EDM's ``fid-refs``). The
+fingerprint covers the SHA-256 of the whole archive, computed once when the store is built (of
+a folder: the digest of each image's name, size and bytes, and ``dataset.json``).
 
 The CIFAR-10 batches are Python pickles: use only files from a source you trust. They are
 unpickled with a loader that resolves nothing but the numpy array constructors such a batch
 needs, and refuses any other global, but pickle is not a safe format for untrusted input.
 
 Every dataset's fingerprint is a digest of its format, the SHA-256 of the bytes it read (for a
-folder: each image's relative name and bytes) and the settings that change the data (channels,
+folder: the digest of each image's relative name, size and bytes; recorded in the store, so a
+later run does not re-read the source) and the settings that change the data (channels,
 resolution, layout, range, split, limit, conditional); ``hflip`` is added by ``Dataset``.
 Any bad input -- a missing or truncated file, a wrong magic number, a corrupt pickle or image,
 mismatched label counts, values out of range, NaN -- is a one-line ``UserError`` naming the file.
@@ -89,6 +114,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import pickle
 import re
 import warnings
@@ -102,8 +128,11 @@ import numpy as np
 import torch
 
 from core.bounds import load_json
-from core.data import one_line as _one_line, read_array_file
+from core.data import check_array_sizes, one_line as _one_line, read_array_file
 from core.datasets import Dataset, digest
+from core.datastore import (ImageStore, MappedArray, Plan, cache_folder, decode_in_memory,
+                            default_workers, file_digest_cached, once_per_version, open_or_build,
+                            store_key)
 from core.errors import UserError
 from core.hookspecs import hookimpl
 
@@ -135,14 +164,61 @@ def _take(a, limit: Optional[int]):
     return a if a is None or limit is None else a[:limit]
 
 
-def _dataset(fmt: str, x: torch.Tensor, y: Optional[np.ndarray], common: Common,
-             hashes: list[str], settings: dict, name: str) -> Dataset:
-    """The Dataset for already scaled (and limited) x; y is dropped unless conditional."""
+def _described(settings: dict, common: Common) -> str:
     settings = dict(settings, limit=common.limit, conditional=common.conditional)
-    described = ";".join(f"{k}={settings[k]}" for k in sorted(settings))
+    return ";".join(f"{k}={settings[k]}" for k in sorted(settings))
+
+
+def _dataset(fmt: str, x, y: Optional[np.ndarray], common: Common,
+             hashes: list[str], settings: dict, name: str) -> Dataset:
+    """The Dataset for already scaled (and limited) x (a float tensor, or an ImageStore of
+    uint8 images); y is dropped unless conditional."""
     labels = torch.from_numpy(y.astype(np.int64)) if y is not None and common.conditional else None
-    return Dataset(x.contiguous(), labels, digest(fmt, *hashes, described), hflip=common.hflip,
+    if isinstance(x, torch.Tensor):
+        x = x.contiguous()
+    return Dataset(x, labels, digest(fmt, *hashes, _described(settings, common)),
+                   hflip=common.hflip, name=name)
+
+
+def _stored(fmt: str, options, ctx, common: Common, source: dict, settings: dict, plan,
+            name: str) -> Dataset:
+    """The Dataset of a decoded format: its uint8 store in the cache folder (found by the
+    source's cheap fingerprint and the settings, built from ``plan()`` on first use), or,
+    with no cache folder (a dataset loaded outside a run), decoded into memory. The
+    fingerprint is the source's content digests (recorded at build) and the settings."""
+    cache = cache_folder(options, ctx)
+    described = _described(settings, common)
+    try:
+        if cache is None:
+            store, content = decode_in_memory(plan())
+        else:
+            key = store_key(fmt, source, {"settings": described})
+            store, manifest = open_or_build(cache, key, plan, name,
+                                            progress=getattr(ctx, "progress", True))
+            content = manifest["content"]
+    finally:
+        _close_opened()
+    labels = torch.from_numpy(np.array(store.labels, np.int64)) if store.labels is not None \
+        else None
+    return Dataset(store, labels, digest(fmt, *content, described), hflip=common.hflip,
                    name=name)
+
+
+def _workers(options) -> int:
+    return options.int("workers", default_workers(), min=1)
+
+
+def _whole(task):
+    """The worker of a format decoded in one piece: the task is the decoded array."""
+    return task, []
+
+
+def _one_piece(x: np.ndarray, y: Optional[np.ndarray], hashes: list[str],
+               common: Common) -> Plan:
+    """A Plan for uint8 images [N, C, H, W] already decoded (small formats: IDX, CIFAR)."""
+    y = y if common.conditional else None
+    return Plan(len(x), tuple(x.shape[1:]), y, _whole, [np.ascontiguousarray(x)],
+                content=lambda: hashes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,10 +326,13 @@ def _to_8_bit(im):
     return Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")
 
 
-def _decode_image(raw: bytes, path: Path, mode: str, resolution: Optional[int]) -> np.ndarray:
-    """The image in `raw` as uint8 [H, W(, C)] in Pillow `mode`, resized to `resolution`;
-    16-bit greyscale scaled to 8 bits; a decompression-bomb warning is the error, Pillow's
-    other warnings (e.g. on palette transparency) are silenced."""
+def _decode_image(raw: bytes, path, mode: str, resolution: Optional[int],
+                  transform: str = "none") -> np.ndarray:
+    """An encoded image as uint8 [H, W] or [H, W, 3] in `mode` ("L" or "RGB"). Resized to
+    resolution x resolution when given: bicubic (transform "none"), or as EDM's dataset_tool
+    ``--transform=center-crop``: the centred square crop, then a Lanczos resize. 16-bit
+    greyscale is scaled to 8 bits; a decompression-bomb warning is the error, Pillow's other
+    warnings (e.g. on palette transparency) are silenced."""
     from PIL import Image
 
     try:
@@ -262,11 +341,85 @@ def _decode_image(raw: bytes, path: Path, mode: str, resolution: Optional[int]) 
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(raw)) as im:
                 im = _to_8_bit(im).convert(mode)
-                if resolution is not None:
+                if transform == "center-crop":
+                    w, h = im.size
+                    crop = min(w, h)
+                    im = im.crop(((w - crop) // 2, (h - crop) // 2, (w + crop) // 2,
+                                  (h + crop) // 2))
+                    im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
+                elif resolution is not None:
                     im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
                 return np.asarray(im, dtype=np.uint8)
     except Exception as e:  # whatever Pillow raises on a bad file, the file is to blame
         raise UserError(f"{path}: unreadable image ({_one_line(e)})") from None
+
+
+TRANSFORMS = ("none", "center-crop")
+#: images per decode task (a worker's unit of work)
+DECODE_CHUNK = 256
+
+
+def _transform(options, resolution: Optional[int]) -> str:
+    transform = options.str("transform", "none", choices=TRANSFORMS)
+    if transform != "none" and resolution is None:
+        options.fail("transform", f"{transform!r} needs resolution (the output size)")
+    return transform
+
+
+@dataclass(frozen=True)
+class _DecodeTask:
+    """A run of images of one folder or zip archive for `_decode_rows` (picklable)."""
+    root: str                    # the folder (or the zip archive, with is_zip)
+    is_zip: Optional[bool]       # None: a plain image folder; else an edm source
+    names: tuple                 # relative names, in load order
+    mode: str                    # "L" or "RGB"
+    shape: tuple                 # (C, H, W) every decoded image must have
+    resolution: Optional[int]
+    transform: str
+    first: str                   # the first image of the set (for error messages)
+    hash_rows: bool              # return each image's digest (name, size, bytes)
+
+
+#: the edm sources a worker process has opened: (pid, path) -> _EdmFiles
+_OPENED: dict = {}
+
+
+def _edm_files(root: str):
+    key = (os.getpid(), root)
+    if key not in _OPENED:
+        _OPENED[key] = _EdmFiles(Path(root))
+    return _OPENED[key]
+
+
+def _decode_rows(task: _DecodeTask) -> tuple[np.ndarray, list[bytes]]:
+    """Decode the task's images: uint8 [len(names), C, H, W] and, with hash_rows, the
+    SHA-256 of each image's name, size and bytes. Runs in a worker process."""
+    c, h, w = task.shape
+    out = np.empty((len(task.names), h, w, c), np.uint8)
+    digests = []
+    files = _edm_files(task.root) if task.is_zip is not None else None
+    for i, name in enumerate(task.names):
+        if files is None:
+            path = Path(task.root) / name
+            raw, where = _read_bytes(path, "image"), path
+        else:
+            raw, where = files.read(name), files.where(name)
+            if task.resolution is None:
+                iw, ih, ic = _image_header(raw, where)
+                if (ih, iw, ic) != (h, w, c):
+                    kind = {1: "greyscale", 3: "RGB"}
+                    raise UserError(f"{where}: image is {iw}x{ih} {kind[ic]} but {task.first} "
+                                    f"is {w}x{h} {kind[c]}")
+        if task.hash_rows:
+            digests.append(hashlib.sha256(name.encode() + b"\0" + len(raw).to_bytes(8, "little")
+                                          + raw).digest())
+        img = _decode_image(raw, where, task.mode, task.resolution, task.transform)
+        if img.shape[:2] != (h, w):
+            raise UserError(f"{where}: image is {img.shape[1]}x{img.shape[0]} but "
+                            f"{Path(task.first).name} is {w}x{h}; set resolution to resize "
+                            f"all images")
+        out[i] = img.reshape(h, w, c)
+    return out.transpose(0, 3, 1, 2), digests
 
 
 def _folder(options, ctx) -> Dataset:
@@ -275,27 +428,42 @@ def _folder(options, ctx) -> Dataset:
     if channels not in (1, 3):
         options.fail("channels", f"must be 1 or 3, got {channels}")
     resolution = _optional_int(options, "resolution", 1, 4096)   # as core.bounds' networks
+    transform = _transform(options, resolution)
+    workers = _workers(options)
     common = _common(options)
 
     files, labels = _folder_files(root)
     files, labels = _take(files, common.limit), _take(labels, common.limit)
-    h, first, out = hashlib.sha256(), None, None
-    for i, path in enumerate(files):
-        raw = _read_bytes(path, "image")
-        h.update(path.relative_to(root).as_posix().encode() + b"\0"
-                 + len(raw).to_bytes(8, "little") + raw)
-        img = _decode_image(raw, path, "L" if channels == 1 else "RGB", resolution)
-        img = img.reshape(img.shape[0], img.shape[1], channels)
-        if out is None:
-            first, out = path, np.empty((len(files),) + img.shape, np.uint8)
-        elif img.shape != out.shape[1:]:
-            raise UserError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but {first.name} is "
-                            f"{out.shape[2]}x{out.shape[1]}; set resolution to resize all images")
-        out[i] = img
-    x = _bytes_to_unit(out).permute(0, 3, 1, 2)
-    y = None if labels is None else np.asarray(labels, np.int64)
-    return _dataset("folder", x, y, common, [h.hexdigest()],
-                    dict(channels=channels, resolution=resolution), f"folder:{root.name}")
+    names = [p.relative_to(root).as_posix() for p in files]
+    source = {"root": str(root.resolve()), "index": _folder_index(root, names)}
+    mode = "L" if channels == 1 else "RGB"
+    settings = dict(channels=channels, resolution=resolution,
+                    **({"transform": transform} if transform != "none" else {}))
+
+    def plan() -> Plan:
+        first = _decode_image(_read_bytes(files[0], "image"), files[0], mode, resolution,
+                              transform)
+        shape = (channels,) + first.shape[:2]
+        tasks = [_DecodeTask(str(root), None, tuple(names[i:i + DECODE_CHUNK]), mode, shape,
+                             resolution, transform, names[0], True)
+                 for i in range(0, len(names), DECODE_CHUNK)]
+        y = None if labels is None or not common.conditional else np.asarray(labels, np.int64)
+        return Plan(len(names), shape, y, _decode_rows, tasks, workers, row_digests=True)
+
+    return _stored("folder", options, ctx, common, source, settings, plan, f"folder:{root.name}")
+
+
+def _folder_index(root: Path, names: list[str]) -> str:
+    """The digest of a folder's file list with each file's size and mtime: what a run checks
+    instead of re-reading the images (the store records the content digest)."""
+    h = hashlib.sha256()
+    for name in names:
+        try:
+            st = (root / name).stat()
+        except OSError as e:
+            raise UserError(f"{root / name}: cannot read image ({_one_line(e)})") from None
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +518,22 @@ def _array(options, ctx) -> Dataset:
     layout = options.str("layout", "auto", choices=("auto", "NCHW", "NHWC"))
     value_range = options.str("range", "auto", choices=("auto", "unit", "byte"))
     common = _common(options)
+    cache = cache_folder(options, ctx)
 
+    settings, name = dict(layout=layout, range=value_range), f"array:{path.name}"
+    mapped = _mapped_npy(path, layout)
+    if mapped is not None and mapped.dtype == np.uint8 and mapped.ndim == 4 \
+            and value_range != "unit":          # uint8 images: read in place, never loaded
+        store = ImageStore(_take(mapped, common.limit))
+        return _dataset("array", store, None, common, [file_digest_cached(path, cache)],
+                        settings, name)
+    if mapped is not None and mapped.dtype.kind == "f":     # float: mapped as it is
+        x = _take(mapped, common.limit)
+        once_per_version(path, cache, f"values in range {value_range}, first {len(x)} rows",
+                         lambda: _check_in_chunks(x, value_range, path) or True)
+        per_batch = lambda b: _scale_checked(b, value_range, path).numpy()   # noqa: E731
+        return _dataset("array", MappedArray(x, per_batch), None, common,
+                        [file_digest_cached(path, cache)], settings, name)
     x, y = read_array_file(path, "array")
     x = np.asarray(x)
     if x.dtype.kind not in "iuf":
@@ -360,13 +543,42 @@ def _array(options, ctx) -> Dataset:
     if y is not None:
         y = _check_labels(y, len(x), path)
     x, y = _as_images(_take(x, common.limit), layout, path), _take(y, common.limit)
+    return _dataset("array", _scale_checked(x, value_range, path), y, common,
+                    [file_digest_cached(path, cache)], settings, name)
+
+
+def _scale_checked(x: np.ndarray, value_range: str, path: Path):
+    """`_scale`, with a float32 overflow (inf from a float64 cast) as the error."""
     try:
-        with np.errstate(over="raise", invalid="raise"):   # no inf from a float32 cast
-            x = _scale(x, value_range, path)
+        with np.errstate(over="raise", invalid="raise"):
+            return _scale(x, value_range, path)
     except FloatingPointError:
         raise UserError(f"{path}: data values do not fit float32") from None
-    return _dataset("array", x, y, common, [_sha256_file(path)],
-                    dict(layout=layout, range=value_range), f"array:{path.name}")
+
+
+def _mapped_npy(path: Path, layout: str) -> Optional[np.ndarray]:
+    """A .npy of integer or float examples memory-mapped read-only (images as [N, C, H, W]:
+    a view, nothing is read), or None for other files (.npz, .h5, other dtypes, no rows)."""
+    from core.io import regular_file
+
+    if path.suffix.lower() != ".npy":
+        return None
+    regular_file(path)
+    check_array_sizes(path)
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: unreadable array file ({_one_line(e)})") from None
+    if x.dtype.kind not in "uf" or x.ndim not in (2, 3, 4) or len(x) == 0:
+        return None
+    return _as_images(x, layout, path)
+
+
+def _check_in_chunks(x: np.ndarray, value_range: str, path: Path, rows: int = 4096) -> None:
+    """The checks of `_scale` (finite, in range) over a mapped array, `rows` at a time: memory
+    stays bounded (the whole file is read once per load)."""
+    for i in range(0, len(x), rows):
+        _scale_checked(np.asarray(x[i:i + rows]), value_range, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,20 +660,25 @@ def _idx(options, ctx) -> Dataset:
     common = _common(options)
 
     images = _idx_images_path(options, path, split)
-    x, x_hash = _read_idx(images, IDX_IMAGES)
-    hashes, y = [x_hash], None
     if common.conditional:
         labels_path = labels_path or _derived_labels(images)
-    if common.conditional and labels_path is not None:
-        y, y_hash = _read_idx(labels_path, IDX_LABELS)
-        if len(y) != len(x):
-            raise UserError(f"{labels_path}: {len(y)} labels for the {len(x)} images of "
-                            f"{images.name}")
-        hashes.append(y_hash)
-    x, y = _take(x, common.limit), _take(y, common.limit)
+    files = [images] + ([labels_path] if common.conditional and labels_path else [])
+    source = {"files": [_sha256(_read_bytes(f, "IDX file")) for f in files]}   # small files
+
+    def plan() -> Plan:
+        x, x_hash = _read_idx(images, IDX_IMAGES)
+        hashes, y = [x_hash], None
+        if len(files) > 1:
+            y, y_hash = _read_idx(labels_path, IDX_LABELS)
+            if len(y) != len(x):
+                raise UserError(f"{labels_path}: {len(y)} labels for the {len(x)} images of "
+                                f"{images.name}")
+            hashes.append(y_hash)
+        x, y = _take(x, common.limit), _take(y, common.limit)
+        return _one_piece(x[:, None], y, hashes, common)
+
     settings = dict(split=split if path.is_dir() else None)
-    return _dataset("idx", _bytes_to_unit(x)[:, None], y, common, hashes, settings,
-                    f"idx:{images.name}")
+    return _stored("idx", options, ctx, common, source, settings, plan, f"idx:{images.name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,17 +747,31 @@ def _cifar10(options, ctx) -> Dataset:
                                        if root.exists() else "CIFAR-10 folder not found"))
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
-    xs, ys, hashes = [], [], []
-    for name in CIFAR_SPLITS[split]:
-        if common.limit is not None and sum(map(len, xs)) >= common.limit:
-            break
-        x, y, h = _cifar_batch(root / name)
-        xs.append(x)
-        ys.append(y)
-        hashes.append(h)
-    x, y = _take(np.concatenate(xs), common.limit), _take(np.concatenate(ys), common.limit)
-    return _dataset("cifar10", _bytes_to_unit(x), y, common, hashes, dict(split=split),
-                    f"cifar10:{split}")
+    source = {"batches": [_stat_of(root / name) for name in CIFAR_SPLITS[split]]}
+
+    def plan() -> Plan:
+        xs, ys, hashes = [], [], []
+        for name in CIFAR_SPLITS[split]:
+            if common.limit is not None and sum(map(len, xs)) >= common.limit:
+                break
+            x, y, h = _cifar_batch(root / name)
+            xs.append(x)
+            ys.append(y)
+            hashes.append(h)
+        x, y = _take(np.concatenate(xs), common.limit), _take(np.concatenate(ys), common.limit)
+        return _one_piece(x, y, hashes, common)
+
+    return _stored("cifar10", options, ctx, common, source, dict(split=split), plan,
+                   f"cifar10:{split}")
+
+
+def _stat_of(path: Path) -> Optional[dict]:
+    """A file's cheap fingerprint (size, mtime), or None when it does not exist."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -698,6 +929,9 @@ def _json_head(value) -> str:
 
 def _edm(options, ctx) -> Dataset:
     path = options.path("path")
+    resolution = _optional_int(options, "resolution", 1, 4096)
+    transform = _transform(options, resolution)
+    workers = _workers(options)
     common = _common(options)
 
     if not path.exists():
@@ -711,29 +945,54 @@ def _edm(options, ctx) -> Dataset:
             label_raw = files.read(EDM_LABELS, "label file")
             y = _edm_labels(label_raw, files.where(EDM_LABELS), images, files.what)
         images, y = _take(images, common.limit), _take(y, common.limit)
-        h, first, out = hashlib.sha256(), None, None
-        for i, name in enumerate(images):
-            raw, where = files.read(name), files.where(name)
-            w, hh, c = _image_header(raw, where)
-            if out is None:
-                first, out = name, np.empty((len(images), hh, w, c), np.uint8)
-            elif (hh, w, c) != out.shape[1:]:
-                kind = {1: "greyscale", 3: "RGB"}
-                raise UserError(f"{where}: image is {w}x{hh} {kind[c]} but {first} is "
-                                f"{out.shape[2]}x{out.shape[1]} {kind[out.shape[3]]}")
-            if files.zip is None:
-                h.update(name.encode() + b"\0" + len(raw).to_bytes(8, "little") + raw)
-            img = _decode_image(raw, where, "L" if c == 1 else "RGB", None)
-            out[i] = img.reshape(out.shape[1:])
-    if files.zip is not None:
-        content = _sha256_file(path)
-    else:
-        if label_raw is not None:
-            h.update(EDM_LABELS.encode() + b"\0" + len(label_raw).to_bytes(8, "little")
-                     + label_raw)
-        content = h.hexdigest()
-    x = _bytes_to_unit(out).permute(0, 3, 1, 2)
-    return _dataset("edm", x, y, common, [content], dict(source=files.what), f"edm:{path.name}")
+        source = {"path": str(path.resolve()), "index": _edm_index(files, images),
+                  "labels": _sha256(label_raw) if label_raw is not None else None}
+        is_zip = files.zip is not None
+
+        def plan() -> Plan:
+            first = files.read(images[0])
+            w, h, c = _image_header(first, files.where(images[0]))
+            if resolution is not None:
+                h = w = resolution
+            shape = (c, h, w)
+            tasks = [_DecodeTask(str(path), is_zip, tuple(images[i:i + DECODE_CHUNK]),
+                                 "L" if c == 1 else "RGB", shape, resolution, transform,
+                                 images[0], not is_zip)
+                     for i in range(0, len(images), DECODE_CHUNK)]
+            if is_zip:
+                content = lambda: [_sha256_file(path)]              # noqa: E731
+            else:        # the folder's images (the rows' digests), then dataset.json
+                content = lambda: [] if label_raw is None else [   # noqa: E731
+                    _sha256(EDM_LABELS.encode() + b"\0" + len(label_raw).to_bytes(8, "little")
+                            + label_raw)]
+            return Plan(len(images), shape, y, _decode_rows, tasks, workers, content=content,
+                        row_digests=not is_zip)
+
+        settings = dict(source=files.what, resolution=resolution,
+                        **({"transform": transform} if transform != "none" else {}))
+        if resolution is None:
+            del settings["resolution"]
+        return _stored("edm", options, ctx, common, source, settings, plan, f"edm:{path.name}")
+
+
+def _edm_index(files: "_EdmFiles", images: list[str]) -> str:
+    """The digest of an edm source's index: of a zip, its size, mtime and each member's
+    name, CRC-32 and sizes (the central directory); of a folder, its images' names, sizes and
+    mtimes. What a run checks instead of re-reading the archive."""
+    if files.zip is None:
+        return _folder_index(files.path, images)
+    st = files.path.stat()
+    h = hashlib.sha256(f"{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for info in files.zip.infolist():
+        h.update(f"{info.filename}\0{info.CRC}\0{info.compress_size}\0{info.file_size}\0"
+                 f"{info.header_offset}\n".encode())
+    return h.hexdigest()
+
+
+def _close_opened() -> None:
+    """Close the edm sources `_decode_rows` opened in this process."""
+    for key in [k for k in _OPENED if k[0] == os.getpid()]:
+        _OPENED.pop(key).__exit__()
 
 
 @hookimpl

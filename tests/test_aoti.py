@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from core.aoti import export_aoti, load_aoti  # noqa: E402
 from core.errors import UserError  # noqa: E402
+from core.integrity import sidecar_path, write_sidecar  # noqa: E402
 from core.jumper import Jumper, TeacherAsNetwork, export  # noqa: E402
 from core.sampling import draw  # noqa: E402
 from plugins.preconditionings import CTMPrecond  # noqa: E402
@@ -70,6 +72,7 @@ def with_metadata(src: Path, dst: Path, **changes) -> Path:
                         md[key] = value
                 data = json.dumps(md).encode()
             zout.writestr(item, data)
+    write_sidecar(dst, dst.read_bytes())     # an altered package with a matching digest file
     return dst
 
 
@@ -98,6 +101,8 @@ def bad_packages(packages, tmp_path_factory) -> dict[str, Path]:
            out["torchscript"], meta_for(P, T.shape))   # a TorchScript archive named .pt2
     out["as_pt"] = d / "package_as.pt"                 # a package named .pt
     out["as_pt"].write_bytes(data)
+    for name in ("truncated", "garbage", "torchscript"):   # matching digests: the loader's
+        write_sidecar(out[name], out[name].read_bytes())   # own checks are under test
     for name, changes in {
         "no_meta": {"meta.json": None},
         "meta_json": {"meta.json": '{"format": '},
@@ -306,9 +311,9 @@ def test_cpp_warmup_does_not_change_samples(binary, packages, tmp_path):
 
 # --- ctm_sample errors -----------------------------------------------------------------------
 
-def assert_error(binary, tmp_path, *args, expect: str):
+def assert_error(binary, tmp_path, *args, expect: str, env=None):
     out = tmp_path / "out.npy"
-    proc = run(binary, "--out", out, *args, check=False)
+    proc = run(binary, "--out", out, *args, check=False, env=env)
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("ctm_sample: error: "), proc.stderr
@@ -322,7 +327,7 @@ def assert_error(binary, tmp_path, *args, expect: str):
     ("truncated", "not a loadable AOTInductor package"),
     ("garbage", "not a loadable AOTInductor package"),
     ("torchscript", "not a loadable AOTInductor package"),
-    ("as_pt", "not a loadable TorchScript jumper"),
+    ("as_pt", "not a ctmkit jumper (no meta.json inside)"),
     ("no_meta", "not a ctmkit jumper (no meta.json inside)"),
     ("meta_json", "meta.json is not valid JSON"),
     ("meta_missing", "meta.json lacks rho"),
@@ -346,3 +351,96 @@ def test_cpp_jumper_failure_is_one_line(binary, bad_packages, tmp_path):
                         "--timesteps", "80,1,0.0001", "--num", "4", "--warmup", "0",
                         expect="the jumper failed: ")
     assert "outside the coefficient table range" in line
+
+
+# --- the whole-package digest (sidecar) and temporary folders --------------------------------
+
+def flipped_library(src: Path, dst: Path) -> Path:
+    """A copy of the package `src` with one bit flipped in its shared library (the sidecar is
+    not copied: the digest file is the original's)."""
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as zf:
+        (info,) = [i for i in zf.infolist() if i.filename.endswith(".so")]
+    offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[offset + info.compress_size // 3] ^= 0x20
+    dst.write_bytes(bytes(data))
+    sidecar_path(dst).write_bytes(sidecar_path(src).read_bytes())
+    return dst
+
+
+def without_library(src: Path, dst: Path) -> Path:
+    """The package `src` without its shared library, with a matching sidecar: the digest
+    passes, extraction and loading fail."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            if not item.filename.endswith(".so"):
+                zout.writestr(item, zin.read(item))
+    write_sidecar(dst, dst.read_bytes())
+    return dst
+
+
+def aoti_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if "aoti" in p.name)
+
+
+def test_pt2_has_a_sidecar(packages):
+    path, _ = packages["gmm_ctm"]
+    import hashlib
+    assert sidecar_path(path).read_text() == \
+        f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n"
+
+
+def test_flipped_library_is_refused_before_loading(binary, packages, tmp_path, monkeypatch):
+    """Before the sidecar, a flipped bit in the library reached dlopen (ctm_sample: SIGSEGV or
+    SIGABRT)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    bad = flipped_library(packages["mlp"][0], tmp_path / "flipped.pt2")
+    with pytest.raises(UserError, match="jumper is corrupt or altered .its SHA-256 does not "
+                                        "match flipped.pt2.sha256"):
+        load_aoti(bad)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert_error(binary, out_dir, "--model", bad, expect="jumper is corrupt or altered",
+                 env={"TMPDIR": str(tmp)})
+    assert aoti_folders(tmp) == []
+
+
+def test_pt2_without_sidecar_needs_reexport(binary, packages, tmp_path):
+    path = tmp_path / "moved.pt2"
+    path.write_bytes(packages["gmm_ctm"][0].read_bytes())
+    with pytest.raises(UserError, match="no digest file moved.pt2.sha256 beside it"):
+        load_aoti(path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    line = assert_error(binary, out_dir, "--model", path, expect="re-export")
+    assert "moved.pt2.sha256" in line
+
+
+def test_failed_loads_leave_no_temporary_folders(binary, packages, tmp_path, monkeypatch):
+    """AOTInductor extracts into $TMPDIR/aotinductor_* and kept that folder when loading
+    failed; Python and ctm_sample now load from a private folder, removed whatever happens."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    bad = without_library(packages["mlp"][0], tmp_path / "nolib.pt2")
+    with pytest.raises(UserError, match="not a loadable AOTInductor package"):
+        load_aoti(bad)
+    assert aoti_folders(tmp) == []
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert_error(binary, out_dir, "--model", bad, expect="not a loadable AOTInductor",
+                 env={"TMPDIR": str(tmp)})
+    assert aoti_folders(tmp) == []
+    # and a good load: the folder lives as long as the jumper
+    jumper, _ = load_aoti(packages["mlp"][0])
+    assert len(aoti_folders(tmp)) == 1
+    del jumper
+    import gc
+    gc.collect()
+    assert aoti_folders(tmp) == []
+    run(binary, "--model", packages["mlp"][0], "--out", out_dir / "x.npy", "--num", "2",
+        env={"TMPDIR": str(tmp)})
+    assert aoti_folders(tmp) == []

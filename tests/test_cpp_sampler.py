@@ -6,8 +6,10 @@ The binary is built once per session by tools/build_cpp.py (incremental in build
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from core.integrity import seal_archive  # noqa: E402
 from core.jumper import Jumper, TeacherAsNetwork, export, load, make_meta  # noqa: E402
 from core.sampling import draw  # noqa: E402
 from plugins.preconditionings import AnalyticPrecond, CTMPrecond  # noqa: E402
@@ -47,9 +50,11 @@ def binary() -> Path:
     return path
 
 
-def run(binary: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
+def run(binary: Path, *args, check: bool = True, env: dict | None = None
+        ) -> subprocess.CompletedProcess:
+    """ctm_sample with `args`; `env`: variables to set on top of this process's."""
     proc = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env={**os.environ, **env} if env else None)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -170,11 +175,17 @@ def models(tmp_path_factory) -> dict[str, Path]:
     }
     jumper = Jumper(TeacherAsNetwork(T.denoiser(torch.float32), SIGMA_DATA), P, SIGMA_DATA)
     scripted = torch.jit.script(jumper.eval())
+
+    def save_sealed(path, meta_text):   # a bad meta.json under a valid whole-archive digest
+        buf = io.BytesIO()
+        torch.jit.save(scripted, buf, _extra_files={"meta.json": meta_text})
+        path.write_bytes(seal_archive(buf.getvalue()))
+
     for name, meta in bad_metas.items():
         out[name] = d / f"{name}.pt"
-        torch.jit.save(scripted, str(out[name]), _extra_files={"meta.json": json.dumps(meta)})
+        save_sealed(out[name], json.dumps(meta))
     out["meta_json"] = d / "meta_json.pt"
-    torch.jit.save(scripted, str(out["meta_json"]), _extra_files={"meta.json": '{"format": '})
+    save_sealed(out["meta_json"], '{"format": ')
     return out
 
 
@@ -382,7 +393,7 @@ def assert_error(binary, tmp_path, *args, expect: str, out_name="out.npy"):
     ("meta_missing", "meta.json lacks rho"),
     ("meta_shape", "shape must be a non-empty list of positive integers"),
     ("meta_version", "jumper format version 2 is not supported"),
-    ("meta_classes", "num_classes must be an integer >= 0"),
+    ("meta_classes", "num_classes must be an integer in 0.."),
     ("meta_json", "meta.json is not valid JSON"),
 ])
 def test_bad_model_files(binary, models, tmp_path, model, expect):
@@ -407,6 +418,13 @@ def test_bad_model_files(binary, models, tmp_path, model, expect):
     (["--device", "tpu"], "--device: expected cpu, cuda or cuda:N, got 'tpu'"),
     (["--steps"], "--steps needs a value"),
     (["--warmup", "-1"], "--warmup: expected an integer >= 0, got '-1'"),
+    (["--steps", "10001"], "--steps: at most 10000, got '10001'"),
+    (["--num", "2147483648"], "--num: at most 2147483647, got '2147483648'"),
+    (["--batch", "1048577"], "--batch: at most 1048576, got '1048577'"),
+    (["--threads", "1025"], "--threads: at most 1024, got '1025'"),
+    (["--warmup", "101"], "--warmup: at most 100, got '101'"),
+    (["--timesteps", ",".join(str(80 - k * 1e-3) for k in range(10002))],
+     "--timesteps: at most 10001 times"),
 ])
 def test_bad_flags(binary, models, tmp_path, args, expect):
     assert_error(binary, tmp_path, "--model", models["gmm_ctm"], *args, expect=expect)
@@ -444,6 +462,67 @@ def test_failure_mid_sampling_leaves_nothing(binary, models, tmp_path):
 def test_nan_samples_are_not_written(binary, models, tmp_path):
     assert_error(binary, tmp_path, "--model", models["nan"], "--num", "4",
                  expect="the jumper produced NaN/Inf")
+
+
+def special_file(kind: str, path: Path) -> Path:
+    import socket
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.close()
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "symlink":
+        (path.parent / "target.npy").write_bytes(b"target")
+        path.symlink_to(path.parent / "target.npy")
+    return path
+
+
+@pytest.mark.parametrize("kind,expect", [
+    ("fifo", "is a FIFO, not a regular file"), ("socket", "is a socket, not a regular file"),
+    ("directory", "is a directory, not a regular file"),
+    ("symlink", "is a symbolic link, not a regular file"),
+])
+def test_out_must_be_a_regular_file(binary, models, tmp_path, kind, expect):
+    """ctm_sample renamed its output over any non-directory path (a FIFO, a socket, a device
+    such as /dev/null became a regular file, and the run exited 0)."""
+    out = special_file(kind, tmp_path / "out.npy")
+    proc = run(binary, "--model", models["gmm_ctm"], "--out", out, "--num", "2", check=False)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0], proc.stderr
+    assert not os.path.isfile(out) or kind == "symlink"
+    assert kind != "symlink" or (out.is_symlink() and out.read_bytes() == b"target")
+
+
+def test_out_may_not_be_a_device(binary, models):
+    before = os.stat("/dev/null")
+    proc = run(binary, "--model", models["gmm_ctm"], "--out", "/dev/null", "--num", "2",
+               check=False)
+    assert proc.returncode == 2 and "/dev/null: is a character device" in proc.stderr
+    after = os.stat("/dev/null")
+    assert (after.st_ino, after.st_rdev) == (before.st_ino, before.st_rdev)
+
+
+def test_out_may_not_be_the_model(binary, models, tmp_path):
+    model = tmp_path / "model.pt"
+    model.write_bytes(models["gmm_ctm"].read_bytes())
+    (tmp_path / "hard.npy").hardlink_to(model)
+    (tmp_path / "soft.npy").symlink_to(model)
+    for out in (model, tmp_path / "." / "model.pt", tmp_path / "hard.npy"):
+        proc = run(binary, "--model", model, "--out", out, "--num", "2", check=False)
+        assert proc.returncode == 2 and "is the model file" in proc.stderr, (out, proc.stderr)
+    assert model.read_bytes() == models["gmm_ctm"].read_bytes()
+    # an image model named like the PNG grid of --out
+    image = tmp_path / "samples.png"
+    image.write_bytes(models["mlp"].read_bytes())
+    proc = run(binary, "--model", image, "--out", tmp_path / "samples.npy", "--num", "2",
+               check=False)
+    assert proc.returncode == 2 and "--out's .png " in proc.stderr and "is the model file" \
+        in proc.stderr, proc.stderr
+    assert image.read_bytes() == models["mlp"].read_bytes()
+    assert not (tmp_path / "samples.npy").exists()
 
 
 def test_error_keeps_existing_output(binary, models, tmp_path):

@@ -65,6 +65,7 @@ import random  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -1529,6 +1530,59 @@ def ownership_cases(T: Templates) -> list[Case]:
     return cases
 
 
+def _record_offset(path: Path, suffix: str) -> tuple[int, int]:
+    """(offset, stored size) of the bytes of the zip member ending in `suffix`."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(suffix))
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little")
+    e = int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    return info.header_offset + 30 + n + e, info.compress_size
+
+
+def flip_bit_in_record(path: Path, suffix: str, where: float = 0.5) -> None:
+    """Flip one bit of the stored bytes of the zip member ending in `suffix` (a transmission
+    error: the zip's CRC no longer matches)."""
+    offset, size = _record_offset(path, suffix)
+    raw = bytearray(path.read_bytes())
+    raw[offset + int(size * where)] ^= 0x08
+    path.write_bytes(bytes(raw))
+
+
+def reseal_with_meta(path: Path, edit: Callable[[str], str]) -> None:
+    """Rewrite the jumper's meta.json text with `edit` and seal the archive again (a digest
+    that matches: what a buggy or hostile exporter would write); the meta rules must refuse."""
+    from core.integrity import seal_archive
+    edit_zip_member(path, "extra/meta.json", lambda b: edit(b.decode()).encode())
+    path.write_bytes(seal_archive(path.read_bytes()))
+
+
+def meta_value(key: str, text: str) -> Callable[[str], str]:
+    """meta.json text with `key`'s value replaced by the JSON text `text`."""
+    def edit(meta: str) -> str:
+        items = {k: json.dumps(v) for k, v in json.loads(meta).items()}
+        items[key] = text
+        return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in items.items()) + "}"
+    return edit
+
+
+def aoti_template(T: Templates) -> Path:
+    """jumper.pt2 (and its sidecar) exported once from the quick run (AOTInductor compiles for
+    a minute), for the .pt2 cases; a folder holding both."""
+    folder = T.root / "aoti"
+    if not (folder / "out" / "jumper.pt2.sha256").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        T.copy_out("quick", folder)
+        (folder / "config.toml").write_text(textwrap.dedent(QUICK_CONFIG))
+        r = run_inprocess([str(folder / "config.toml"), "--no-progress", "--set",
+                           "export.aoti=true", "--stages", "export", "--force"], folder,
+                          timeout=RUN_TIMEOUT)
+        if r.rc != 0:
+            raise TemplateError(f"could not export jumper.pt2 (exit {r.rc}): {r.stderr[-500:]}")
+    return folder / "out"
+
+
 def live_run_id() -> str:
     """``ctmkit-<pid>-<start>`` of this (live) process, as its temporaries carry it."""
     from core.io import run_id
@@ -1564,9 +1618,151 @@ def bind_socket(path: Path) -> None:
 
 
 def integrity_cases(T: Templates) -> list[Case]:
-    """Every byte a loader reads is covered by a digest checked before use (item 2)."""
+    """Every byte a loader reads is covered by a digest checked before use (item 2): the
+    TorchScript jumper's code, constants, data.pkl and meta.json (extra/archive_sha256), the
+    .pt2 package as a whole (its sidecar), in core.run and in ctm_sample; meta.json values that
+    a sealed archive may still hold wrongly."""
     cases: list[Case] = []
+    sample = ("--stages", "sample", "--force")
+    evaluate = ("--stages", "evaluate", "--force")
+
+    def run_case_(name: str, damage: Callable[[Path], None], *stages: str) -> None:
+        def prepare(d: Path) -> list[str]:
+            out = T.copy_out("quick", d)
+            (d / "config.toml").write_text(textwrap.dedent(QUICK_CONFIG))
+            damage(out / "jumper.pt")
+            return [str(d / "config.toml"), *(stages or sample)]
+        cases.append(Case("integrity", name, prepare))
+
+    def binary_case(name: str, damage: Callable[[Path], None] | None,
+                    argv: Callable[[Path], list[str]] | None = None, pt2: bool = False) -> None:
+        def prepare(d: Path) -> list[str]:
+            model = "jumper.pt2" if pt2 else "jumper.pt"
+            src = aoti_template(T) if pt2 else T.quick / "out"
+            shutil.copy(src / model, d / model)
+            if pt2:
+                shutil.copy(src / (model + ".sha256"), d / (model + ".sha256"))
+            if damage:
+                damage(d / model)
+            return argv(d) if argv else ["--model", model, "--out", "x.npy", "--num", "4"]
+        cases.append(Case("integrity", name, prepare, how="binary", out="x.npy"))
+
+    pkl_constant = ("data.pkl", lambda b: b.replace(struct.pack(">d", 0.5),
+                                                    struct.pack(">d", 0.75), 1))
+    code_edit = ("code/__torch__/core/jumper.py", lambda b: b.replace(b"expand", b"expanD", 1))
+    meta_edit = ("extra/meta.json", lambda b: b.replace(b'"t_max": 80.0', b'"t_max": 40.0', 1))
+    bad_metas = {
+        "t_min-a-string": ("t_min", '"0.002"'), "t_min-true": ("t_min", "true"),
+        "sigma_data-infinity": ("sigma_data", "Infinity"), "version-true": ("version", "true"),
+        "shape-9-dims": ("shape", "[1, 1, 1, 1, 1, 1, 1, 1, 2]"),
+        "shape-2^24-values-and-1": ("shape", "[2, 8388609]"),
+        "num_classes-2^31": ("num_classes", "2147483648"),
+        "num_classes-false": ("num_classes", "false"),
+        "nested-100-deep": ("notes", "[" * 100 + "]" * 100),
+        "precond-a-number": ("precond", "7"),
+        "shape-does-not-fit": ("shape", "[7]"),   # valid meta: the load probe refuses it
+    }
+
+    # --- core.run: the jumper read by 'sample' / 'evaluate' ---
+    for what, suffix in (("code", "code/__torch__/core/jumper.py"), ("data.pkl", "data.pkl"),
+                         ("constants.pkl", "constants.pkl"), ("meta.json", "extra/meta.json"),
+                         ("version-record", "archive/version"),
+                         ("digest-record", "extra/archive_sha256")):
+        run_case_(f"jumper-bit-flip-in-{what}", lambda p, s=suffix: flip_bit_in_record(p, s))
+    run_case_("jumper-bit-flip-in-code-evaluate",
+              lambda p: flip_bit_in_record(p, "core/edm.py"), *evaluate)
+    run_case_("jumper-data.pkl-constant-edited", lambda p: edit_zip_member(p, *pkl_constant))
+    run_case_("jumper-code-edited", lambda p: edit_zip_member(p, *code_edit))
+    run_case_("jumper-meta.json-t_max-edited", lambda p: edit_zip_member(p, *meta_edit))
+    run_case_("jumper-meta.json-t_max-edited-evaluate",
+              lambda p: edit_zip_member(p, *meta_edit), *evaluate)
+    run_case_("jumper-from-before-the-archive-digest",
+              lambda p: edit_zip_member(p, "extra/archive_sha256", lambda b: None))
+    run_case_("jumper-digest-record-not-hex",
+              lambda p: edit_zip_member(p, "extra/archive_sha256", lambda b: b"z" * 64))
+    run_case_("jumper-second-meta.json-record",
+              lambda p: _append_record(p, "extra/meta.json", b'{"format": "ctmkit.jumper"}'))
+    run_case_("jumper-zip-bomb-record",
+              lambda p: _append_record(p, "extra/bomb", bytes(256 << 20), zipfile.ZIP_DEFLATED))
+    run_case_("jumper-record-outside-the-top-folder",
+              lambda p: _append_record(p, "../evil.py", b"print('x')", top=False))
+    for name, (key, text) in bad_metas.items():
+        run_case_(f"jumper-sealed-meta-{name}", lambda p, k=key, t=text:
+                  reseal_with_meta(p, meta_value(k, t)))
+
+    # --- ctm_sample on the same damage ---
+    binary_case("model-bit-flip-in-code", lambda p: flip_bit_in_record(p, "core/jumper.py"))
+    binary_case("model-bit-flip-in-data.pkl", lambda p: flip_bit_in_record(p, "data.pkl"))
+    binary_case("model-bit-flip-in-meta.json", lambda p: flip_bit_in_record(p, "meta.json"))
+    binary_case("model-data.pkl-constant-edited", lambda p: edit_zip_member(p, *pkl_constant))
+    binary_case("model-code-edited", lambda p: edit_zip_member(p, *code_edit))
+    binary_case("model-meta.json-t_max-edited", lambda p: edit_zip_member(p, *meta_edit))
+    binary_case("model-from-before-the-archive-digest",
+                lambda p: edit_zip_member(p, "extra/archive_sha256", lambda b: None))
+    binary_case("model-zip-bomb-record",
+                lambda p: _append_record(p, "extra/bomb", bytes(256 << 20), zipfile.ZIP_DEFLATED))
+    binary_case("model-second-meta.json-record",
+                lambda p: _append_record(p, "extra/meta.json", b'{"format": "ctmkit.jumper"}'))
+    for name, (key, text) in bad_metas.items():
+        binary_case(f"model-sealed-meta-{name}", lambda p, k=key, t=text:
+                    reseal_with_meta(p, meta_value(k, t)))
+
+    # --- .pt2 packages: the whole file against its sidecar, before anything loads it ---
+    binary_case("pt2-bit-flip-in-library", lambda p: flip_bit_in_record(p, ".so", 0.3),
+                pt2=True)
+    binary_case("pt2-bit-flip-in-wrapper-code", lambda p: flip_bit_in_record(p, "wrapper.cpp"),
+                pt2=True)
+    binary_case("pt2-bit-flip-in-metadata",
+                lambda p: flip_bit_in_record(p, "wrapper_metadata.json"), pt2=True)
+    binary_case("pt2-without-sidecar", lambda p: Path(str(p) + ".sha256").unlink(), pt2=True)
+    binary_case("pt2-sidecar-not-a-digest",
+                lambda p: Path(str(p) + ".sha256").write_text("hello\n"), pt2=True)
+    binary_case("pt2-sidecar-a-fifo", lambda p: (Path(str(p) + ".sha256").unlink(),
+                                                 os.mkfifo(str(p) + ".sha256")), pt2=True)
+    binary_case("pt2-sidecar-to-dev-zero", lambda p: (
+        Path(str(p) + ".sha256").unlink(), Path(str(p) + ".sha256").symlink_to("/dev/zero")),
+        pt2=True)
+    binary_case("pt2-truncated-with-old-sidecar", lambda p: truncate(p, 0.9), pt2=True)
+
+    # --- ctm_sample --out: only regular files are replaced, never the model ---
+    def out_case(name: str, make: Callable[[Path], str], pt2: bool = False) -> None:
+        binary_case(name, None, lambda d: ["--model", "jumper.pt2" if pt2 else "jumper.pt",
+                                           "--out", make(d), "--num", "4"], pt2=pt2)
+    out_case("out-dev-null", lambda d: "/dev/null")
+    out_case("out-a-fifo", lambda d: (os.mkfifo(d / "fifo.npy"), "fifo.npy")[1])
+    out_case("out-a-symlink-to-dev-null",
+             lambda d: ((d / "l.npy").symlink_to("/dev/null"), "l.npy")[1])
+    out_case("out-a-hard-link-of-the-model",
+             lambda d: ((d / "h.npy").hardlink_to(d / "jumper.pt"), "h.npy")[1])
+    out_case("out-the-model-by-another-path",
+             lambda d: ((d / "sub").mkdir(), "sub/../jumper.pt")[1])
+    out_case("out-the-pt2-sidecar", lambda d: "jumper.pt2.sha256", pt2=True)
+    out_case("out-a-socket", lambda d: _socket(d / "s.npy"))
+
+    # --- ctm_sample counts: one line naming the flag and the bound ---
+    for flag, value in (("--steps", "10001"), ("--num", "2147483648"), ("--batch", "1048577"),
+                        ("--threads", "1025"), ("--warmup", "101"),
+                        ("--timesteps", ",".join(f"{80 - k * 1e-3:.4f}" for k in range(10002)))):
+        binary_case(f"flag{flag}-beyond-its-bound", None,
+                    lambda d, f=flag, v=value: ["--model", "jumper.pt", "--out", "x.npy", f, v])
     return cases
+
+
+def _append_record(path: Path, name: str, data: bytes, compression: int = zipfile.ZIP_STORED,
+                   top: bool = True) -> None:
+    """Append a record `<top folder>/name` (or `name` itself) to a zip archive."""
+    import warnings
+    with zipfile.ZipFile(path) as z:
+        first = z.namelist()[0].split("/")[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)          # "Duplicate name"
+        with zipfile.ZipFile(path, "a", compression=compression) as z:
+            z.writestr(f"{first}/{name}" if top else name, data)
+
+
+def _socket(path: Path) -> str:
+    bind_socket(path)
+    return path.name
 
 
 def edm_snapshot_bytes(state: dict) -> bytes:
@@ -1827,7 +2023,7 @@ def main(argv=None) -> int:
         classes = args.only or list(CLASSES)
         cases = [c for cls in classes for c in builders[cls](templates)]
         if binary_problem:
-            cases = [c for c in cases if c.cls != "ctm_sample"]
+            cases = [c for c in cases if c.how != "binary"]
         outcomes: list[Outcome] = []
         bar = progress_bar(term_err, len(cases), "bad inputs")
         for i, case in enumerate(cases):

@@ -52,13 +52,19 @@ NOTES = {
 # shape = [..]               # for .npz / .h5
 # ... or a dataset plugin, named by format (images: [N, C, H, W] in [-1, 1]):
 # format = "idx"             # folder | array | idx | cifar10 | edm | any dataset plugin
-#   every format: path, hflip = false, limit = N, conditional = true (false drops labels)
-#   folder:  channels = 3 (1 | 3), resolution = R (bicubic resize; else all sizes must match)
+#   every format: path, hflip = false, limit = N, conditional = true (false drops labels),
+#     cache_dir = "<folder>" (default out_dir/datastore: the uint8 stores decoded once, shared
+#     by every run, stage and rank; a folder on a shared filesystem serves several nodes)
+#   folder:  channels = 3 (1 | 3), resolution = R (bicubic resize; else all sizes must match),
+#            transform = "none" | "center-crop" (dataset_tool's: crop, then Lanczos to R),
+#            workers = min(8, cores) (decode processes)
 #   array:   layout = "auto" | "NCHW" | "NHWC", range = "auto" | "unit" | "byte"
+#            (a .npy is memory-mapped in place; .npz / .h5 arrays are loaded)
 #   idx:     split = "train" | "test" (path = folder), labels = "<labels file>" (default: found)
 #   cifar10: split = "train" | "test" (path = cifar-10-batches-py; trusted pickles)
 #   edm:     path = "cifar10-32x32.zip" (or its folder): NVlabs/edm dataset_tool output,
-#            PNGs in sorted name order, labels from dataset.json; read in place, sizes checked""",
+#            PNGs in sorted name order, labels from dataset.json; sizes checked;
+#            resolution, transform and workers as for folder""",
     "network": """\
 # mlp:  width = 256, depth = 4, emb_dim = 64
 # unet: model_channels = 32, channel_mult = [1, 2, 2], num_blocks = 2,

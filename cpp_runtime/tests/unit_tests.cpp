@@ -1,6 +1,7 @@
 // Unit tests of the LibTorch-free parts of ctm_sample: JSON reader, meta.json validation,
 // command line, rho grid, NPY header, CRC-32, PNG grid, atomic files. Run by ctest and by
 // tests/test_cpp_sampler.py; prints failures and exits non-zero when any check fails.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "errors.hpp"
+#include "integrity.hpp"
 #include "json.hpp"
 #include "meta.hpp"
 #include "options.hpp"
@@ -138,7 +140,7 @@ void test_meta() {
                  "shape is too large");
     for (const char* bad : {"-1", "1.5", "\"3\"", "null"})
         EXPECT_THROW(UserError, ctm::parse_meta(meta_json("num_classes", bad), "m"),
-                     "num_classes must be an integer >= 0");
+                     "num_classes must be an integer in 0..");
     EXPECT_THROW(UserError, ctm::parse_meta(meta_json("dtype", "\"float16\""), "m"),
                  "neither float32 nor float64");
     EXPECT_THROW(UserError, ctm::parse_meta(meta_json("precond", "3"), "m"),
@@ -227,6 +229,26 @@ void test_grid_and_meta_checks() {
     EXPECT_THROW(UserError, ctm::check_against_meta(o, m), "expected 0 <= C < 3, got 3");
     EXPECT_THROW(UserError, ctm::check_against_meta(o, ctm::parse_meta(meta_json(), "m")),
                  "unconditional");
+    // values per batch: 3 x 512 x 512 = 786432 values per sample, 341 samples in 2^28
+    ctm::JumperMeta big = ctm::parse_meta(meta_json("shape", "[3, 512, 512]"), "m");
+    o = parse({"--model", "j", "--out", "o", "--batch", "341"});
+    ctm::check_against_meta(o, big);
+    o = parse({"--model", "j", "--out", "o", "--batch", "342"});
+    EXPECT_THROW(UserError, ctm::check_against_meta(o, big),
+                 "--batch: at most 268435456 values per batch (341 samples of this model), "
+                 "got 342");
+    o = parse({"--model", "j", "--out", "o", "--batch", "342", "--num", "341"});
+    ctm::check_against_meta(o, big);   // the batch is min(--batch, --num)
+    // flag bounds
+    EXPECT_THROW(UserError, parse({"--model", "j", "--out", "o", "--steps", "10001"}),
+                 "--steps: at most 10000, got '10001'");
+    CHECK(parse({"--model", "j", "--out", "o", "--steps", "10000"}).steps == 10000);
+    EXPECT_THROW(UserError, parse({"--model", "j", "--out", "o", "--threads", "1025"}),
+                 "--threads: at most 1024");
+    EXPECT_THROW(UserError, parse({"--model", "j", "--out", "o", "--warmup", "101"}),
+                 "--warmup: at most 100");
+    EXPECT_THROW(UserError, parse({"--model", "j", "--out", "o", "--batch", "1048577"}),
+                 "--batch: at most 1048576");
 }
 
 void test_output() {
@@ -292,6 +314,37 @@ void test_output() {
     EXPECT_THROW(UserError, ctm::check_output_path(dir.string()), "is a directory");
     EXPECT_THROW(UserError, ctm::AtomicFile((dir / "nope" / "x.npy").string()),
                  "cannot create a file there");
+    EXPECT_THROW(UserError, ctm::check_output_path("/dev/null"), "is a character device");
+    fs::create_symlink(target, dir / "link.npy");
+    EXPECT_THROW(UserError, ctm::check_output_path((dir / "link.npy").string()),
+                 "is a symbolic link");
+    EXPECT_THROW(UserError, ctm::check_not_input((dir / "link.npy").string(), target),
+                 "is the model file");
+    EXPECT_THROW(UserError, ctm::check_not_input(target + ".sha256", target),
+                 "is the model's digest file");
+    ctm::check_not_input((dir / "other.npy").string(), target);
+    fs::remove_all(dir);
+}
+
+void test_sidecar() {   // core/integrity.py: write_sidecar / check_sidecar
+    namespace fs = std::filesystem;
+    fs::path dir = fs::temp_directory_path() / ("ctm_sidecar_" + std::to_string(::getpid()));
+    fs::create_directories(dir);
+    const std::string pkg = (dir / "j.pt2").string();
+    EXPECT_THROW(UserError, ctm::check_sidecar(pkg, "abc"),
+                 "no digest file j.pt2.sha256 beside it");
+    auto write = [&](const std::string& text) { std::ofstream(pkg + ".sha256") << text; };
+    write("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad  j.pt2\n");
+    ctm::check_sidecar(pkg, "abc");
+    EXPECT_THROW(UserError, ctm::check_sidecar(pkg, "abd"),
+                 "jumper is corrupt or altered (its SHA-256 does not match j.pt2.sha256)");
+    write("BA7816BF  j.pt2\n");
+    EXPECT_THROW(UserError, ctm::check_sidecar(pkg, "abc"), "not a SHA-256 digest file");
+    write(std::string(5000, 'a'));
+    EXPECT_THROW(UserError, ctm::check_sidecar(pkg, "abc"), "not a SHA-256 digest file");
+    fs::remove(pkg + ".sha256");
+    CHECK(::mkfifo((pkg + ".sha256").c_str(), 0600) == 0);   // would block an open
+    EXPECT_THROW(UserError, ctm::check_sidecar(pkg, "abc"), "not a regular file");
     fs::remove_all(dir);
 }
 
@@ -319,6 +372,7 @@ int main() {
     test_options();
     test_grid_and_meta_checks();
     test_output();
+    test_sidecar();
     std::printf("%d checks, %d failures\n", g_checks, g_failures);
     return g_failures == 0 ? 0 : 1;
 }

@@ -21,15 +21,18 @@ class SlicedW2(Metric):
 
     def compute(self, samples, reference_dataset, cache_dir):
         x = samples.reshape(len(samples), -1).double()
-        y = reference_dataset.x.reshape(len(reference_dataset), -1).double()
         g = torch.Generator().manual_seed(self.seed)
         v = torch.randn(x.shape[1], self.projections, generator=g, dtype=torch.float64)
         v = v / v.norm(dim=0, keepdim=True)
-        q = torch.linspace(0.0, 1.0, min(len(x), len(y)), dtype=torch.float64)
+        # the reference set is read batch by batch (Dataset.batches): only its projections
+        # [N, projections] are held, never the images themselves
+        y_proj = torch.cat([b.reshape(len(b), -1).double() @ v
+                            for b in reference_dataset.batches(1024)])
+        q = torch.linspace(0.0, 1.0, min(len(x), len(y_proj)), dtype=torch.float64)
         px = torch.quantile((x @ v), q, dim=0)
-        py = torch.quantile((y @ v), q, dim=0)
+        py = torch.quantile(y_proj, q, dim=0)
         self.reference = {"source": "dataset", "fingerprint": reference_dataset.fingerprint(),
-                          "num": len(y)}
+                          "num": len(y_proj)}
         return {"swd": float(((px - py) ** 2).mean().sqrt())}
 
     def describe(self):

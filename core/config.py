@@ -45,7 +45,7 @@ STAGES = ("teacher", "coefficients", "distill", "export", "sample", "evaluate")
 
 #: Top-level tables a config may contain.
 KNOWN_SECTIONS = ("run", "diffusion", "data", "network", "teacher", "teacher_train", "precond",
-                  "coefficients", "student", "distill", "export", "sample", "evaluate")
+                  "coefficients", "student", "distill", "export", "sample", "evaluate", "gap")
 
 
 class Section:
@@ -479,6 +479,24 @@ class EvaluateCfg:
                           "quality.schedules.K", example=_SCHEDULE)
 
 
+def _from_evaluate(name: str) -> Derived:
+    return Derived(f"[evaluate] {name}", lambda c: getattr(c["evaluate"], name))
+
+
+@dataclass(kw_only=True)
+class GapCfg:
+    """``ctmkit gap`` (core/gap.py): the consistency gap of the teacher-initialised jumper."""
+    steps: list[int] = key("ints", _from_evaluate("steps"), "step counts whose rho-grid jumps "
+                           "are measured", min=1, max=MAX_GRID)
+    schedules: dict = key("schedules", _from_evaluate("schedules"), "explicit schedules, as "
+                          "[evaluate] schedules", example=_SCHEDULE)
+    num: int = key("int", _from_evaluate("num"), "teacher ODE solutions from fixed noise",
+                   min=2, max=MAX_SAMPLES)
+    seed: int = key("seed", _from_evaluate("seed"), "the noise")
+    dtype: str = key("str", "auto", "auto: float64 for analytic teachers (those that sample "
+                     "their data), float32 for networks", choices=("auto", "float32", "float64"))
+
+
 @dataclass(kw_only=True)
 class TrainCfg:
     """Keys shared by [teacher_train] and [distill]."""
@@ -585,7 +603,7 @@ def declared() -> dict[str, list[Key]]:
             "teacher_train": keys(TeacherTrainCfg), "precond": PLUGIN_KEYS["precond"],
             "coefficients": keys(CoefficientsCfg), "student": keys(StudentCfg),
             "distill": keys(DistillCfg), "export": keys(ExportCfg), "sample": keys(SampleCfg),
-            "evaluate": keys(EvaluateCfg)}
+            "evaluate": keys(EvaluateCfg), "gap": keys(GapCfg)}
 
 
 @dataclass
@@ -608,6 +626,7 @@ class Config:
     sampler_options: Section     # the rest of [sample], read by the sampler plugin
     raw: dict = field(repr=False, default_factory=dict)
     sections: dict = field(repr=False, default_factory=dict)
+    gap: GapCfg | None = None    # [gap]: read by ``ctmkit gap`` only
 
     @property
     def teacher_kind(self) -> str:
@@ -762,7 +781,8 @@ def parse_config(raw: dict, path: Path) -> Config:
             s.fail("timesteps", "must hold at least two strictly decreasing times")
         sample.steps = len(ts) - 1
 
-    ev = _read(EvaluateCfg, sec["evaluate"], ctx)
+    ev = ctx["evaluate"] = _read(EvaluateCfg, sec["evaluate"], ctx)
+    gap = _read(GapCfg, sec["gap"], ctx)
     tt = _read(TeacherTrainCfg, sec["teacher_train"], ctx)
     ds = _read(DistillCfg, sec["distill"], ctx)
     for name, t in (("teacher_train", tt), ("distill", ds)):
@@ -775,7 +795,7 @@ def parse_config(raw: dict, path: Path) -> Config:
         for k in ks:
             sec[name].data.setdefault(k.name, k.read(sec[name], ctx))
     for name in ("run", "diffusion", "coefficients", "student", "export", "evaluate",
-                 "teacher_train"):
+                 "teacher_train", "gap"):
         sec[name].finish()
     # [distill]: the loss plugin may read more keys (e.g. max_ode_steps); checked at its stage
     # [sample]: host keys are read above; the remaining keys belong to the sampler plugin.
@@ -783,7 +803,7 @@ def parse_config(raw: dict, path: Path) -> Config:
                   export=export, sample=sample, evaluate=ev, student=student,
                   teacher_train=tt, distill=ds, data=sec["data"], network=sec["network"],
                   teacher=teacher, precond=precond, sampler_options=sec["sample"], raw=raw,
-                  sections=sec)
+                  sections=sec, gap=gap)
 
 
 def _check_lr_schedule(t: TrainCfg, s: Section) -> None:

@@ -442,12 +442,13 @@ def cache_folder(options, ctx) -> Optional[Path]:
     return Path(out_dir) / "datastore" if out_dir is not None else None
 
 
-def file_digest_cached(path: Path, cache_dir: Optional[Path]) -> str:
-    """The SHA-256 of a file's bytes, remembered in `cache_dir` by (path, inode, size, mtime):
-    a large mapped .npy is hashed once, not on every run by every rank."""
-    from core.io import file_digest, save_json
+def once_per_version(path: Path, cache_dir: Optional[Path], what: str, compute):
+    """``compute()`` (a JSON value) remembered in `cache_dir` by `what` and the file's (path,
+    inode, size, mtime): what reads a whole large file (its digest, its value check) is done
+    once per version of the file, not on every run by every rank. No cache: computed."""
+    from core.io import save_json
 
-    stat = dict(_stat_key(path), path=str(Path(path).resolve()))
+    stat = dict(_stat_key(path), path=str(Path(path).resolve()), what=what)
     memo = None
     if cache_dir is not None:
         name = hashlib.sha256(json.dumps(stat, sort_keys=True).encode()).hexdigest()[:24]
@@ -455,10 +456,17 @@ def file_digest_cached(path: Path, cache_dir: Optional[Path]) -> str:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             found = json.loads(memo.read_text())
             if found["stat"] == stat:
-                return found["sha256"]
-    digest = file_digest(path)
+                return found["value"]
+    value = compute()
     if memo is not None:
         with contextlib.suppress(OSError):
             make_cache_folder(Path(cache_dir))
-            save_json(memo, {"stat": stat, "sha256": digest})
-    return digest
+            save_json(memo, {"stat": stat, "value": value})
+    return value
+
+
+def file_digest_cached(path: Path, cache_dir: Optional[Path]) -> str:
+    """The SHA-256 of a file's bytes, once per version of the file (`once_per_version`)."""
+    from core.io import file_digest
+
+    return once_per_version(path, cache_dir, "sha256", lambda: file_digest(path))

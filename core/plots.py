@@ -100,3 +100,40 @@ def plot_samples(x: np.ndarray, path: Path, title: str, reference: np.ndarray | 
         ax.set_aspect("equal", "datalim")
     ax.set_title(title)
     _save(fig, path)
+
+
+def plot_gap(results: dict, path: Path) -> None:
+    """``ctmkit gap``'s figure: per preconditioning, the consistency gap (RMS) over the training
+    grid's (t, s) pairs, on one log colour scale (drawn as Fig. 4 draws g(t, s)), and below, the
+    gap per jump of each schedule against the jump's start time."""
+    from matplotlib.colors import LogNorm
+
+    plt = _plt()
+    n = len(results)
+    fig, ax = plt.subplots(2, n, figsize=(3.6 * n + 1, 6.8), squeeze=False)
+    gaps = [p["gap_rms"] for r in results.values() for p in r["train_grid"]["pairs"]
+            if p["gap_rms"] > 0]
+    norm = LogNorm(vmin=min(gaps, default=1e-12), vmax=max(gaps, default=1.0))
+    for i, (label, r) in enumerate(results.items()):
+        pairs = r["train_grid"]["pairs"]
+        ts = sorted({p["t"] for p in pairs} | {p["s"] for p in pairs})
+        index = {t: j for j, t in enumerate(ts)}
+        z = np.full((len(ts), len(ts)), np.nan)
+        for p in pairs:
+            z[index[p["s"]], index[p["t"]]] = max(p["gap_rms"], norm.vmin)
+        a = ax[0, i]
+        im = a.pcolormesh(np.log(ts), np.log(ts), z, shading="nearest", norm=norm)
+        a.set_title(f"gap(t, s): {label}\ngrid RMS {r['train_grid']['gap_rms']:.3g}",
+                    fontsize=9)
+        a.set_xlabel("log t")
+        a.set_ylabel("log s")
+        b = ax[1, i]
+        for K, jumps in r["schedules"].items():
+            b.plot([np.log(j["t"]) for j in jumps], [j["gap_rms"] for j in jumps], "o-",
+                   label=f"{K} steps")
+        b.set_yscale("log")
+        b.set_xlabel("log t (jump start)")
+        b.set_ylabel("gap RMS")
+        b.legend(fontsize=7)
+    fig.colorbar(im, ax=list(ax[0]))
+    _save(fig, path)

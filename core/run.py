@@ -96,8 +96,14 @@ def torch_jit_error() -> type:
 
 
 def main(argv=None) -> int:
+    argv_list = sys.argv[1:] if argv is None else list(argv)
+    if argv_list[:1] == ["gap"]:          # ``ctmkit gap config.toml``: core/gap.py
+        from core.gap import main as gap_main
+        return gap_main(argv_list[1:])
     p = _Parser(prog="python -m core.run", description="ctmkit: distill a diffusion teacher "
-                "into a few-step consistency (trajectory) model.")
+                "into a few-step consistency (trajectory) model.",
+                epilog="ctmkit gap config.toml: the consistency gap of each preconditioning "
+                       "for this teacher, before training (ctmkit gap --help)")
     p.add_argument("config", nargs="?", help="config.toml")
     p.add_argument("--stages", help="comma-separated stages overriding [run] stages")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

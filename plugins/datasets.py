@@ -131,7 +131,8 @@ from core.bounds import load_json
 from core.data import check_array_sizes, one_line as _one_line, read_array_file
 from core.datasets import Dataset, digest
 from core.datastore import (ImageStore, MappedArray, Plan, cache_folder, decode_in_memory,
-                            default_workers, file_digest_cached, open_or_build, store_key)
+                            default_workers, file_digest_cached, once_per_version, open_or_build,
+                            store_key)
 from core.errors import UserError
 from core.hookspecs import hookimpl
 
@@ -528,7 +529,8 @@ def _array(options, ctx) -> Dataset:
                         settings, name)
     if mapped is not None and mapped.dtype.kind == "f":     # float: mapped as it is
         x = _take(mapped, common.limit)
-        _check_in_chunks(x, value_range, path)
+        once_per_version(path, cache, f"values in range {value_range}, first {len(x)} rows",
+                         lambda: _check_in_chunks(x, value_range, path) or True)
         per_batch = lambda b: _scale_checked(b, value_range, path).numpy()   # noqa: E731
         return _dataset("array", MappedArray(x, per_batch), None, common,
                         [file_digest_cached(path, cache)], settings, name)

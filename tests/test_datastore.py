@@ -362,3 +362,21 @@ def test_float_npy_is_mapped_as_it_is_and_checked(tmp_path):
     np.save(tmp_path / "nan.npy", bad)
     with pytest.raises(UserError, match="NaN or infinite"):
         _load(tmp_path, format="array", path="nan.npy", range="unit")
+
+
+def test_float_npy_values_are_checked_once_per_version_of_the_file(tmp_path, monkeypatch):
+    import plugins.datasets as P
+    unit = np.random.default_rng(3).random((9, 1, 3, 3)).astype(np.float32)
+    np.save(tmp_path / "u.npy", unit)
+    calls = []
+    check = P._check_in_chunks
+    monkeypatch.setattr(P, "_check_in_chunks", lambda *a, **k: calls.append(1) or check(*a, **k))
+    cache = str(tmp_path / "cache")
+    for _ in range(2):
+        _load(tmp_path, format="array", path="u.npy", range="unit", cache_dir=cache)
+    assert len(calls) == 1                       # the second run trusts the first's check
+    bad = unit.copy()
+    bad[0, 0, 0, 0] = np.inf                     # a new version of the file is checked again
+    np.save(tmp_path / "u.npy", bad)
+    with pytest.raises(UserError, match="NaN or infinite"):
+        _load(tmp_path, format="array", path="u.npy", range="unit", cache_dir=cache)

@@ -41,6 +41,7 @@ SECTIONS = {
     "export": "",
     "sample": "",
     "evaluate": "",
+    "gap": "ctmkit gap config.toml: the consistency gap, measured before training",
 }
 
 #: Keys read by plugins (and by core.data for [data]): notes, not declarations.
@@ -177,6 +178,7 @@ def render() -> str:
         for k in keys[name]:
             if k.kind != "table":
                 out += line(f"{k.name} = {toml(shown(k, ctx))}", comment(k))
+        ctx.setdefault(name, SimpleNamespace(**{k.name: shown(k, ctx) for k in keys[name]}))
         if name in NOTES:
             out += NOTES[name].split("\n")
         for k in tables:

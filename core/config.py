@@ -488,7 +488,8 @@ class GapCfg:
     """``ctmkit gap`` (core/gap.py): the consistency gap of the teacher-initialised jumper."""
     steps: list[int] = key("ints", _from_evaluate("steps"), "step counts whose rho-grid jumps "
                            "are measured", min=1, max=MAX_GRID)
-    schedules: dict = key("schedules", _from_evaluate("schedules"), "explicit schedules, as "
+    schedules: dict = key("schedules", Derived("[evaluate] schedules", lambda c: {
+        str(k): v for k, v in c["evaluate"].schedules.items()}), "explicit schedules, as "
                           "[evaluate] schedules", example=_SCHEDULE)
     num: int = key("int", _from_evaluate("num"), "teacher ODE solutions from fixed noise",
                    min=2, max=MAX_SAMPLES)

@@ -17,6 +17,13 @@ def one_line(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
+def first_line(e: BaseException, width: int = 120) -> str:
+    """The first line of an exception's message (at most `width` characters), or its class
+    name when it has none: what a one-line error quotes of a library's failure."""
+    text = str(e).strip()
+    return text.splitlines()[0][:width] if text else type(e).__name__
+
+
 class UserError(Exception):
     """Bad input: printed as one line, exit status 2. The message is kept on one line: control
     characters in it (e.g. a newline in a path it names) are escaped (`one_line`)."""

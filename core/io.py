@@ -29,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 #: the key under which a ctmkit .pt file stores the digest of the rest of its content
 DIGEST_KEY = "sha256"
@@ -253,9 +253,10 @@ def save_torch(path: str | os.PathLike, obj: dict) -> str:
     return digest
 
 
-def torch_load(path: str | os.PathLike, what: str):
+def torch_load(path: str | os.PathLike, what: str, mmap: bool = False):
     """torch.load(weights_only=True) of a regular file, with a one-line UserError for missing,
-    truncated or foreign files (no digest check: for files ctmkit did not write)."""
+    truncated or foreign files (no digest check: for files ctmkit did not write). `mmap`: the
+    tensors stay in the file, mapped (a reader of the metadata alone reads little of it)."""
     import torch
 
     path = regular_file(path, what)
@@ -263,10 +264,9 @@ def torch_load(path: str | os.PathLike, what: str):
     try:
         with warnings.catch_warnings():   # torch warns before refusing a TorchScript archive
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, pickle rejected by weights_only, ...
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"{path}: unreadable {what} ({first})") from None
+        raise UserError(f"{path}: unreadable {what} ({first_line(e)})") from None
 
 
 def load_torch(path: str | os.PathLike, what: str, fmt: str | None = None,
@@ -274,7 +274,13 @@ def load_torch(path: str | os.PathLike, what: str, fmt: str | None = None,
     """Read a ctmkit .pt file: a dict whose ``format`` is `fmt`, whose ``sha256`` matches its
     content, and which has each of `keys` ({name: type or tuple of types}). One line otherwise.
     Returns the dict, ``sha256`` included (the file's content fingerprint)."""
-    obj = torch_load(path, what)
+    return check_torch(torch_load(path, what), path, what, fmt, keys)
+
+
+def check_torch(obj, path: str | os.PathLike, what: str, fmt: str | None = None,
+                keys: dict | None = None) -> dict:
+    """`load_torch`'s checks of an object `torch_load` read from `path` (for a reader that must
+    look at the object before it knows which format to expect)."""
     if not isinstance(obj, dict) or (fmt is not None and obj.get("format") != fmt):
         raise UserError(f"{path}: not a ctmkit {what}")
     stored = obj.get(DIGEST_KEY)

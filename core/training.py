@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from core import distributed as dist
 from core.bounds import check_state_dict
-from core.errors import UserError
+from core.errors import UserError, first_line
 from core.io import atomic_path, save_torch
 
 CKPT_FORMAT, CKPT_VERSION = "ctmkit.checkpoint", 1
@@ -101,8 +101,7 @@ def restore(state: dict, modules: dict, optimizer, path: Path | str = "checkpoin
             m.load_state_dict(state["modules"][k])
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"{path}: checkpoint does not fit the model ({first})") from None
+        raise UserError(f"{path}: checkpoint does not fit the model ({first_line(e)})") from None
     return int(state["iteration"])
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from torch import nn
 
-from core.errors import UserError
-from core.io import file_digest, load_torch
+from core.errors import UserError, first_line
+from core.io import check_torch, file_digest, torch_load
 
 
 @dataclass
@@ -64,10 +64,8 @@ def source_file(path: Path) -> Path:
 
 def record(path: Path) -> dict:
     """For run.json: the source file, its SHA-256 and its run's iteration."""
-    from core.io import torch_load
-
     f = source_file(Path(path))
-    obj = torch_load(f, "warm-start file")
+    obj = torch_load(f, "warm-start file", mmap=True)      # the header, not the tensors
     it = obj.get("iteration") if isinstance(obj, dict) else None
     return {"path": str(f), "sha256": file_digest(f),
             "iteration": it if isinstance(it, int) else None}
@@ -78,20 +76,19 @@ def load(path: Path, init_ema: bool, init_optimizer: bool, teacher_fingerprint: 
     """Read and check the source (its content digest, format, teacher, preconditioning)."""
     from core.students import FORMAT as STUDENT_FORMAT
     from core.training import CKPT_FORMAT
-    from core.io import torch_load
 
     f = source_file(Path(path))
-    obj = torch_load(f, "warm-start file")
+    obj = torch_load(f, "warm-start file")                 # read once, then checked
     fmt = obj.get("format") if isinstance(obj, dict) else None
     if fmt == STUDENT_FORMAT:
-        state = load_torch(f, "student file", STUDENT_FORMAT, keys={"state_dict": dict})
+        state = check_torch(obj, f, "student file", STUDENT_FORMAT, keys={"state_dict": dict})
         kind, iteration = "student", state.get("iteration")
         if init_ema or init_optimizer:
             raise UserError(f"[student] init: {str(f)!r} is a student.pt, which holds one set of "
                             f"weights: init_ema / init_optimizer need a checkpoint or an out_dir")
     elif fmt == CKPT_FORMAT:
-        state = load_torch(f, "checkpoint", CKPT_FORMAT,
-                           keys={"iteration": int, "modules": dict, "optimizer": dict})
+        state = check_torch(obj, f, "checkpoint", CKPT_FORMAT,
+                            keys={"iteration": int, "modules": dict, "optimizer": dict})
         if not isinstance(state["modules"].get("student"), dict):
             raise UserError(f"[student] init: {str(f)!r} is not a distill checkpoint (it holds "
                             f"no student; a teacher-training checkpoint?)")
@@ -118,9 +115,8 @@ def _load_into(module: nn.Module, weights: dict, ws: WarmStart, what: str) -> No
     try:
         module.load_state_dict(weights)
     except (RuntimeError, TypeError, KeyError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise UserError(f"[student] init: the {what} of {str(ws.path)!r} does not fit this "
-                        f"run's student ({first})") from None
+                        f"run's student ({first_line(e)})") from None
 
 
 def load_online(ws: WarmStart, student: nn.Module) -> None:
@@ -154,6 +150,6 @@ def load_optimizer(ws: WarmStart, optimizer) -> None:
         for g, f in zip(optimizer.param_groups, flags):   # this config's, not the source's
             g.update(f)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise UserError(f"[student] init: the optimiser state of {str(ws.path)!r} does not fit "
-                        f"this run's optimiser ({first}); set init_optimizer = false") from None
+                        f"this run's optimiser ({first_line(e)}); set init_optimizer = "
+                        f"false") from None

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -9,6 +11,9 @@ from core.schedules import log_grid
 from plugins.teachers.gmm import GMMTeacher
 
 T_MIN, T_MAX = 0.002, 80.0
+ROOT = Path(__file__).resolve().parent.parent
+#: the pretrained-teacher fixtures (EDM pickles, an openai state dict): tests/fixtures/README.md
+FIXTURES = ROOT / "tests" / "fixtures"
 
 QUICK_CONFIG = """
 [run]
@@ -40,6 +45,19 @@ seed = 0
 steps = [1, 2]
 num = 200
 """
+
+
+@pytest.fixture(scope="session")
+def binary() -> Path:
+    """``build/ctm_sample``, built once per session by tools/build_cpp.py (incremental: a no-op
+    when it is up to date). Only tests that ask for it pay for the build; they are all marked
+    ``slow``, so the quick tier (``-m "not slow"``) never builds C++."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "build_cpp.py"), "--quiet"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, f"build failed:\n{proc.stdout}\n{proc.stderr}"
+    path = Path(proc.stdout.strip().splitlines()[-1])
+    assert path.is_file()
+    return path
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from core.jumper import Jumper, TeacherAsNetwork, export  # noqa: E402
 from core.sampling import draw  # noqa: E402
 from plugins.preconditionings import CTMPrecond  # noqa: E402
 from plugins.samplers import CTMSampler  # noqa: E402
-from test_cpp_sampler import (SIGMA_DATA, MLPNet, binary, gmm_teacher,  # noqa: E402,F401
+from test_cpp_sampler import (SIGMA_DATA, MLPNet, gmm_teacher,  # noqa: E402,F401
                               meta_for, parity_jumpers, run)
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*TorchScript.*:FutureWarning")]

@@ -1,7 +1,8 @@
 """The C++ sampler ``ctm_sample`` (cpp_runtime/): parity with core.sampling.draw, output files,
 and one-line errors.
 
-The binary is built once per session by tools/build_cpp.py (incremental in build/).
+The binary is built once per session by tools/build_cpp.py (incremental in build/): the
+``binary`` fixture of conftest.py.
 """
 
 from __future__ import annotations
@@ -39,16 +40,6 @@ T_MIN, T_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
 
 
 # --- the binary --------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def binary() -> Path:
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "build_cpp.py"), "--quiet"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, f"build failed:\n{proc.stdout}\n{proc.stderr}"
-    path = Path(proc.stdout.strip().splitlines()[-1])
-    assert path.is_file()
-    return path
-
 
 def run(binary: Path, *args, check: bool = True, env: dict | None = None
         ) -> subprocess.CompletedProcess:

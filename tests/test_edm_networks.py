@@ -1,6 +1,6 @@
 """NVlabs EDM snapshots: the safe unpickler and ctmkit's own EDM networks.
 
-Five random-weight pickles written by NVlabs/edm's code (shared/fixtures/edm, see its README)
+Five random-weight pickles written by NVlabs/edm's code (tests/fixtures/edm, see its README)
 must load without running their embedded ``module_src``, rebuild into plugins.edm's modules with
 strict weight loading, and reproduce the reference outputs computed by NVlabs' code.
 """
@@ -20,8 +20,7 @@ from core.errors import UserError
 from plugins.edm.precond import build_precond, labels_to_onehot, load_edm_network
 from plugins.edm.unpickle import EasyDict, PersistentStub, edm_network_spec, load_edm_snapshot
 
-FIXTURES = Path(os.environ.get("CTMKIT_FIXTURES")
-                or Path(__file__).resolve().parents[2] / "shared" / "fixtures")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"       # tests/fixtures/README.md
 EDM_DIR = FIXTURES / "edm"
 NAMES = ["edm-ddpmpp-cond-aug", "edm-ncsnpp-uncond", "edm-adm-cond", "vp-ddpmpp-uncond",
          "ve-ncsnpp-uncond"]
@@ -43,14 +42,8 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _need_fixtures():
-    if not EDM_DIR.is_dir():
-        pytest.skip(f"EDM fixtures not found at {EDM_DIR} (set CTMKIT_FIXTURES)")
-
-
 @pytest.fixture(scope="module")
 def snapshots():
-    _need_fixtures()
     return {n: load_edm_snapshot(EDM_DIR / f"{n}.pkl") for n in NAMES}
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from test_cpp_sampler import binary  # noqa: F401  (session fixture: builds ctm_sample)
 
 CONFIG = """
 [run]

@@ -36,7 +36,7 @@ from core.integrity import (ARCHIVE_DIGEST_FILE, archive_digest, check_sidecar, 
                             seal_archive, sidecar_path, write_sidecar)
 from core.jumper import Jumper, export, load, payload_digest, script  # noqa: E402
 from plugins.preconditionings import CTMPrecond  # noqa: E402
-from test_cpp_sampler import SIGMA_DATA, MLPNet, binary, meta_for, run  # noqa: E402,F401
+from test_cpp_sampler import SIGMA_DATA, MLPNet, meta_for, run  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*TorchScript.*:FutureWarning")
 

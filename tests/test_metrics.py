@@ -31,6 +31,25 @@ def cleanfid_fd_works() -> bool:
     return "disp" in inspect.signature(linalg.sqrtm).parameters
 
 
+@pytest.fixture
+def cleanfid_sqrtm(monkeypatch):
+    """clean-fid's own Frechet distance on any SciPy: where sqrtm has no ``disp`` (SciPy 1.18),
+    clean-fid's ``sqrtm(A, disp=False)`` gets what that call returned before, ``(sqrtm(A),
+    error estimate)``, so the comparisons below run clean-fid's formula instead of skipping."""
+    if cleanfid_fd_works():
+        return
+    import types
+
+    from cleanfid import fid as cfid
+    from scipy import linalg
+
+    def sqrtm(a, disp=True):
+        root = linalg.sqrtm(a)
+        return (root, float(np.linalg.norm(root @ root - a, "fro") / np.linalg.norm(a, "fro"))
+                ) if disp is False else root
+    monkeypatch.setattr(cfid, "linalg", types.SimpleNamespace(sqrtm=sqrtm))
+
+
 class TinyNet(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -94,7 +113,7 @@ def test_fid_zero_on_itself_and_grows_with_shift(net, tmp_path):
 
 @pytest.mark.filterwarnings(DISP)
 @pytest.mark.parametrize("channels", [1, 3])
-def test_fid_matches_clean_fid_on_png_folders(tmp_path, channels):
+def test_fid_matches_clean_fid_on_png_folders(tmp_path, channels, cleanfid_sqrtm):
     from cleanfid import fid as cfid
 
     ext = M.feature_net(write_tiny_net(tmp_path / "net.pt", channels))
@@ -114,8 +133,6 @@ def test_fid_matches_clean_fid_on_png_folders(tmp_path, channels):
     # clean-fid averages the float32 features in float32, we in float64: ~1e-7 apart
     ours = M.fid(ours_feats, M.reference_stats(dataset(x_ref), ext, 1000, tmp_path / "c"))
     assert ours > 0
-    if not cleanfid_fd_works():
-        pytest.skip("clean-fid's own FID needs scipy.linalg.sqrtm(disp=...), gone from this SciPy")
     theirs = cfid.compute_fid(str(d1), str(d2), mode="clean", custom_feat_extractor=ext,
                               custom_fn_resize=ext.resize, num_workers=0, batch_size=16,
                               device=torch.device("cpu"), verbose=False)
@@ -338,9 +355,7 @@ def test_frechet_distance_closed_form_rotated():
     assert got == pytest.approx(want, rel=1e-10)
 
 
-def test_frechet_distance_matches_clean_fid():
-    if not cleanfid_fd_works():
-        pytest.skip("clean-fid's frechet_distance needs scipy.linalg.sqrtm(disp=...)")
+def test_frechet_distance_matches_clean_fid(cleanfid_sqrtm):
     import warnings
 
     from cleanfid.fid import frechet_distance as theirs

@@ -1,8 +1,7 @@
 """plugins/edm/openai_unet.py against the openai/consistency_models fixture (random weights,
-reference outputs from the original code; see shared/fixtures/README.md)."""
+reference outputs from the original code; see tests/fixtures/README.md)."""
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -16,15 +15,11 @@ from plugins.edm.openai_unet import (DEFAULTS, OpenAIDenoiser, build_openai_unet
                                      check_openai_state_dict, load_openai_state_dict,
                                      load_openai_teacher)
 
-FIXTURES = Path(os.environ.get("CTMKIT_FIXTURES",
-                               Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
+FIXTURES = Path(__file__).resolve().parent / "fixtures"       # tests/fixtures/README.md
 DIR = FIXTURES / "openai"
 PT, JSON, REF = DIR / "openai-unet-cond.pt", DIR / "openai-unet-cond.json", \
     DIR / "openai-unet-cond.ref.npz"
 
-pytestmark = pytest.mark.skipif(
-    not all(p.is_file() for p in (PT, JSON, REF)),
-    reason=f"openai fixtures not found under {DIR} (set CTMKIT_FIXTURES)")
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("CTMKIT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+FIXTURES = ROOT / "tests" / "fixtures"                         # tests/fixtures/README.md
 EDM = ["edm-ddpmpp-cond-aug", "edm-ncsnpp-uncond", "edm-adm-cond", "vp-ddpmpp-uncond",
        "ve-ncsnpp-uncond"]
-needs_fixtures = pytest.mark.skipif(not (FIXTURES / "edm").is_dir(),
-                                    reason=f"teacher fixtures not found at {FIXTURES}")
 
 #: the openai fixture's UNetModel settings under openai's script names
 OPENAI = """
@@ -75,7 +73,6 @@ def config(tmp_path, name, body: str = 'stages = ["export"]', extra: str = "") -
     return p
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", EDM + ["openai"])
 def test_teacher_initialised_jumper_reproduces_the_reference_denoiser(name, tmp_path, run_main):
     """CTM's jump f(x, t, s) = (s/t) x + (1 - s/t) D_phi(x, t): with the exported file and the
@@ -96,7 +93,6 @@ def test_teacher_initialised_jumper_reproduces_the_reference_denoiser(name, tmp_
     assert err < 1e-5, err
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", ["edm-ddpmpp-cond-aug", "vp-ddpmpp-uncond", "openai"])
 def test_student_equals_teacher_at_initialisation(name, tmp_path):
     from core.config import load_config
@@ -126,10 +122,8 @@ def test_student_equals_teacher_at_initialisation(name, tmp_path):
     assert not torch.allclose(c, d)
 
 
-@needs_fixtures
-@pytest.mark.skipif(not (ROOT / "build" / "ctm_sample").is_file(), reason="ctm_sample not built")
 @pytest.mark.slow
-def test_edm_teacher_through_every_stage_and_ctm_sample(tmp_path, run_main):
+def test_edm_teacher_through_every_stage_and_ctm_sample(binary, tmp_path, run_main):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "img.npy", rng.integers(0, 256, (32, 16, 16, 3)).astype(np.uint8))
     cfg = config(tmp_path, "edm-ddpmpp-cond-aug",
@@ -182,7 +176,6 @@ def test_a_pickle_that_calls_os_system_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists() and not (tmp_path / "out" / "jumper.pt").exists()
 
 
-@needs_fixtures
 def test_bad_teacher_inputs_are_one_line(tmp_path, run_main):
     # truncated snapshot
     data = (FIXTURES / "edm" / "edm-adm-cond.pkl").read_bytes()
@@ -225,7 +218,6 @@ def test_paper_configs_hold_table_3(name, N, max_ode, iters, batch, grid, nt, ns
             cfg.diffusion.rho) == (0.002, 80.0, 0.5, 7.0)
 
 
-@needs_fixtures
 def test_teacher_dtype_runs_the_teacher_in_bfloat16(tmp_path, run_main):
     """[teacher] dtype = "bfloat16": the float32 denoiser runs the network in bf16 (close to the
     reference, not equal), the export scripts, float64 requests stay float64."""

@@ -327,12 +327,12 @@ def test_bit_flips_in_every_file_are_caught(train_config, tmp_path):
     assert "coefficients.h5" in line and "corrupt" in line
 
 
-@pytest.mark.skipif(not (ROOT / "build" / "ctm_sample").is_file(), reason="ctm_sample not built")
-def test_ctm_sample_checks_the_jumper_digest(write_config, run_main, tmp_path):
+@pytest.mark.slow
+def test_ctm_sample_checks_the_jumper_digest(binary, write_config, run_main, tmp_path):
     assert run_main(write_config())[0] == 0
     jumper = tmp_path / "out" / "jumper.pt"
     flip_bit_in_tensor_data(jumper)
-    r = subprocess.run([str(ROOT / "build" / "ctm_sample"), "--model", str(jumper), "--out",
+    r = subprocess.run([str(binary), "--model", str(jumper), "--out",
                         str(tmp_path / "x.npy"), "--num", "4", "--steps", "1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "corrupt" in r.stderr, r.stderr

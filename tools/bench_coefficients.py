@@ -10,7 +10,7 @@ samples, measured in the same run. Target: at most 6 forward-equivalents per (t 
 EDM image teachers (the `edm` teacher plugin's networks), in float32 as ``[coefficients]
 dtype = "float32"`` runs them:
 
-    python tools/bench_coefficients.py --edm ../shared/fixtures/edm/edm-ddpmpp-cond-aug.pkl
+    python tools/bench_coefficients.py --edm tests/fixtures/edm/edm-ddpmpp-cond-aug.pkl
     python tools/bench_coefficients.py --cifar10-ddpmpp      # full size, random weights
 
 An example config's teacher network (random weights) with its [coefficients] settings (dtype,

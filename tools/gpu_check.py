@@ -205,7 +205,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "runs" / "gpu_check"))
     ap.add_argument("--no-cpp", action="store_true")
-    ap.add_argument("--edm", default=str(ROOT.parent / "shared" / "fixtures" / "edm" /
+    ap.add_argument("--edm", default=str(ROOT / "tests" / "fixtures" / "edm" /
                                          "edm-ddpmpp-cond-aug.pkl"), help="EDM snapshot")
     ap.add_argument("--only-edm", action="store_true", help="only the EDM teacher part")
     ap.add_argument("--device", default="cuda")

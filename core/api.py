@@ -38,6 +38,7 @@ from typing import Callable, Optional, Protocol, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from core.cli import Parser as ArgumentParser
 from core.datasets import Dataset
 from core.datastore import ImageStore, Plan, cache_folder, open_or_build
 from core.edm import add_noise, append_dims, batch_times
@@ -47,6 +48,8 @@ from core.schedules import rho_grid
 
 __all__ = ["hookimpl", "UserError", "Teacher", "Network", "Preconditioning", "Solver", "Loss",
            "StepContext", "Sampler", "Dataset", "Metric",
+           # argparse with one error: line and exit 2, for a command plugin (core/cli.py)
+           "ArgumentParser",
            # the uint8 image store of a dataset plugin (core/datastore.py)
            "ImageStore", "Plan", "cache_folder", "open_or_build",
            # helpers a plugin may use (the host's own conventions)

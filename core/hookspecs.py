@@ -124,6 +124,21 @@ def ctmkit_metrics() -> dict:
     {key: value}``, optionally ``describe()``)."""
 
 
+@hookspec
+def ctmkit_commands() -> dict:
+    """Subcommands of ``ctmkit`` (as datasette's ``register_commands``). Each value is a
+    function ``main(argv: list[str]) -> int | None`` (None: 0), called with the arguments after
+    the command's name; the first line of its docstring is its line in ``ctmkit --help``. Bad
+    input: raise :class:`core.api.UserError` (one ``error:`` line, exit status 2), or use
+    ``core.api.ArgumentParser``, whose errors are that line too. A name may not be a built-in
+    subcommand's (core/cli.py). Example::
+
+        @hookimpl
+        def ctmkit_commands():
+            return {"summary": summary_main}
+    """
+
+
 #: hook name -> the KIND printed by ``--list-plugins``
 KINDS = {
     "ctmkit_teachers": "teacher",
@@ -134,4 +149,5 @@ KINDS = {
     "ctmkit_networks": "network",
     "ctmkit_datasets": "dataset",
     "ctmkit_metrics": "metric",
+    "ctmkit_commands": "command",
 }

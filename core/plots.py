@@ -55,9 +55,9 @@ def plot_preconditionings(preconds: dict, t_min: float, t_max: float, path: Path
     gs = fig.add_gridspec(2, max(n, 2))
     axf, axg = fig.add_subplot(gs[0, : max(n, 2) // 2]), fig.add_subplot(gs[0, max(n, 2) // 2:])
     for name, p in preconds.items():
-        f, g = p(t, eps)
-        axf.plot(t.log(), f, label=name)
-        axg.plot(t.log(), g, label=name)
+        f, g = p(t, eps)              # numpy for matplotlib (a tensor's __array__ warns)
+        axf.plot(t.log().numpy(), f.detach().numpy(), label=name)
+        axg.plot(t.log().numpy(), g.detach().numpy(), label=name)
     axf.set_title("f(t, eps)")
     axg.set_title("g(t, eps)")
     for a in (axf, axg):
@@ -69,7 +69,8 @@ def plot_preconditionings(preconds: dict, t_min: float, t_max: float, path: Path
         _, g = p(T.reshape(-1), S.reshape(-1))
         g = g.reshape(T.shape).masked_fill(S > T, float("nan"))
         a = fig.add_subplot(gs[1, i])
-        im = a.pcolormesh(grid.log(), grid.log(), g.T, shading="auto", vmin=0, vmax=1)
+        im = a.pcolormesh(grid.log().numpy(), grid.log().numpy(), g.T.detach().numpy(),
+                          shading="auto", vmin=0, vmax=1)
         a.set_title(f"g(t, s): {name}", fontsize=9)
         a.set_xlabel("log t")
         a.set_ylabel("log s")

@@ -1,4 +1,5 @@
-"""``python -m core.run config.toml``: run the configured stages in order.
+"""``ctmkit run config.toml`` (= ``ctmkit config.toml``, ``python -m core.run config.toml``):
+run the configured stages in order. The other subcommands: core/cli.py.
 
 ``python -m core.run --list-plugins`` prints one ``KIND NAME SOURCE`` line per plugin.
 Bad input — a filesystem error included (out_dir not writable, disk full) — ends with one
@@ -97,13 +98,16 @@ def torch_jit_error() -> type:
 
 def main(argv=None) -> int:
     argv_list = sys.argv[1:] if argv is None else list(argv)
-    if argv_list[:1] == ["gap"]:          # ``ctmkit gap config.toml``: core/gap.py
-        from core.gap import main as gap_main
-        return gap_main(argv_list[1:])
-    p = _Parser(prog="python -m core.run", description="ctmkit: distill a diffusion teacher "
-                "into a few-step consistency (trajectory) model.",
-                epilog="ctmkit gap config.toml: the consistency gap of each preconditioning "
-                       "for this teacher, before training (ctmkit gap --help)")
+    from core.cli import SUBCOMMANDS
+    if argv_list[:1] == ["run"]:          # ``ctmkit run config.toml``
+        argv_list = argv_list[1:]
+    elif argv_list[:1] and argv_list[0] in SUBCOMMANDS:   # ``python -m core.run gap ...``
+        from core.cli import main as cli_main
+        return cli_main(argv_list)
+    p = _Parser(prog="ctmkit run", description="ctmkit: distill a diffusion teacher "
+                "into a few-step consistency (trajectory) model. Also: ctmkit config.toml, "
+                "python -m core.run config.toml.",
+                epilog="other commands: ctmkit --help (ctmkit gap, plot, config, plugins, ...)")
     p.add_argument("config", nargs="?", help="config.toml")
     p.add_argument("--stages", help="comma-separated stages overriding [run] stages")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -115,7 +119,7 @@ def main(argv=None) -> int:
                    help="run every stage, also those stages.json says are up to date")
     p.add_argument("--list-plugins", action="store_true", help="list registered plugins")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv_list)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
     locks = []
     old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) \

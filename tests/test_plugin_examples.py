@@ -30,6 +30,7 @@ DISTRIBUTIONS = {
     "spiral": ("dataset", "spiral", "ctmkit-spiral"),
     "checkers": ("dataset", "checkers", "ctmkit-checkers"),
     "swd": ("metric", "swd", "ctmkit-swd"),
+    "summary": ("command", "summary", "ctmkit-summary"),
 }
 #: what a plugin author may import from ctmkit (the guide's promise)
 PUBLIC = {"core.api", "core.hookspecs", "core.errors"}
@@ -86,7 +87,8 @@ def site(tmp_path_factory):
 def test_every_kind_has_an_example_using_only_the_public_api():
     assert sorted(p.name for p in EXAMPLES.iterdir() if p.is_dir()) == sorted(DISTRIBUTIONS)
     assert {k for k, _, _ in DISTRIBUTIONS.values()} == {
-        "precond", "solver", "loss", "sampler", "network", "teacher", "dataset", "metric"}
+        "precond", "solver", "loss", "sampler", "network", "teacher", "dataset", "metric",
+        "command"}
     for folder in DISTRIBUTIONS:
         for path in (EXAMPLES / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
@@ -211,3 +213,31 @@ def test_each_example_runs_end_to_end_and_rejects_a_bad_option(folder, site, tmp
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-3000:]
     assert r.stderr.startswith("error:") and msg in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (bad / "out").exists()
+
+
+def _ctmkit(args, site: Path, cwd: Path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]))
+    return subprocess.run([sys.executable, "-m", "core.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+
+
+def test_a_plugin_adds_a_subcommand(site, tmp_path):
+    """examples/plugins/summary: ``ctmkit summary RUN_DIR`` through the ctmkit_commands hook,
+    listed under ``ctmkit --help``; its bad input is one error line and exit status 2."""
+    r = _ctmkit(["--help"], site, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "commands added by plugins:" in r.stdout
+    line = next(ln for ln in r.stdout.splitlines() if ln.split()[:1] == ["summary"])
+    assert "metrics.json" in line and "ctmkit-summary 0.1.0" in line, line
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.json").write_text(json.dumps(
+        {"samples": {"w1": 0.25}, "quality": {"2": {"final_rmse": 0.125}}, "note": "x"}))
+    r = _ctmkit(["summary", "out"], site, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["quality.2.final_rmse", "0.125", "samples.w1", "0.25"]
+    for args, text in ((["summary", "missing"], "metrics.json: not found"),
+                       (["summary"], "the following arguments are required"),
+                       (["summary", "out", "--bogus"], "unrecognized arguments")):
+        r = _ctmkit(args, site, tmp_path)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert r.stderr.startswith("error:") and text in r.stderr, (args, r.stderr)

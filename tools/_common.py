@@ -18,8 +18,6 @@ def command_line() -> str:
 
 def builtin_preconds(table, sigma_data: float = 0.5) -> dict:
     """Every built-in preconditioning, the Analytic one in both variants, keyed by label."""
-    from plugins.preconditionings import AnalyticPrecond, BCMPrecond, CMPrecond, CTMPrecond
+    from core.commands import builtin_preconds as made
 
-    return {"cm": CMPrecond(sigma_data), "ctm": CTMPrecond(), "bcm": BCMPrecond(sigma_data),
-            "analytic-forward": AnalyticPrecond.from_table(table, "forward"),
-            "analytic-backward": AnalyticPrecond.from_table(table, "backward")}
+    return made(table, sigma_data)

@@ -2,99 +2,16 @@
 
     python tools/build_cpp.py            # -> prints the path of build/ctm_sample
 
-Configures ``build/`` with CMake on the first run (or when torch moved, or with --clean) and
-then runs ``cmake --build``, which does nothing when everything is up to date. The torch
-package directory and its C++ ABI come from this Python's torch; no CUDA toolkit is needed,
-even with the CUDA wheel (see cpp_runtime/cmake/TorchWheel.cmake).
+The same program as ``ctmkit build-sampler`` (core/build_sampler.py); this path stays for CI,
+the tests and the scripts that call it.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import os
-import re
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BINARY = "ctm_sample"
-
-
-def torch_dir() -> Path:
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("build_cpp: error: torch is not installed for " + sys.executable)
-    return Path(list(spec.submodule_search_locations)[0]).resolve()
-
-
-def cached(build: Path, key: str) -> str | None:
-    cache = build / "CMakeCache.txt"
-    if not cache.is_file():
-        return None
-    m = re.search(rf"^{re.escape(key)}:[A-Z]+=(.*)$", cache.read_text(errors="replace"), re.M)
-    return m.group(1) if m else None
-
-
-def run(cmd: list[str], quiet: bool) -> None:
-    if not quiet:
-        print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE if quiet else sys.stderr,
-                          stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        if quiet:
-            sys.stderr.write(proc.stdout)
-        raise SystemExit(f"build_cpp: error: {cmd[0]} failed with status {proc.returncode}")
-
-
-def build(build_dir: Path, *, jobs: int = 2, build_type: str = "Release", clean: bool = False,
-          quiet: bool = False, cmake_args: tuple[str, ...] = ()) -> Path:
-    """Configure (when needed) and build; returns the path of ctm_sample."""
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        raise SystemExit("build_cpp: error: cmake not found on PATH")
-    build_dir = build_dir if build_dir.is_absolute() else ROOT / build_dir
-    if clean and build_dir.exists():
-        shutil.rmtree(build_dir)
-    tdir = torch_dir()
-    configured = (cached(build_dir, "CTMKIT_TORCH_DIR") == str(tdir)
-                  and cached(build_dir, "CMAKE_BUILD_TYPE") == build_type and not cmake_args)
-    if not configured:
-        import torch   # only here: the ABI flag; importing torch takes a while
-
-        cmd = [cmake, "-S", str(ROOT), "-B", str(build_dir),
-               f"-DCMAKE_BUILD_TYPE={build_type}", f"-DCTMKIT_TORCH_DIR={tdir}",
-               f"-DCTMKIT_TORCH_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
-               f"-DCTMKIT_PYTHON={sys.executable}", *cmake_args]
-        if not (build_dir / "CMakeCache.txt").exists() and shutil.which("ninja"):
-            cmd += ["-G", "Ninja"]
-        run(cmd, quiet)
-    run([cmake, "--build", str(build_dir), "-j", str(jobs)], quiet)
-    binary = build_dir / BINARY
-    if not os.access(binary, os.X_OK):
-        raise SystemExit(f"build_cpp: error: the build did not produce {binary}")
-    return binary
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--build-dir", type=Path, default=Path("build"),
-                    help="build directory, relative to the repository root (default: build)")
-    ap.add_argument("-j", "--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
-    ap.add_argument("--build-type", default="Release", help="CMAKE_BUILD_TYPE (default Release)")
-    ap.add_argument("--clean", action="store_true", help="remove the build directory first")
-    ap.add_argument("-q", "--quiet", action="store_true",
-                    help="show CMake's output only when it fails")
-    ap.add_argument("--cmake-arg", action="append", default=[], metavar="ARG",
-                    help="extra argument for the configure step (forces a reconfigure)")
-    args = ap.parse_args(argv)
-    binary = build(args.build_dir, jobs=args.jobs, build_type=args.build_type,
-                   clean=args.clean, quiet=args.quiet, cmake_args=tuple(args.cmake_arg))
-    print(binary)
-    return 0
-
+import _common  # noqa: F401  (puts the checkout on sys.path)
+from core.build_sampler import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python tools/build_cpp.py"))

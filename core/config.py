@@ -2,7 +2,7 @@
 
 Every key the host understands is declared once, as a field of a config dataclass (`key()`)
 or a `Key`, with its type, default, range or choices and help; the parser, the dataclasses'
-defaults and the README's reference (`tools/config_reference.py`) follow from the declarations.
+defaults and the docs' reference (`core/config_reference.py`) follow from the declarations.
 Plugin-owned keys (the rest of `[data]`, `[network]`, `[teacher]`, `[precond]`, `[sample]`,
 `[evaluate.metric]`) are read by the plugin through the same typed `Section` accessor, and
 whatever nobody read is reported as unknown. Relative paths resolve against the folder that
@@ -230,8 +230,8 @@ class Section:
 
 # ---------------------------------------------------------------------------------------------
 # Declaring a key: once, with its type, default, range or choices and help. Parsing, the
-# dataclasses' defaults, unknown-key errors and the README's reference
-# (tools/config_reference.py) all follow from the declarations.
+# dataclasses' defaults, unknown-key errors and the docs' reference
+# (core/config_reference.py) all follow from the declarations.
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -384,7 +384,7 @@ class CoefficientsCfg:
                   "~2.5-3x the cost, s_t at a time independent of the grid), fd 4th-order "
                   "finite differences over the grid (cheaper, but s_t depends on the grid)",
                   choices=("jvp", "fd"))
-    # speed (tools/bench_coefficients.py; README "Speed"): the same numbers to float rounding,
+    # speed (tools/bench_coefficients.py; docs/speed.md): the same numbers to float rounding,
     # not part of the store's settings (a store is reused across them)
     times_per_call: int = key("int", 1, "time steps per teacher call: the batch at k time "
                               "steps in one call (k x batch rows)", min=1, max=MAX_GRID)
@@ -576,7 +576,7 @@ class DistillCfg(TrainCfg):
     micro_batch: int = key("int", 0, "samples per forward/backward pass: gradient "
                            "accumulation inside the batch (same result to rounding; 0: the "
                            "whole per-process batch)", min=0, max=MAX_BATCH)
-    # speed (tools/bench_train.py; README "Speed"): off by default, each changes results at
+    # speed (tools/bench_train.py; docs/speed.md): off by default, each changes results at
     # most at float-rounding level
     solve_buckets: int = key("int", 0, "the teacher solve in the loss: 0 gathers the "
                              "travelling samples each step; k >= 1 sorts them by step count "

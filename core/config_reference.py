@@ -94,7 +94,7 @@ NOTES = {
 
 
 def toml(v) -> str:
-    """`v` as a TOML value (inline tables spaced as in the README)."""
+    """`v` as a TOML value (inline tables spaced as in the reference)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):

@@ -1,5 +1,5 @@
-"""Whole-file digests of the jumpers ctmkit exports (DESIGN.md, "Exported jumper"; README,
-"Reliability"): every byte that a loader reads is covered, and checked before the file is used.
+"""Whole-file digests of the jumpers ctmkit exports (docs/design.md, "Exported jumper";
+docs/reliability.md): every byte that a loader reads is covered, and checked before the file is used.
 
 * **TorchScript archive** (``.pt``, a zip written by ``torch.jit.save``): the record
   ``<top>/extra/archive_sha256`` holds :func:`archive_digest` of every *other* record (its code,

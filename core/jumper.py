@@ -1,5 +1,5 @@
 """The jumper: the consistency function f_theta(x, t, s) as one TorchScript-able module, and its
-export / load (DESIGN.md, "Exported jumper").
+export / load (docs/design.md, "Exported jumper").
 
     f_theta(x, t, s) = f(t, s) x + g(t, s) D_theta(x, t, s),  D_theta = c_skip x + c_out F_theta
     (or f x + g F_theta for preconditionings with ``jumps_denoiser = False``; Table 1): `jump`

@@ -10,7 +10,6 @@ import os
 import pickle
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +18,8 @@ import torch
 from core.errors import UserError
 from plugins.edm.precond import build_precond, labels_to_onehot, load_edm_network
 from plugins.edm.unpickle import EasyDict, PersistentStub, edm_network_spec, load_edm_snapshot
+from conftest import FIXTURES  # tests/fixtures/ (see its README)
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"       # tests/fixtures/README.md
 EDM_DIR = FIXTURES / "edm"
 NAMES = ["edm-ddpmpp-cond-aug", "edm-ncsnpp-uncond", "edm-adm-cond", "vp-ddpmpp-uncond",
          "ve-ncsnpp-uncond"]

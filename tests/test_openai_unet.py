@@ -3,7 +3,6 @@ reference outputs from the original code; see tests/fixtures/README.md)."""
 
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,8 @@ from core.errors import UserError
 from plugins.edm.openai_unet import (DEFAULTS, OpenAIDenoiser, build_openai_unet,
                                      check_openai_state_dict, load_openai_state_dict,
                                      load_openai_teacher)
+from conftest import FIXTURES  # tests/fixtures/ (see its README)
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"       # tests/fixtures/README.md
 DIR = FIXTURES / "openai"
 PT, JSON, REF = DIR / "openai-unet-cond.pt", DIR / "openai-unet-cond.json", \
     DIR / "openai-unet-cond.ref.npz"

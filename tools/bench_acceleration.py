@@ -58,7 +58,7 @@ analytic-backward its at CTM's error at 25% / 50% / 100% of the budget, median):
 -> `acceleration: 1.00`, an upper bound: on the paper's schedule analytic-backward does not
 reach CTM's final 2-step error within the budget (on either seed). Remeasured after the
 headline moved to the rho grid: every figure above reproduced exactly. Full mode: seed 0 only
-(see the README), not the three seeds.
+(see docs/results.md), not the three seeds.
 """
 
 from __future__ import annotations

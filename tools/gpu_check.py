@@ -10,7 +10,7 @@ ctm_sample --device cuda, compared with ctm_sample on the CPU.
     python tools/gpu_check.py --bench [--device cuda] [--bench-iters 20]
                                       [--bench-examples fashion_mnist,cifar10]
 
-runs only the speed figures of issue #13 (README "Speed"), each on its own, a failure printed
+runs only the speed figures of issue #13 (docs/speed.md), each on its own, a failure printed
 and the rest run: the distill step of the Fashion-MNIST and CIFAR-10 example configs (samples/s,
 it/s, peak memory, overhead over the bare passes) as they are and with the speed options
 (solve_buckets, compile, channels_last, tf32, fused_optimizer; then CUDA graphs through

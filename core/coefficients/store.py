@@ -1,4 +1,4 @@
-"""The HDF5 coefficient store (DESIGN.md, "Coefficient store").
+"""The HDF5 coefficient store (docs/design.md, "Coefficient store").
 
 Root attrs: format = "ctmkit.coefficients", version = 1, t_min, t_max, n_samples, grid,
 teacher_fingerprint, created (+ `settings`, a JSON string of everything that determines the

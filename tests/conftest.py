@@ -9,42 +9,14 @@ import pytest
 from core.coefficients.estimate import estimate_table
 from core.schedules import log_grid
 from plugins.teachers.gmm import GMMTeacher
+from small_configs import QUICK_CONFIG  # noqa: F401  (tests import it from here)
 
 T_MIN, T_MAX = 0.002, 80.0
 ROOT = Path(__file__).resolve().parent.parent
 #: the pretrained-teacher fixtures (EDM pickles, an openai state dict): tests/fixtures/README.md
 FIXTURES = ROOT / "tests" / "fixtures"
 
-QUICK_CONFIG = """
-[run]
-out_dir = "out"
-stages = ["coefficients", "export", "sample", "evaluate"]
-seed = 0
-[teacher]
-kind = "gmm"
-weights = [0.3, 0.7]
-means = [[-2.0, 0.0], [1.0, 1.0]]
-stds = [1.0, 0.5]
-[precond]
-name = "analytic"
-variant = "forward"
-[coefficients]
-grid = "log"
-n_timesteps = 40
-n_samples = 512
-batch = 256
-[export]
-path = "jumper.pt"
-[sample]
-sampler = "ctm"
-steps = 2
-num = 300
-batch = 128
-seed = 0
-[evaluate]
-steps = [1, 2]
-num = 200
-"""
+
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -19,51 +18,11 @@ import pytest
 import torch
 
 from core.errors import UserError
+from small_configs import train_config as train_config_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: a network teacher, its coefficients and a CTM distillation, small enough for seconds
-TRAIN_CONFIG = """
-[run]
-out_dir = "out"
-stages = ["teacher", "coefficients", "distill", "export", "sample", "evaluate"]
-[data]
-gmm = { weights = [0.3, 0.7], means = [[-2.0, 0.0], [1.0, 1.0]], stds = [0.4, 0.3] }
-[network]
-name = "mlp"
-width = 32
-depth = 2
-emb_dim = 16
-[teacher]
-kind = "network"
-[teacher_train]
-iterations = 40
-batch_size = 64
-checkpoint_every = 10
-[precond]
-name = "analytic"
-variant = "backward"
-[coefficients]
-n_timesteps = 8
-n_samples = 64
-batch = 64
-[distill]
-iterations = ITERS
-batch_size = 16
-ema = [0.9]
-checkpoint_every = 3
-eval_every = 1000
-eval_num = 16
-eval_steps = [1]
-N = 6
-max_ode_steps = 5
-[sample]
-num = 50
-[evaluate]
-steps = [1, 2]
-num = 40
-projections = 16
-"""
+
 
 
 def cli(*args, cwd=None, check=False, timeout=300):
@@ -96,7 +55,7 @@ def one_error_line(r) -> str:
 def train_config(tmp_path):
     def write(iters: int = 12, name: str = "config.toml") -> Path:
         p = tmp_path / name
-        p.write_text(textwrap.dedent(TRAIN_CONFIG.replace("ITERS", str(iters))))
+        p.write_text(train_config_text(iters))
         return p
     return write
 
@@ -136,7 +95,7 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_weights(tra
                                                                               tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    text = textwrap.dedent(TRAIN_CONFIG.replace("ITERS", "30"))
+    text = train_config_text(30)
     ref_cfg, cfg = tmp_path / "a" / "c.toml", tmp_path / "b" / "c.toml"
     ref_cfg.write_text(text)
     cfg.write_text(text)

@@ -89,89 +89,14 @@ BOOKKEEPING = {".lock", "run.json", "stages.json"}
 #: printed by a foreign pickle if anything ever unpickled it without weights_only
 UNSAFE_MARKER = "UNSAFE-UNPICKLE-MARKER"
 
-#: an analytic Gaussian-mixture teacher: coefficients -> export -> sample -> evaluate in seconds
-QUICK_CONFIG = """
-[run]
-out_dir = "out"
-stages = ["coefficients", "export", "sample", "evaluate"]
-seed = 0
-[teacher]
-kind = "gmm"
-weights = [0.3, 0.7]
-means = [[-2.0, 0.0], [1.0, 1.0]]
-stds = [1.0, 0.5]
-[precond]
-name = "analytic"
-variant = "forward"
-[coefficients]
-grid = "log"
-n_timesteps = 12
-n_samples = 128
-batch = 128
-[export]
-path = "jumper.pt"
-[sample]
-sampler = "ctm"
-steps = 2
-num = 100
-batch = 64
-seed = 0
-[evaluate]
-steps = [1, 2]
-num = 50
-projections = 16
-"""
+sys.path.insert(0, str(ROOT / "tests"))
+#: the tests' small configs (tests/small_configs.py): QUICK_CONFIG sized for the probe, and the
+#: network-teacher config with its DATA / ITERS / CKPT filled by train_config
+from small_configs import GMM_DATA, train_config  # noqa: E402
+from small_configs import probe_quick_config  # noqa: E402
 
-#: a network teacher, its coefficients and a CTM distillation (as tests/test_reliability.py)
-TRAIN_CONFIG = """
-[run]
-out_dir = "out"
-stages = ["teacher", "coefficients", "distill", "export", "sample", "evaluate"]
-[data]
-DATA
-[network]
-name = "mlp"
-width = 32
-depth = 2
-emb_dim = 16
-[teacher]
-kind = "network"
-[teacher_train]
-iterations = 40
-batch_size = 64
-checkpoint_every = 10
-[precond]
-name = "analytic"
-variant = "backward"
-[coefficients]
-n_timesteps = 8
-n_samples = 64
-batch = 64
-[distill]
-iterations = ITERS
-batch_size = 16
-ema = [0.9]
-checkpoint_every = CKPT
-eval_every = 1000
-eval_num = 16
-eval_steps = [1]
-N = 6
-max_ode_steps = 5
-[sample]
-num = 50
-[evaluate]
-steps = [1, 2]
-num = 40
-projections = 16
-"""
-GMM_DATA = ('gmm = { weights = [0.3, 0.7], means = [[-2.0, 0.0], [1.0, 1.0]], '
-            'stds = [0.4, 0.3] }')
+QUICK_CONFIG = probe_quick_config()
 TRAIN_STAGES = "teacher,coefficients,distill"
-
-
-def train_config(iters: int = 12, ckpt: int = 3, data: str = GMM_DATA) -> str:
-    return textwrap.dedent(TRAIN_CONFIG).replace("ITERS", str(iters)).replace(
-        "CKPT", str(ckpt)).replace("DATA", data)
 
 
 def child_env() -> dict:

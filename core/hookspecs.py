@@ -1,6 +1,7 @@
 """Plugin hook specifications (pluggy project and entry-point group: ``ctmkit``).
 
-Every hook is a *registration* hook: it returns a ``{name: factory}`` mapping. The host calls
+Every hook is a *registration* hook: it returns a ``{name: factory}`` mapping (for
+``ctmkit_commands``, ``{name: main}``: subcommands, see its spec). The host calls
 each factory as ``factory(options, ctx)`` where ``options`` is a :class:`core.config.Section`
 holding the plugin's own config keys (read them with its typed getters; keys nobody reads are
 reported as unknown) and ``ctx`` is a :class:`core.plugins.Context` (diffusion settings, device,

@@ -100,10 +100,15 @@ def main(argv=None) -> int:
     if argv_list[:1] == ["gap"]:          # ``ctmkit gap config.toml``: core/gap.py
         from core.gap import main as gap_main
         return gap_main(argv_list[1:])
+    if argv_list[:1] == ["search-schedule"]:   # ``ctmkit search-schedule``: core/search_schedule.py
+        from core.search_schedule import main as search_main
+        return search_main(argv_list[1:])
     p = _Parser(prog="python -m core.run", description="ctmkit: distill a diffusion teacher "
                 "into a few-step consistency (trajectory) model.",
                 epilog="ctmkit gap config.toml: the consistency gap of each preconditioning "
-                       "for this teacher, before training (ctmkit gap --help)")
+                       "for this teacher, before training (ctmkit gap --help); ctmkit "
+                       "search-schedule config.toml: the best middle time(s) of K-step "
+                       "schedules (ctmkit search-schedule --help)")
     p.add_argument("config", nargs="?", help="config.toml")
     p.add_argument("--stages", help="comma-separated stages overriding [run] stages")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

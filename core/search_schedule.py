@@ -20,7 +20,9 @@ fixes t_1 .. t_{K-1}, but the best middle times depend on the jumper (sony/ctm t
   on u = log t over the open interval of ``[search] range``; for K = 2 on the one middle time,
   for K >= 3 by coordinate descent: one middle time at a time, between its neighbours, for
   ``rounds`` sweeps, a step kept only where it lowers the objective (so it never rises). The
-  result is the best schedule evaluated; the rho grid's objective is reported beside it.
+  result is the best schedule evaluated; the rho grid's objective is reported beside it, and
+  a best middle time at an end of the range is flagged (``at_edge``): the objective falls
+  toward it, so its minimum may lie outside the range, or the middle jump adds nothing.
 
 Prints the best schedules in the ``[evaluate] schedules`` syntax, writes
 ``out_dir/search_schedule.json`` and ``out_dir/search_schedule.png`` (the objective at every
@@ -146,6 +148,17 @@ class Objective:
                 self.bar.update(1)
                 self.bar.set_postfix_str(f"best {min(self.cache.values()):.4g}")
         return self.cache[key]
+
+
+#: a middle time this close to an end of the range (in log t) counts as at the edge
+EDGE = 0.01
+
+
+def at_edge(ts: list[float], lo: float, hi: float) -> bool:
+    """Whether a middle time of `ts` lies within `EDGE` (log t) of an end of (lo, hi): then the
+    objective falls toward that end and its minimum may lie beyond the range (or the jump adds
+    nothing, e.g. a middle time at t_min)."""
+    return any(min(abs(math.log(t / lo)), abs(math.log(hi / t))) < EDGE for t in ts[1:-1])
 
 
 def format_times(ts) -> str:
@@ -348,8 +361,10 @@ def compute(cfg, run, progress: bool = True) -> dict:
                 best = min(obj.evaluated, key=lambda e: e["value"])
                 if best["value"] < res["value"]:     # the rho grid itself was the best
                     res.update(schedule=best["schedule"], value=best["value"])
+                edge = at_edge(res["schedule"], lo, hi)
                 entry["schedules"][str(K)] = {
-                    "best": {"schedule": res["schedule"], "value": res["value"]},
+                    "best": {"schedule": res["schedule"], "value": res["value"],
+                             "at_edge": edge},
                     "rho_grid": {"schedule": rho, "value": rho_value},
                     "start": res["start"], "steps": res["steps"], "evaluated": obj.evaluated}
             out[label] = entry
@@ -365,7 +380,9 @@ def table(results: dict) -> str:
             b, g = e["best"], e["rho_grid"]
             rows.append(f"  {K} steps: best {b['value']:.5g} at {format_times(b['schedule'])}  "
                         f"(rho grid {g['value']:.5g} at {format_times(g['schedule'])}; "
-                        f"{len(e['evaluated'])} schedules evaluated)")
+                        f"{len(e['evaluated'])} schedules evaluated)"
+                        + ("; AT THE EDGE of [search] range: the objective falls toward it"
+                           if b.get("at_edge") else ""))
         rows.append(f"  [evaluate] {schedules_line({int(K): e['best']['schedule'] for K, e in r['schedules'].items()})}")
     return "\n".join(rows)
 
@@ -403,10 +420,15 @@ def run_search(args) -> None:
     from core.gap import _entries, _needs_coefficients, _run_coefficients_stage
     from core.io import save_json
     from core.lock import RunLock
+    from core.ownership import COMMAND_FILES, Use, check_out_dir, config_inputs
     from core.plots import plot_search_schedule
     from core.stages import Run, log
 
     cfg = load_config(args.config, overrides=args.set)
+    out = cfg.run.out_dir
+    # out_dir must be ctmkit's (or new, or hold only the run's inputs and these commands' files)
+    check_out_dir(out, config_inputs(cfg) + [Use(out / n, "", False) for names in
+                                             COMMAND_FILES.values() for n in names])
     run = Run(cfg, progress=not args.no_progress)
     if cfg.search.jumper != "exported" and _needs_coefficients(cfg, _entries(cfg)):
         _run_coefficients_stage(args.config, args.set, not args.no_progress, "search-schedule")
@@ -414,7 +436,6 @@ def run_search(args) -> None:
     try:
         results = compute(cfg, run, progress=not args.no_progress)
         print(table(results), flush=True)
-        out = cfg.run.out_dir
         save_json(out / "search_schedule.json", results)
         plot_search_schedule(results, out / "search_schedule.png")
     finally:

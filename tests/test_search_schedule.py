@@ -142,6 +142,13 @@ def test_the_objective_is_the_evaluations_final_rmse():
     assert fn(sched) == pytest.approx(ref[2]["final_rmse"], rel=1e-9)
 
 
+def test_at_edge():
+    assert ss.at_edge([80.0, 0.002005, 0.002], 0.002, 80.0)
+    assert ss.at_edge([80.0, 79.5, 1.0, 0.002], 0.002, 80.0)
+    assert not ss.at_edge([80.0, 1.3, 0.002], 0.002, 80.0)
+    assert ss.at_edge([80.0, 1.0, 0.002], 1.0, 10.0)
+
+
 def test_schedules_line_is_valid_evaluate_schedules():
     line = ss.schedules_line({3: [T_MAX, 3.123456789, 0.4, T_MIN], 2: [T_MAX, 0.8, T_MIN]})
     assert line == "schedules = { 2 = [80.0, 0.8, 0.002], 3 = [80.0, 3.12346, 0.4, 0.002] }"
@@ -169,7 +176,7 @@ def test_search_schedule_on_the_quickstart_config(write_config, run_main, tmp_pa
     for K, e in r["schedules"].items():
         assert e["best"]["value"] == min(p["value"] for p in e["evaluated"])
         assert e["best"]["value"] <= e["rho_grid"]["value"]
-        assert len(e["best"]["schedule"]) == int(K) + 1
+        assert len(e["best"]["schedule"]) == int(K) + 1 and e["best"]["at_edge"] is False
     line = next(ln for ln in out.splitlines() if "[evaluate] schedules = " in ln)
     toml = line.split("[evaluate] ", 1)[1]
     rc, _, err = run_main(write_config(FAST + "", "again.toml"), "--dry-run",
@@ -331,3 +338,11 @@ def test_a_configured_output_over_a_command_file_is_refused(name, write_config, 
     rc, _, err = run_main(write_config(CTM_FAST), "--dry-run", "--set",
                           f'export.path="{name}"')
     assert rc == 2 and err.count("\n") == 1 and "[export] path" in err and name in err, err
+
+
+def test_a_foreign_out_dir_is_refused(write_config, run_main, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine\n")
+    rc, _, err = run_main("search-schedule", write_config(CTM_FAST))
+    assert rc == 2 and err.count("\n") == 1 and "holds files ctmkit did not write" in err, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]

@@ -170,4 +170,5 @@ def plot_search_schedule(results: dict, path: Path) -> None:
             a.set_ylabel(r["objective_shown"], fontsize=8)
             a.set_title(f"{label}: {K} steps ({r['jumper']})", fontsize=9)
             a.legend(fontsize=7)
+    fig.tight_layout()
     _save(fig, path)

@@ -383,7 +383,8 @@ def table(results: dict) -> str:
                         f"{len(e['evaluated'])} schedules evaluated)"
                         + ("; AT THE EDGE of [search] range: the objective falls toward it"
                            if b.get("at_edge") else ""))
-        rows.append(f"  [evaluate] {schedules_line({int(K): e['best']['schedule'] for K, e in r['schedules'].items()})}")
+        best = {int(K): e["best"]["schedule"] for K, e in r["schedules"].items()}
+        rows.append(f"  [evaluate] {schedules_line(best)}")
     return "\n".join(rows)
 
 

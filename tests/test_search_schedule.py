@@ -357,3 +357,25 @@ def test_a_foreign_out_dir_is_refused(write_config, run_main, tmp_path):
     rc, _, err = run_main("search-schedule", write_config(CTM_FAST))
     assert rc == 2 and err.count("\n") == 1 and "holds files ctmkit did not write" in err, err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+
+
+def test_the_distilled_student_is_the_exported_one(write_config, run_main, tmp_path):
+    """jumper = "student" (and "auto", student.pt being there) searches the distilled student:
+    the same objective as the exported student jumper of the same run (both float32)."""
+    text = CTM_FAST.replace('stages = ["coefficients", "export", "sample", "evaluate"]',
+                            'stages = ["distill", "export"]').replace(
+        'path = "jumper.pt"', 'path = "jumper.pt"\nsource = "student"')
+    cfg = write_config(text + "[distill]\niterations = 4\nbatch_size = 16\nN = 8\n"
+                       "max_ode_steps = 4\neval_every = 100\ncheckpoint_every = 4\n")
+    rc, _, err = run_main(cfg)
+    assert rc == 0, err
+    values = {}
+    for jumper in ("student", "auto", "exported"):
+        _search(run_main, cfg, "--set", f"search.jumper={jumper}", "--set", "search.steps=[2]",
+                "--set", 'search.dtype="float32"')
+        r = json.loads((tmp_path / "out" / "search_schedule.json").read_text())["ctm"]
+        assert r["jumper"] == ("distilled" if jumper != "exported" else
+                               f"exported {tmp_path / 'out' / 'jumper.pt'}")
+        values[jumper] = r["schedules"]["2"]["rho_grid"]["value"]
+    assert values["student"] == values["auto"]
+    assert values["exported"] == pytest.approx(values["student"], rel=1e-5)

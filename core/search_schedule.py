@@ -20,7 +20,8 @@ fixes t_1 .. t_{K-1}, but the best middle times depend on the jumper (sony/ctm t
   on u = log t over the open interval of ``[search] range``; for K = 2 on the one middle time,
   for K >= 3 by coordinate descent: one middle time at a time, between its neighbours, for
   ``rounds`` sweeps, a step kept only where it lowers the objective (so it never rises). The
-  result is the best schedule evaluated; the rho grid's objective is reported beside it, and
+  result is the best schedule evaluated inside the range; the rho grid's objective is
+  reported beside it (a narrowed range may exclude it, and it may then be lower), and
   a best middle time at an end of the range is flagged (``at_edge``): the objective falls
   toward it, so its minimum may lie outside the range, or the middle jump adds nothing.
 
@@ -358,9 +359,8 @@ def compute(cfg, run, progress: bool = True) -> dict:
                 rho_value = obj(rho)
                 res = search(obj, K, d.t_min, d.t_max, d.rho, lo, hi, s.iterations,
                              s.tolerance, s.rounds)
-                best = min(obj.evaluated, key=lambda e: e["value"])
-                if best["value"] < res["value"]:     # the rho grid itself was the best
-                    res.update(schedule=best["schedule"], value=best["value"])
+                # res is the best schedule evaluated inside the range (the rho grid, evaluated
+                # for comparison, may lie outside a narrowed one and then is not a candidate)
                 edge = at_edge(res["schedule"], lo, hi)
                 entry["schedules"][str(K)] = {
                     "best": {"schedule": res["schedule"], "value": res["value"],

@@ -211,10 +211,20 @@ def test_search_of_one_label_of_a_comparison_and_flags(write_config, run_main, t
     assert list(result) == ["cm"] and list(result["cm"]["schedules"]) == ["2"]
     e = result["cm"]["schedules"]["2"]
     assert all(0.05 < p["schedule"][1] < 5.0 for p in e["evaluated"] if p["moved"] == 1)
+    assert e["best"]["value"] == min(p["value"] for p in e["evaluated"])
     assert not (tmp_path / "out").exists()
     _search(run_main, path, "--set", "search.steps=[2]")          # both labels
     assert sorted(json.loads((tmp_path / "out" / "search_schedule.json").read_text())) == \
         ["cm", "ctm"]
+    # a range that excludes the rho grid's middle time: the best lies inside it even where
+    # the rho grid (reported beside it) is better
+    _search(run_main, path, "--set", "search.steps=[2, 3]", "--set", 'search.label="ctm"',
+            "--set", "search.range=[0.01, 0.1]", "--set", "search.iterations=4")
+    r = json.loads((tmp_path / "out" / "search_schedule.json").read_text())["ctm"]
+    for K in ("2", "3"):
+        best = r["schedules"][K]["best"]
+        assert all(0.01 < t < 0.1 for t in best["schedule"][1:-1])
+        assert best["value"] > r["schedules"][K]["rho_grid"]["value"]
 
 
 def test_student_and_exported_jumpers(write_config, run_main, tmp_path):

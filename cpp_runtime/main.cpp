@@ -111,7 +111,8 @@ int run(int argc, char** argv) {
         return 0;
     }
     const bool npy = opt.format == "npy";
-    if (opt.format == "png") {
+    if (opt.format == "png") {   // a folder: "samples/" names "samples"
+        while (opt.out.size() > 1 && opt.out.back() == '/') opt.out.pop_back();
         ctm::check_png_folder(opt.out, opt.model);
     } else {
         ctm::check_output_path(opt.out);

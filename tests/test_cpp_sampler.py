@@ -460,6 +460,12 @@ def test_png_folder_is_what_python_sample_files_writes(binary, models, tmp_path,
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_png_out_with_a_trailing_slash(binary, models, tmp_path):
+    _cpp(binary, models["mlp"], f"{tmp_path / 'pngs'}/", "png", num=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pngs"]
+    assert (tmp_path / "pngs" / "000000" / "000001.png").is_file()
+
+
 def test_png_stale_temporary_of_a_dead_run_is_swept(binary, models, tmp_path):
     dead = tmp_path / ".pngs.ctmkit-999999999-1-abcdefgh.tmp"
     dead.mkdir()

@@ -2,7 +2,7 @@
 
     ctmkit run config.toml [--stages ..] [--set ..] [--dry-run] [--force]
     ctmkit config.toml ...                 # the same as ctmkit run (and python -m core.run)
-    ctmkit plugins | config | plot | gap | build-sampler | feature-net ...   (ctmkit X --help)
+    ctmkit plugins | config | plot | gap | search-schedule | build-sampler | feature-net ...   (ctmkit X --help)
 
 :data:`SUBCOMMANDS` is the table: a subcommand is one line there, naming the function that
 implements it (``main(argv) -> int``: 0, or 2 after one ``error:`` line). Installed plugins add
@@ -28,6 +28,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plugins": ("core.commands:plugins_main", "list the installed plugins by kind"),
     "gap": ("core.gap:main", "the consistency gap of each preconditioning for a teacher, "
                              "before training"),
+    "search-schedule": ("core.search_schedule:main", "the best middle time(s) of K-step "
+                                                     "schedules, by golden-section search"),
     "plot": ("core.commands:plot_main", "draw a coefficient store's preconditionings, or runs' "
                                         "FID-against-iterations curves"),
     "build-sampler": ("core.build_sampler:main", "build the C++ sampler ctm_sample (from a "

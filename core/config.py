@@ -45,7 +45,8 @@ STAGES = ("teacher", "coefficients", "distill", "export", "sample", "evaluate")
 
 #: Top-level tables a config may contain.
 KNOWN_SECTIONS = ("run", "diffusion", "data", "network", "teacher", "teacher_train", "precond",
-                  "coefficients", "student", "distill", "export", "sample", "evaluate", "gap")
+                  "coefficients", "student", "distill", "export", "sample", "evaluate", "gap",
+                  "search")
 
 
 class Section:
@@ -604,7 +605,46 @@ def declared() -> dict[str, list[Key]]:
             "teacher_train": keys(TeacherTrainCfg), "precond": PLUGIN_KEYS["precond"],
             "coefficients": keys(CoefficientsCfg), "student": keys(StudentCfg),
             "distill": keys(DistillCfg), "export": keys(ExportCfg), "sample": keys(SampleCfg),
-            "evaluate": keys(EvaluateCfg), "gap": keys(GapCfg)}
+            "evaluate": keys(EvaluateCfg), "gap": keys(GapCfg), "search": keys(SearchCfg)}
+
+
+#: [search] objective values besides the names of [evaluate] metrics
+SEARCH_OBJECTIVES = ("auto", "trajectory")
+
+
+@dataclass(kw_only=True)
+class SearchCfg:
+    """``ctmkit search-schedule`` (core/search_schedule.py): the middle time(s) of K-step
+    schedules, searched by golden-section search on log t."""
+    steps: list[int] = key("ints", [2, 3], "step counts K whose K-1 middle times are searched "
+                           "(K = 2: one golden-section search; K >= 3: coordinate descent, one "
+                           "time at a time)", min=2, max=100)
+    objective: str = key("str", "auto", "trajectory: the final RMSE vs the teacher ODE from "
+                         "fixed noise (metrics.json's final_rmse); or a metric of [evaluate] "
+                         "metrics (e.g. \"fid\") on num samples from seed; auto: the first of "
+                         "[evaluate] metrics, else trajectory")
+    jumper: str = key("str", "auto", "teacher: the teacher-initialised jumper; student: the "
+                      "run's distilled student.pt; exported: the [export] path file; auto: "
+                      "student.pt if present, else the teacher (per preconditioning)",
+                      choices=("auto", "teacher", "student", "exported"))
+    label: str = key("str", "", "the [run] preconds label to search (default: every "
+                     "preconditioning of the run)")
+    num: int = key("int", _from_evaluate("num"), "noise draws (trajectory) or samples (a "
+                   "metric) per evaluated schedule", min=2, max=MAX_SAMPLES)
+    seed: int = key("seed", _from_evaluate("seed"), "the same noise for every schedule: the "
+                    "objective is deterministic")
+    range: list[float] = key("floats", Derived("[diffusion] [t_min, t_max]", lambda c: [
+        c["diffusion"].t_min, c["diffusion"].t_max]), "[lo, hi]: where the middle times may "
+                             "lie, within [t_min, t_max]", positive=True, length=2)
+    iterations: int = key("int", 16, "golden-section steps per search (each shrinks the "
+                          "log-t bracket by 0.618)", min=1, max=200)
+    tolerance: float = key("float", 1e-3, "stop a search once its log-t bracket is this "
+                           "narrow", positive=True)
+    rounds: int = key("int", 2, "coordinate-descent sweeps over the middle times (K >= 3)",
+                      min=1, max=100)
+    dtype: str = key("str", "auto", "the teacher / student jumper's dtype; auto: float64 for "
+                     "analytic teachers, float32 for networks (an exported jumper keeps its own)",
+                     choices=("auto", "float32", "float64"))
 
 
 @dataclass
@@ -628,6 +668,7 @@ class Config:
     raw: dict = field(repr=False, default_factory=dict)
     sections: dict = field(repr=False, default_factory=dict)
     gap: GapCfg | None = None    # [gap]: read by ``ctmkit gap`` only
+    search: SearchCfg | None = None    # [search]: read by ``ctmkit search-schedule`` only
 
     @property
     def teacher_kind(self) -> str:
@@ -784,6 +825,8 @@ def parse_config(raw: dict, path: Path) -> Config:
 
     ev = ctx["evaluate"] = _read(EvaluateCfg, sec["evaluate"], ctx)
     gap = _read(GapCfg, sec["gap"], ctx)
+    search = _read(SearchCfg, sec["search"], ctx)
+    _check_search(search, sec["search"], diff, ev)
     tt = _read(TeacherTrainCfg, sec["teacher_train"], ctx)
     ds = _read(DistillCfg, sec["distill"], ctx)
     for name, t in (("teacher_train", tt), ("distill", ds)):
@@ -796,7 +839,7 @@ def parse_config(raw: dict, path: Path) -> Config:
         for k in ks:
             sec[name].data.setdefault(k.name, k.read(sec[name], ctx))
     for name in ("run", "diffusion", "coefficients", "student", "export", "evaluate",
-                 "teacher_train", "gap"):
+                 "teacher_train", "gap", "search"):
         sec[name].finish()
     # [distill]: the loss plugin may read more keys (e.g. max_ode_steps); checked at its stage
     # [sample]: host keys are read above; the remaining keys belong to the sampler plugin.
@@ -804,7 +847,23 @@ def parse_config(raw: dict, path: Path) -> Config:
                   export=export, sample=sample, evaluate=ev, student=student,
                   teacher_train=tt, distill=ds, data=sec["data"], network=sec["network"],
                   teacher=teacher, precond=precond, sampler_options=sec["sample"], raw=raw,
-                  sections=sec, gap=gap)
+                  sections=sec, gap=gap, search=search)
+
+
+def _check_search(search: SearchCfg, s: Section, diff: DiffusionCfg, ev: EvaluateCfg) -> None:
+    """[search] range: two times, an interior, within [t_min, t_max]; objective: known."""
+    if len(search.range) != 2:
+        s.fail("range", f"expected [lo, hi], got {search.range}")
+    lo, hi = search.range
+    if not lo < hi:
+        s.fail("range", f"{search.range} has no interior (lo must be below hi): there is no "
+                        f"middle time to search")
+    if lo < diff.t_min * (1 - 1e-9) or hi > diff.t_max * (1 + 1e-9):
+        s.fail("range", f"{search.range} must lie within [diffusion] [t_min, t_max] = "
+                        f"[{diff.t_min:g}, {diff.t_max:g}]")
+    if search.objective not in SEARCH_OBJECTIVES and search.objective not in ev.metrics:
+        s.fail("objective", f"must be auto, trajectory or one of [evaluate] metrics "
+                            f"({', '.join(ev.metrics) or 'none'}); got {search.objective!r}")
 
 
 def _check_lr_schedule(t: TrainCfg, s: Section) -> None:

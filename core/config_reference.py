@@ -34,6 +34,8 @@ SECTIONS = {
     "sample": "",
     "evaluate": "",
     "gap": "ctmkit gap config.toml: the consistency gap, measured before training",
+    "search": "ctmkit search-schedule config.toml: the middle time(s) of K-step schedules, "
+              "searched (docs/search_schedule.md)",
 }
 
 #: Keys read by plugins (and by core.data for [data]): notes, not declarations.

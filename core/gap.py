@@ -185,12 +185,13 @@ def _needs_coefficients(cfg, entries) -> bool:
         and not cfg.coefficients.path.exists()
 
 
-def _run_coefficients_stage(config: str, overrides: list[str], progress: bool) -> None:
+def _run_coefficients_stage(config: str, overrides: list[str], progress: bool,
+                            command: str = "gap") -> None:
     """The 'coefficients' stage through the ordinary command (its lock, ledger, run.json)."""
     from core.run import main as run_main
     from core.stages import log
 
-    log("gap: no coefficient store yet; running the 'coefficients' stage first")
+    log(f"{command}: no coefficient store yet; running the 'coefficients' stage first")
     argv = [config, "--stages", "coefficients", *[f"--set={o}" for o in overrides]]
     if run_main(argv + ([] if progress else ["--no-progress"])) != 0:
         raise SystemExit(2)         # run_main printed its one error line

@@ -57,6 +57,10 @@ STAGE_FILES = {
 }
 #: written by a [run] preconds comparison in the parent out_dir
 COMPARISON_FILES = ("comparison.json", "comparison.png")
+#: written in out_dir by the commands beside the stages (``ctmkit gap``, ``ctmkit
+#: search-schedule``): a run's configured outputs may not name them
+COMMAND_FILES = {"gap": ("gap.json", "gap.png"),
+                 "search-schedule": ("search_schedule.json", "search_schedule.png")}
 #: the folders of an out_dir that only ctmkit writes (swept of any ctmkit temporary)
 OWNED_FOLDERS = ("", "checkpoints", "teacher_checkpoints")
 #: config keys that name what a run writes, not what it reads (see `configured_outputs`)
@@ -167,6 +171,9 @@ def run_uses(runs) -> list[Use]:
         if i == 0 and len(runs) > 1:
             mine += [Use(run.out_dir / n, f"the comparison's {n}", True)
                      for n in COMPARISON_FILES]
+        if i == 0:
+            mine += [Use(run.out_dir / n, f"ctmkit {command}'s {n}", False)
+                     for command, names in COMMAND_FILES.items() for n in names]
         uses += [Use(u.path, u.role, u.writes, u.folder, i) for u in mine]
     return uses
 

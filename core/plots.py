@@ -138,3 +138,38 @@ def plot_gap(results: dict, path: Path) -> None:
         b.legend(fontsize=7)
     fig.colorbar(im, ax=list(ax[0]))
     _save(fig, path)
+
+
+def plot_search_schedule(results: dict, path: Path) -> None:
+    """``ctmkit search-schedule``'s figure: per preconditioning (rows) and step count
+    (columns), the objective at every evaluated schedule against the middle time that was
+    moved (for K >= 3 one colour per middle time, each drawn at the points of its own
+    coordinate searches), the best schedule's times (stars) and the rho grid's (crosses)."""
+    plt = _plt()
+    Ks = sorted({int(K) for r in results.values() for K in r["schedules"]})
+    fig, ax = plt.subplots(len(results), len(Ks), figsize=(4.4 * len(Ks), 3.4 * len(results)),
+                           squeeze=False)
+    for i, (label, r) in enumerate(results.items()):
+        for j, K in enumerate(Ks):
+            a = ax[i, j]
+            e = r["schedules"].get(str(K))
+            if e is None:
+                a.set_visible(False)
+                continue
+            for k in range(1, K):
+                pts = sorted((p["schedule"][k], p["value"]) for p in e["evaluated"]
+                             if p.get("moved") == k)
+                a.plot([t for t, _ in pts], [v for _, v in pts], ".", ms=5, alpha=0.8,
+                       label=f"t_{k}" if K > 2 else "evaluated")
+            best, rho = e["best"], e["rho_grid"]
+            a.plot(best["schedule"][1:-1], [best["value"]] * (K - 1), "*", ms=13, color="k",
+                   label=f"best {best['value']:.4g}")
+            a.plot(rho["schedule"][1:-1], [rho["value"]] * (K - 1), "x", ms=9, color="r",
+                   label=f"rho grid {rho['value']:.4g}")
+            a.set_xscale("log")
+            a.set_xlabel("middle time t" if K == 2 else "middle times t_k")
+            a.set_ylabel(r["objective_shown"], fontsize=8)
+            a.set_title(f"{label}: {K} steps ({r['jumper']})", fontsize=9)
+            a.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)

@@ -19,6 +19,7 @@
 #include "jumper.hpp"
 #include "options.hpp"
 #include "output.hpp"
+#include "sample_files.hpp"
 #include "sampler.hpp"
 
 namespace {
@@ -109,8 +110,14 @@ int run(int argc, char** argv) {
         std::cout << ctm::usage_text();
         return 0;
     }
-    ctm::check_output_path(opt.out);
-    ctm::check_not_input(opt.out, opt.model);
+    const bool npy = opt.format == "npy";
+    if (opt.format == "png") {   // a folder: "samples/" names "samples"
+        while (opt.out.size() > 1 && opt.out.back() == '/') opt.out.pop_back();
+        ctm::check_png_folder(opt.out, opt.model);
+    } else {
+        ctm::check_output_path(opt.out);
+        ctm::check_not_input(opt.out, opt.model);
+    }
     c10::Device device = pick_device(opt.device);
     if (opt.threads > 0) at::set_num_threads(opt.threads);
 
@@ -118,9 +125,15 @@ int run(int argc, char** argv) {
     ctm::LoadedJumper jumper = ctm::load_jumper(opt.model, device);
     const ctm::JumperMeta& meta = jumper.meta;
     ctm::check_against_meta(opt, meta);
+    if (!npy && !meta.is_image()) {
+        std::string shape;
+        for (auto d : meta.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
+        throw ctm::UserError("--format " + opt.format + ": an image format; this model makes "
+                             "samples of shape [" + shape + "], not [1|3, H, W]");
+    }
     for (const auto& [wanted, suffix] : {std::pair{meta.num_classes > 0, ".labels.npy"},
                                          std::pair{meta.is_image(), ".png"}}) {
-        if (!wanted) continue;
+        if (!wanted || !npy) continue;
         const std::string sibling = ctm::sibling_path(opt.out, suffix);
         ctm::check_output_path(sibling);
         ctm::check_not_input(sibling, opt.model, "--out's " + std::string(suffix));
@@ -140,14 +153,25 @@ int run(int argc, char** argv) {
     guard_jumper_errors([&] { ctm::warm_up(*jumper.backend, meta, spec, device, opt.warmup); });
     double warmup_s = seconds_since(t_warm);
 
-    // Samples stream into a temporary .npy beside --out; labels and the image grid are kept.
+    // Samples stream into a temporary .npy (or .npz, or folder of PNGs) beside --out; labels
+    // and the image grid are kept.
     const std::int64_t numel = meta.sample_numel();
     std::vector<std::int64_t> out_shape{opt.num};
     out_shape.insert(out_shape.end(), meta.shape.begin(), meta.shape.end());
-    ctm::AtomicFile samples_file(opt.out);
-    std::string header = ctm::npy_header("<f4", out_shape);
-    samples_file.write(header.data(), header.size());
-    const bool image = meta.is_image();
+    std::optional<ctm::AtomicFile> samples_file;
+    std::optional<ctm::NpzWriter> npz_file;
+    std::optional<ctm::PngFolderWriter> png_folder;
+    if (npy) {
+        samples_file.emplace(opt.out);
+        std::string header = ctm::npy_header("<f4", out_shape);
+        samples_file->write(header.data(), header.size());
+    } else if (opt.format == "npz") {
+        npz_file.emplace(opt.out, opt.num, int(meta.shape[0]), int(meta.shape[1]),
+                         int(meta.shape[2]), meta.num_classes > 0);
+    } else {
+        png_folder.emplace(opt.out, int(meta.shape[0]), int(meta.shape[1]), int(meta.shape[2]));
+    }
+    const bool image = meta.is_image() && npy;
     const std::int64_t grid_images = image ? std::min<std::int64_t>(opt.num, 64) : 0;
     std::vector<float> grid_data;
     grid_data.reserve(static_cast<std::size_t>(grid_images * numel));
@@ -172,8 +196,10 @@ int run(int argc, char** argv) {
             if (!std::isfinite(p[i]))
                 throw ctm::UserError("the jumper produced NaN/Inf; " + opt.out +
                                      " was not written");
-        samples_file.write(p, static_cast<std::size_t>(n) * sizeof(float));
         const std::int64_t b = x.size(0);
+        if (samples_file) samples_file->write(p, static_cast<std::size_t>(n) * sizeof(float));
+        for (std::int64_t k = 0; k < b && npz_file; ++k) npz_file->add(p + k * numel);
+        for (std::int64_t k = 0; k < b && png_folder; ++k) png_folder->add(p + k * numel);
         const std::int64_t keep = std::min(b, grid_images - done);
         if (keep > 0) grid_data.insert(grid_data.end(), p, p + keep * numel);
         if (y) {
@@ -190,7 +216,7 @@ int run(int argc, char** argv) {
 
     auto t_write = Clock::now();
     std::optional<ctm::AtomicFile> labels_file, png_file;
-    if (meta.num_classes > 0) {
+    if (meta.num_classes > 0 && npy) {
         labels_file.emplace(ctm::sibling_path(opt.out, ".labels.npy"));
         std::string h = ctm::npy_header("<i8", {opt.num});
         labels_file->write(h.data(), h.size());
@@ -205,7 +231,9 @@ int run(int argc, char** argv) {
     }
     if (labels_file) labels_file->commit();
     if (png_file) png_file->commit();
-    samples_file.commit();   // last: samples.npy appears only once everything is in place
+    if (samples_file) samples_file->commit();   // last: it appears once everything is in place
+    if (npz_file) npz_file->commit(labels);
+    if (png_folder) png_folder->commit();
     write_s += seconds_since(t_write);
 
     g_warnings.flush();

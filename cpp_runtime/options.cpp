@@ -62,7 +62,15 @@ const char* usage_text() {
         "                      TorchScript archive (both with meta.json)\n"
         "  --out PATH          samples as .npy (float32, [num, *shape]); image shapes\n"
         "                      [1|3, H, W] also get <stem>.png, conditional models\n"
-        "                      <stem>.labels.npy (int64)\n"
+        "                      <stem>.labels.npy (int64); see --format\n"
+        "  --format F          npy (default: as --out says); npz: one .npz as ADM's\n"
+        "                      evaluator.py reads it (arr_0 uint8 [N, H, W, C] from\n"
+        "                      ((x + 1) * 127.5).clamp(0, 255), arr_1 int64 labels of\n"
+        "                      conditional models); png: --out names a folder (new, or one\n"
+        "                      ctm_sample or ctmkit wrote) of one PNG per sample in EDM's\n"
+        "                      layout (000000/000000.png, 1,000 a sub-folder) from\n"
+        "                      (x * 127.5 + 128).clip(0, 255), for EDM's fid.py; image\n"
+        "                      models only\n"
         "  --steps K           number of jumps on EDM's rho grid, 1..10000 (default 2)\n"
         "  --timesteps LIST    explicit t0,t1,...,tK, strictly decreasing within the model's\n"
         "                      [t_min, t_max] (overrides the rho grid)\n"
@@ -99,7 +107,7 @@ Options parse_options(int argc, const char* const* argv) {
         }
     }
     static const std::set<std::string> kValueFlags = {
-        "--model", "--out", "--steps", "--num", "--batch", "--seed", "--device",
+        "--model", "--out", "--format", "--steps", "--num", "--batch", "--seed", "--device",
         "--timesteps", "--gamma", "--class-label", "--threads", "--warmup"};
     static const std::set<std::string> kSwitches = {"--timing", "--quiet"};
     std::set<std::string> seen;
@@ -131,6 +139,10 @@ Options parse_options(int argc, const char* const* argv) {
         } else if (flag == "--out") {
             if (value.empty()) bad_value(flag, "a file path", value);
             opt.out = value;
+        } else if (flag == "--format") {
+            if (value != "npy" && value != "npz" && value != "png")
+                bad_value(flag, "npy, npz or png", value);
+            opt.format = value;
         } else if (flag == "--steps") {
             opt.steps = parse_int<std::int64_t>(flag, value, 1, "an integer >= 1", kMaxSteps);
             opt.steps_given = true;

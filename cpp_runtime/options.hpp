@@ -23,6 +23,7 @@ inline constexpr int kMaxWarmup = 100;
 struct Options {
     std::string model;
     std::string out;
+    std::string format = "npy";             // npy | npz | png (cpp_runtime/sample_files.hpp)
     std::int64_t steps = 2;                 // core/config.py SampleCfg defaults
     bool steps_given = false;
     std::int64_t num = 1000;

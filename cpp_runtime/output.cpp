@@ -100,6 +100,20 @@ void AtomicFile::write(const void* data, std::size_t size) {
     }
 }
 
+void AtomicFile::write_at(std::uint64_t offset, const void* data, std::size_t size) {
+    const char* p = static_cast<const char*>(data);
+    while (size > 0) {
+        ssize_t n = ::pwrite(fd_, p, size, static_cast<off_t>(offset));
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            throw UserError(target_ + ": write failed (" + errno_text() + ")");
+        }
+        p += n;
+        offset += static_cast<std::uint64_t>(n);
+        size -= static_cast<std::size_t>(n);
+    }
+}
+
 void AtomicFile::commit() {
     // mkstemps creates 0600; give the result the usual permissions (0666 & ~umask).
     mode_t mask = ::umask(0);

@@ -22,6 +22,8 @@ public:
     AtomicFile& operator=(const AtomicFile&) = delete;
 
     void write(const void* data, std::size_t size);
+    // Overwrites bytes already written at `offset` (e.g. a header's checksum).
+    void write_at(std::uint64_t offset, const void* data, std::size_t size);
     void commit();   // fsync, close, rename onto the target, fsync the directory
 
     const std::string& target() const { return target_; }

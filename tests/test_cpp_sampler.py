@@ -145,6 +145,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         save(name, jumper, meta)
     P = CTMPrecond()
     save("failing", Jumper(FailingNet(), P, SIGMA_DATA), meta_for(P, [2]))
+    save("failing_img", Jumper(FailingNet(), P, SIGMA_DATA), meta_for(P, [1, 2, 2]))
     save("nan", Jumper(NaNNet(), P, SIGMA_DATA), meta_for(P, [2]))
 
     # foreign / broken files
@@ -356,6 +357,166 @@ def test_warmup_does_not_change_samples(binary, models, tmp_path):
     a = np.load(tmp_path / "a.npy")
     np.testing.assert_array_equal(a, np.load(tmp_path / "b.npy"))
     np.testing.assert_array_equal(a, np.load(tmp_path / "c.npy"))
+
+
+# --- --format npz | png: the files papers' evaluators read (core/sample_files.py) -----------
+
+def _cpp(binary, model, out, fmt, *, num, batch=7, seed=3, steps=2):
+    run(binary, "--model", model, "--out", out, "--format", fmt, "--num", num, "--batch", batch,
+        "--seed", seed, "--steps", steps)
+
+
+@pytest.mark.parametrize("model", ["mlp", "mlp_cond"])
+def test_npz_is_what_python_sample_files_writes(binary, models, tmp_path, model):
+    """arr_0 (uint8 NHWC, ADM's conversion) and arr_1 (labels) of --format npz equal
+    core/sample_files.save_npz of the same samples byte for byte, as stored zip members that
+    numpy reads; against Python's own draw they agree but where float rounding meets a pixel
+    boundary."""
+    import zipfile
+
+    from core.sample_files import adm_uint8, save_npz
+
+    x, y = cpp_samples(binary, models[model], tmp_path / "s.npy", num=23, batch=7, seed=3)
+    _cpp(binary, models[model], tmp_path / "s.npz", "npz", num=23)
+    got = np.load(tmp_path / "s.npz")
+    save_npz(tmp_path / "py.npz", x, y)
+    ref = np.load(tmp_path / "py.npz")
+    assert got.files == ref.files == (["arr_0"] if y is None else ["arr_0", "arr_1"])
+    assert got["arr_0"].dtype == np.uint8 and got["arr_0"].shape == ref["arr_0"].shape
+    assert got["arr_0"].tobytes() == ref["arr_0"].tobytes()
+    u8 = got["arr_0"]
+    assert 0.2 < float(((u8 > 0) & (u8 < 255)).mean())       # not just clamped pixels
+    if y is not None:
+        assert got["arr_1"].dtype == np.int64 and (got["arr_1"] == y).all()
+    with zipfile.ZipFile(tmp_path / "s.npz") as z:
+        assert z.testzip() is None
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
+    x_py, y_py = python_samples(models[model], num=23, batch=7, seed=3)
+    diff = np.abs(adm_uint8(x_py).astype(int) - u8.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        sorted(["s.npy", "s.npz", "s.png", "py.npz"] + (["s.labels.npy"] if y is not None
+                                                          else []))
+
+
+def test_npz_zip64_records_read_by_numpy(binary, tmp_path):
+    """ZIP64 records (written where a member passes 4 GiB; forced here by the unit-test
+    binary) are read by numpy / zipfile as the plain archive is."""
+    from core.sample_files import adm_uint8
+
+    subprocess.run([str(binary.parent / "ctm_runtime_tests"), "--write-npz", str(tmp_path)],
+                   check=True)
+    x = np.arange(5 * 24, dtype=np.float32).reshape(5, 3, 2, 4) / np.float32(60) - 1
+    for name in ("plain.npz", "zip64.npz"):
+        z = np.load(tmp_path / name)
+        assert z["arr_0"].tobytes() == adm_uint8(x).tobytes()
+        assert z["arr_1"].tolist() == [0, 1, 2, 0, 1]
+    assert (tmp_path / "zip64.npz").stat().st_size > (tmp_path / "plain.npz").stat().st_size
+
+
+def _png_pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        a = np.asarray(im)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+@pytest.mark.parametrize("model", ["mlp", "mlp_cond"])
+def test_png_folder_is_what_python_sample_files_writes(binary, models, tmp_path, model):
+    """--format png: EDM's layout (shards of 1,000) with the marker; every PNG decodes to the
+    pixels of core/sample_files.save_png_folder for the same samples (EDM's conversion)."""
+    from core.sample_files import PNG_MARKER, edm_uint8, png_relpath, save_png_folder
+
+    num = 1003 if model == "mlp" else 12
+    x, _ = cpp_samples(binary, models[model], tmp_path / "s.npy", num=num, batch=250, seed=3)
+    _cpp(binary, models[model], tmp_path / "pngs", "png", num=num, batch=250)
+    save_png_folder(tmp_path / "py", x)
+    out = tmp_path / "pngs"
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == sorted([PNG_MARKER] + [png_relpath(i) for i in range(num)])
+    expect = edm_uint8(x)
+    for i in range(num):
+        a = _png_pixels(out / png_relpath(i))
+        assert a.tobytes() == _png_pixels(tmp_path / "py" / png_relpath(i)).tobytes()
+        assert a.tobytes() == expect[i].tobytes(), i
+    if num > 1000:
+        assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["000000", "001000"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # ctm_sample's own folder (or ctmkit's) is replaced; nothing else is left behind
+    _cpp(binary, models[model], out, "png", num=2, seed=4)
+    assert sorted(p.name for p in out.rglob("*.png")) == ["000000.png", "000001.png"]
+    _cpp(binary, models[model], tmp_path / "py", "png", num=1)
+    assert len(list((tmp_path / "py").rglob("*.png"))) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_png_out_with_a_trailing_slash(binary, models, tmp_path):
+    _cpp(binary, models["mlp"], f"{tmp_path / 'pngs'}/", "png", num=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pngs"]
+    assert (tmp_path / "pngs" / "000000" / "000001.png").is_file()
+
+
+def test_png_stale_temporary_of_a_dead_run_is_swept(binary, models, tmp_path):
+    dead = tmp_path / ".pngs.ctmkit-999999999-1-abcdefgh.tmp"
+    dead.mkdir()
+    (dead / "000000").mkdir()
+    _cpp(binary, models["mlp"], tmp_path / "pngs", "png", num=1)
+    assert not dead.exists() and (tmp_path / "pngs" / "000000" / "000000.png").is_file()
+
+
+def _format_error(binary, tmp_path, *args, expect: str):
+    proc = run(binary, *args, check=False)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ctm_sample: error: ") and expect in lines[0], lines[0]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    return lines[0]
+
+
+def test_bad_format_or_out_is_one_error_line(binary, models, tmp_path):
+    m = models["mlp"]
+    _format_error(binary, tmp_path, "--model", m, "--out", tmp_path / "a", "--format", "jpeg",
+                  expect="--format: expected npy, npz or png, got 'jpeg'")
+    for fmt in ("npz", "png"):
+        _format_error(binary, tmp_path, "--model", models["gmm_ctm"], "--out",
+                      tmp_path / f"v.{fmt}", "--format", fmt,
+                      expect=f"--format {fmt}: an image format; this model makes samples of "
+                             f"shape [2]")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine\n")
+    _format_error(binary, tmp_path, "--model", m, "--out", foreign, "--format", "png",
+                  expect="was not written by ctm_sample or ctmkit")
+    assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
+    (tmp_path / "file").write_text("x\n")
+    _format_error(binary, tmp_path, "--model", m, "--out", tmp_path / "file", "--format", "png",
+                  expect="exists and is not a folder")
+    (tmp_path / "link").symlink_to(foreign)
+    _format_error(binary, tmp_path, "--model", m, "--out", tmp_path / "link", "--format", "png",
+                  expect="is not a folder")
+    _format_error(binary, tmp_path, "--model", m, "--out", foreign, "--format", "npz",
+                  expect="is a directory, not a regular file")
+    _format_error(binary, tmp_path, "--model", m, "--out", tmp_path / "no" / "p", "--format",
+                  "png", expect="does not exist")
+    # a folder of ours that holds the model: replacing it would delete the model
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / ".ctmkit-samples").write_bytes(b"")
+    inside = ours / "model.pt"
+    inside.write_bytes(m.read_bytes())
+    _format_error(binary, tmp_path, "--model", inside, "--out", ours, "--format", "png",
+                  expect="holds the model file")
+    assert inside.is_file()
+
+
+@pytest.mark.parametrize("fmt", ["npz", "png"])
+def test_failure_mid_sampling_leaves_no_npz_or_png(binary, models, tmp_path, fmt):
+    out = tmp_path / f"out.{fmt}"
+    _format_error(binary, tmp_path, "--model", models["failing_img"], "--out", out, "--format",
+                  fmt, "--steps", "1", "--num", "10", "--batch", "2",
+                  expect="deliberate failure in the network")
+    assert not out.exists() and sorted(tmp_path.iterdir()) == []
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@
 #include "meta.hpp"
 #include "options.hpp"
 #include "output.hpp"
+#include "sample_files.hpp"
 #include "sha256.hpp"
 
 namespace {
@@ -365,7 +366,43 @@ void test_sha256() {   // FIPS 180-4 examples, and a message longer than one blo
 
 }  // namespace
 
-int main() {
+void test_sample_files() {
+    // core/sample_files.py's conversions, in float32, truncating
+    CHECK(ctm::adm_uint8(-1.0f) == 0 && ctm::adm_uint8(1.0f) == 255 && ctm::adm_uint8(0.0f) == 127);
+    CHECK(ctm::adm_uint8(-7.0f) == 0 && ctm::adm_uint8(3.0f) == 255);
+    CHECK(ctm::edm_uint8(0.0f) == 128 && ctm::edm_uint8(1.0f) == 255 && ctm::edm_uint8(-1.0f) == 0);
+    CHECK(ctm::edm_uint8(-0.9999f) == 0 && ctm::edm_uint8(0.99f) == 254);
+    CHECK(ctm::png_relpath(0) == "000000/000000.png");
+    CHECK(ctm::png_relpath(999) == "000000/000999.png");
+    CHECK(ctm::png_relpath(1000) == "001000/001000.png");
+    CHECK(ctm::png_relpath(123456) == "123000/123456.png");
+    const float chw[2 * 1 * 2] = {-1.0f, 1.0f, 0.0f, 0.5f};   // C = 2, H = 1, W = 2
+    CHECK((ctm::hwc_pixels(chw, 2, 1, 2, ctm::adm_uint8) ==
+           std::vector<std::uint8_t>{0, 127, 255, 191}));
+}
+
+// The npz written by `NpzWriter` (ZIP64 records forced with `zip64`): 5 samples [3, 2, 4]
+// with value (n * 24 + k) / 60 - 1 at flat index k of sample n, labels n % 3; read back with
+// numpy by tests/test_cpp_sampler.py (ctm_runtime_tests --write-npz DIR).
+void write_npz(const std::string& path, bool zip64) {
+    ctm::NpzWriter npz(path, 5, 3, 2, 4, true, zip64);
+    std::vector<std::int64_t> labels;
+    for (int n = 0; n < 5; ++n) {
+        std::vector<float> x(24);
+        for (int k = 0; k < 24; ++k) x[k] = float(n * 24 + k) / 60.0f - 1.0f;
+        npz.add(x.data());
+        labels.push_back(n % 3);
+    }
+    npz.commit(labels);
+}
+
+int main(int argc, char** argv) {
+    if (argc == 3 && std::string(argv[1]) == "--write-npz") {
+        write_npz(std::string(argv[2]) + "/plain.npz", false);
+        write_npz(std::string(argv[2]) + "/zip64.npz", true);
+        return 0;
+    }
+    test_sample_files();
     test_sha256();
     test_json();
     test_meta();

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from core import stage_table
 from core.bounds import MAX_DEPTH, check_nesting, check_text_nesting
 from core.errors import UserError
 
@@ -40,8 +41,8 @@ MAX_LIST = 1_000               # entries of a list of step counts, EMA rates, na
 MAX_SAMPLE_VALUES = 1 << 28    # values of one sample (a shape's product): 1 GiB in float32
 MAX_RANK = 8                   # entries of a sample shape
 
-#: Stage names in their canonical order. `core.stages` implements each one.
-STAGES = ("teacher", "coefficients", "distill", "export", "sample", "evaluate")
+#: Stage names in their canonical order, as `core.stage_table` declares them.
+STAGES = stage_table.NAMES
 
 #: Top-level tables a config may contain.
 KNOWN_SECTIONS = ("run", "diffusion", "data", "network", "teacher", "teacher_train", "precond",

@@ -577,9 +577,3 @@ def teacher_grid(run: Run, rows: int = 8, steps: int = 18) -> None:
 def distill(run: Run) -> None:
     from core.distill import distill as run_distill
     run_distill(run)
-
-
-STAGE_FUNCTIONS = {"teacher": teacher, "coefficients": coefficients, "distill": distill,
-                   "export": export, "sample": sample, "evaluate": evaluate}
-#: stages every rank runs (they split their work); the others run on rank 0 alone
-DISTRIBUTED_STAGES = ("teacher", "coefficients", "distill")

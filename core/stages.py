@@ -13,7 +13,7 @@ import torch
 
 from core import plugins
 from core.coefficients import store
-from core.config import Config
+from core.config import Config, result_values
 from core.errors import UserError
 from core.io import save_json, save_npy
 from core.schedules import coefficient_grid
@@ -189,16 +189,24 @@ class Run:
 
 # --- coefficients ----------------------------------------------------------------------------
 
+def coefficient_settings(cfg, data_fingerprint: str | None) -> dict:
+    """What a store's numbers depend on (its `settings`, which decide reuse): the
+    [coefficients] keys that change a result (core.config), the x_0 source by its content
+    fingerprint, and [diffusion]'s time range (rho only on the edm grid)."""
+    c, d = cfg.coefficients, cfg.diffusion
+    settings = dict(result_values(c), data=data_fingerprint, t_min=d.t_min, t_max=d.t_max,
+                    rho=d.rho if c.grid == "edm" else None)
+    if c.smooth == 0:      # only when > 0: the default store (settings, digest) stays as it was
+        del settings["smooth"]
+    return settings
+
+
 def coefficients(run: Run) -> None:
     c, d = run.cfg.coefficients, run.cfg.diffusion
     teacher = run.teacher
-    settings = {"grid": c.grid, "n_timesteps": c.n_timesteps, "n_samples": c.n_samples,
-                "batch": c.batch, "seed": c.seed, "t_min": d.t_min, "t_max": d.t_max,
-                "rho": d.rho if c.grid == "edm" else None, "dtype": c.dtype, "dl": c.dl}
-    if c.smooth > 0:       # only then: the default store (settings, digest) stays as it was
-        settings["smooth"] = c.smooth
     source = run.data_for(c.data, "coefficients")
-    settings["data"] = source.fingerprint() if source is not None else None
+    settings = coefficient_settings(run.cfg, source.fingerprint() if source is not None
+                                    else None)
     fp = teacher.fingerprint()
     if store.reusable(c.path, fp, settings):
         log(f"coefficients: reusing {c.path} (same teacher and settings)")

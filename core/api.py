@@ -43,6 +43,7 @@ from core.datastore import ImageStore, Plan, cache_folder, open_or_build
 from core.edm import add_noise, append_dims, batch_times
 from core.errors import UserError
 from core.hookspecs import hookimpl
+from core.s_pathway import SEmbeddingMLP, jump_target, zero_init
 from core.schedules import rho_grid
 
 __all__ = ["hookimpl", "UserError", "Teacher", "Network", "Preconditioning", "Solver", "Loss",
@@ -50,7 +51,9 @@ __all__ = ["hookimpl", "UserError", "Teacher", "Network", "Preconditioning", "So
            # the uint8 image store of a dataset plugin (core/datastore.py)
            "ImageStore", "Plan", "cache_folder", "open_or_build",
            # helpers a plugin may use (the host's own conventions)
-           "append_dims", "batch_times", "add_noise", "rho_grid"]
+           "append_dims", "batch_times", "add_noise", "rho_grid",
+           # a student network's zero-initialised s pathway (core/s_pathway.py)
+           "zero_init", "SEmbeddingMLP", "jump_target"]
 
 
 # --- teacher (hook ctmkit_teachers) ------------------------------------------------------------

@@ -320,5 +320,5 @@ def jit_load(path, what: str, device: str = "cpu", extra_files: dict | None = No
             return torch.jit.load(source, map_location=device,
                                   _extra_files=extra_files if extra_files is not None else {})
     except Exception as e:  # torch raises RuntimeError/ValueError/... for bad archives
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"{path}: not a loadable TorchScript {what} ({first[:160]})") from None
+        raise UserError(f"{path}: not a loadable TorchScript {what} ({first_line(e, 160)})"
+                        ) from None

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from core.api import Metric  # noqa: F401  (the metric contract; re-exported)
 from core.bounds import load_json
-from core.errors import UserError
+from core.errors import UserError, first_line
 from core.io import atomic_path
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -287,7 +287,7 @@ def inception(path=None, device="cpu", mode: str = "clean") -> InceptionExtracto
             warnings.simplefilter("ignore", FutureWarning)   # TorchScript is deprecated in 2.14
             model = _load_inception_v3w(file, resize_inside=mode == "legacy_tensorflow")
     except Exception as e:  # truncated or foreign file
-        raise UserError(f"{file}: unreadable Inception weights ({_first_line(e)})") from None
+        raise UserError(f"{file}: unreadable Inception weights ({first_line(e)})") from None
     return InceptionExtractor(model.to(device).eval(), device, mode, file)
 
 
@@ -322,7 +322,7 @@ def feature_net(path, device="cpu") -> FeatureNetExtractor:
             warnings.simplefilter("ignore", FutureWarning)   # TorchScript is deprecated in 2.14
             module = torch.jit.load(io.BytesIO(data), map_location=device, _extra_files=extra)
     except Exception as e:
-        raise UserError(f"{file}: unreadable feature net ({_first_line(e)})") from None
+        raise UserError(f"{file}: unreadable feature net ({first_line(e)})") from None
     meta = None
     if extra["meta.json"]:
         meta = load_json(extra["meta.json"], f"{file}: feature net", "meta.json")
@@ -342,11 +342,6 @@ def feature_net(path, device="cpu") -> FeatureNetExtractor:
     ext = FeatureNetExtractor(module, "featnet-" + digest[:8], channels, shape, device, meta)
     ext.file, ext._sha256 = file.resolve(), digest
     return ext
-
-
-def _first_line(e: Exception) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:120] if s else e.__class__.__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +420,7 @@ def reference_stats(dataset, extractor, num: int, cache_dir, seed: int = 0, batc
                 why = "made for other settings"
         except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError,
                 zipfile.BadZipFile) as e:
-            why = f"unreadable: {_first_line(e)}"
+            why = f"unreadable: {first_line(e)}"
         print(f"reference statistics {path} {why}; recomputing", file=sys.stderr)
 
     if n < len(dataset):
@@ -467,7 +462,7 @@ def load_reference_npz(path, dim: int = INCEPTION_DIM) -> dict:
     except UserError:
         raise
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"reference statistics {file}: unreadable ({_first_line(e)})") from None
+        raise UserError(f"reference statistics {file}: unreadable ({first_line(e)})") from None
     for name, a in (("mu", mu), ("sigma", sigma)):
         if a is None:
             raise UserError(f"reference statistics {file}: no {name!r} array (has "

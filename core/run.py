@@ -19,7 +19,7 @@ import sys
 import threading
 import warnings
 
-from core.errors import UserError, one_line
+from core.errors import UserError, first_line, one_line
 from core.stage_table import BY_NAME, NAMES, STAGES
 
 
@@ -199,8 +199,7 @@ def main(argv=None) -> int:
         return 2
     except OSError as e:          # out_dir unwritable, read-only filesystem, disk full, ...
         where = f"{e.filename}: " if e.filename else ""
-        why = e.strerror or str(e).strip().splitlines()[0] if str(e).strip() else \
-            e.__class__.__name__
+        why = e.strerror or first_line(e, None)
         print(f"error: {one_line(f'{where}{why}')} (nothing was left half-written)",
               file=sys.stderr)
         return 2

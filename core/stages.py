@@ -14,11 +14,10 @@ import torch
 from core import plugins
 from core.coefficients import store
 from core.config import Config, result_values
-from core.errors import UserError
+from core.dtypes import DTYPES
+from core.errors import UserError, first_line
 from core.io import save_json, save_npy
 from core.schedules import coefficient_grid
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def log(msg: str) -> None:
@@ -352,10 +351,9 @@ def _check_scriptable(precond, name: str) -> None:
     try:
         script(precond)
     except Exception as e:  # noqa: BLE001 - TorchScript's frontend raises many types
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         raise UserError(f"preconditioning {name!r} ({plugins.get('precond', name).source}) is "
                         f"not TorchScript-able, so it cannot be exported: "
-                        f"{(lines or ['(no message)'])[0][:160]}") from None
+                        f"{first_line(e, 160, '(no message)')}") from None
 
 
 def ctm_sample_binary(cfg, sampler) -> Path:

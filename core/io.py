@@ -33,6 +33,9 @@ from core.errors import UserError, first_line
 
 #: the key under which a ctmkit .pt file stores the digest of the rest of its content
 DIGEST_KEY = "sha256"
+#: the file ctmkit writes into every folder that is its own (an out_dir, a datastore cache):
+#: this folder is ctmkit's (core.ownership)
+MARKER = ".ctmkit"
 #: temporaries are named ``.<final name>.ctmkit-<run id>-<random>.tmp`` beside the final file,
 #: the run id being the writer's PID and its process start time (see `run_id`)
 _TMP_SUFFIX = ".tmp"

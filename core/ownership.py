@@ -34,11 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
-from core.io import is_temporary
+from core.io import MARKER, is_temporary
 from core.stage_table import STAGES
 
-#: the file ctmkit writes into every out_dir it runs in: this folder is ctmkit's
-MARKER = ".ctmkit"
 #: files that say an out_dir was written by ctmkit (the marker, or an earlier version's records)
 OWNED_BY = (MARKER, "stages.json", "run.json")
 #: a run's own bookkeeping in out_dir, written by every run whatever its stages

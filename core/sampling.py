@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from core.api import Sampler
+from core.contracts import Sampler
 from core.dtypes import DTYPES
 from core.edm import batch_times
 from core.schedules import rho_grid

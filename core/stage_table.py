@@ -56,15 +56,8 @@ class Stage:
         getattr(importlib.import_module(module), name)(run)
 
 
-def _warm_start_file(run) -> Path | None:
-    """A warm start's source file, or None (``[student] init = "teacher"``)."""
-    from core.warm_start import source_file
-    p = run.cfg.student_init_path
-    return source_file(p) if p is not None else None
-
-
 #: inputs that are no stage's output: name -> where it is (a function of the run; None: none)
-OTHER_INPUTS = {"student.init": _warm_start_file}
+OTHER_INPUTS = {"student.init": lambda run: run.warm_start_file()}
 #: the inputs that are content fingerprints rather than files
 FINGERPRINTS = ("teacher", "data")
 

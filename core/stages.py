@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import plugins
+from core import REPO, plugins
 from core.coefficients import store
 from core.config import Config, result_values
 from core.dtypes import DTYPES
@@ -52,6 +52,12 @@ class Run:
                                    progress=progress,
                                    coefficients_loader=self.coefficient_table)
         self._data = data
+
+    def warm_start_file(self) -> Path | None:
+        """A warm start's source file ([student] init), or None for init = "teacher"."""
+        from core.warm_start import source_file
+        p = self.cfg.student_init_path
+        return source_file(p) if p is not None else None
 
     def teacher_file(self) -> Path:
         """Where the 'teacher' stage writes the trained network."""
@@ -320,7 +326,7 @@ def sample(run: Run) -> None:
     title = f"{meta['precond']}{'/' + meta['variant'] if meta['variant'] else ''} jumper, " \
             f"{len(ts) - 1} steps"
     if len(meta["shape"]) == 3:
-        from core.metrics import save_grid
+        from core.images import save_grid
         save_grid(torch.from_numpy(x[:64]), run.out_dir / "samples.png",
                   labels=None if labels is None else labels[:64])
     else:
@@ -363,7 +369,7 @@ def ctm_sample_binary(cfg, sampler) -> Path:
                         f"sampler only, not {cfg.sample.sampler!r}")
     import os
 
-    binary = cfg.sample.binary or Path(__file__).resolve().parent.parent / "build" / "ctm_sample"
+    binary = cfg.sample.binary or REPO / "build" / "ctm_sample"
     if not binary.is_file():
         raise UserError(f"{binary}: ctm_sample not found; build it with python "
                         f"tools/build_cpp.py or set [sample] binary")
@@ -562,7 +568,7 @@ def teacher(run: Run) -> None:
 def teacher_grid(run: Run, rows: int = 8, steps: int = 18) -> None:
     """teacher_samples.png: images from the teacher's PF-ODE (EDM's Heun sampler, `steps`
     steps on the rho grid); a conditional teacher gets one class per grid column."""
-    from core.metrics import save_grid
+    from core.images import save_grid
     from core.ode import HeunSolver
     from core.schedules import rho_grid
 

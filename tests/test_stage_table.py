@@ -45,7 +45,7 @@ def test_every_input_is_a_fingerprint_a_stage_output_or_declared(tmp_path):
             if name in outputs:           # written by an earlier stage
                 assert order.index(outputs[name].name) < order.index(s.name), (s.name, name)
     cfg = config.parse_config({"teacher": {"kind": "gmm"}}, tmp_path / "config.toml")
-    fake = SimpleNamespace(cfg=cfg, out_dir=cfg.run.out_dir,
+    fake = SimpleNamespace(cfg=cfg, out_dir=cfg.run.out_dir, warm_start_file=lambda: None,
                            teacher_file=lambda: cfg.run.out_dir / "teacher.pt")
     assert stage_table.input_path(fake, "coefficients.h5") == cfg.coefficients.path
     assert stage_table.input_path(fake, "student.pt") == cfg.run.out_dir / "student.pt"

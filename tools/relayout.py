@@ -7,7 +7,8 @@ by concern, and rewrite every reference to them.
 It ``git mv``-s each module of `MOVES` that is still at its old place (a module of `MOVES`
 that a branch has not added yet is skipped), creates the new packages' ``__init__.py``
 (`PACKAGES`), removes `REMOVED`, writes tests/test_import_graph.py, and then rewrites, in every
-tracked text file (.py .toml .md .cfg .txt .yml .yaml .cmake .cpp .hpp .ini, and .ci/run):
+tracked text file (.py .toml .md .cfg .txt .yml .yaml .cmake .cpp .hpp .ini .sh, and .ci/run), and finally
+regenerates the generated documentation (`GENERATORS`: the config reference, the stage table):
 
 * ``from core import x, y as z`` statements, each name to its new package
   (``from core.host import plugins``, ``from core.train import loop as training``), split into
@@ -364,7 +365,24 @@ def main(argv=None) -> int:
             changed += 1
     print(f"rewrote {changed} file(s)" if not args.dry_run else
           f"{len(moves)} move(s) to make; rerun without --dry-run to rewrite the references")
+    if not args.dry_run:
+        regenerate()
     return 0
+
+
+#: generated documentation (a key's help may name a moved file): rewritten from the new code
+GENERATORS = ("tools/config_reference.py", "tools/stage_table.py")
+
+
+def regenerate() -> None:
+    import os
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for tool in GENERATORS:
+        if (ROOT / tool).is_file():
+            r = subprocess.run([sys.executable, tool, "--write"], cwd=ROOT, env=env,
+                               capture_output=True, text=True)
+            print(f"{tool} --write: " + ("ok" if r.returncode == 0 else
+                                         f"FAILED ({(r.stderr.strip() or '?').splitlines()[-1]})"))
 
 
 IMPORT_GRAPH_TEST = '''"""The rooms of core/ (tools/relayout.py's module map) import one another one way only: the

@@ -18,7 +18,8 @@ regenerates the generated documentation (`GENERATORS`: the config reference, the
   entry points in pyproject.toml, prose — matched as whole dotted names (``core.data`` is not
   ``core.datasets``; ``core.data.source``, its new name, is not ``core.data`` again);
 * file paths: ``core/distill.py`` -> ``core/train/distill.py``, ``core/coefficients/`` ->
-  ``core/diffusion/coefficients/``.
+  ``core/diffusion/coefficients/``, also as TorchScript names a class's code in an exported
+  archive (``code/__torch__/core/jumper.py``).
 
 Modules it does not know (new ones other branches add to core/) stay where they are; their
 imports are rewritten like every other file's. tests/test_import_graph.py then says whether
@@ -248,7 +249,8 @@ def _path_pattern() -> tuple[re.Pattern, dict[str, str]]:
     for old, new in REMOVED.items():
         table[_path(old) + ".py"] = _path(new) + ".py"
     alts = [re.escape(k) + r"(?![\w])" for k in sorted(table, key=len, reverse=True)]
-    return re.compile(r"(?<![\w/.])(?:" + "|".join(alts) + ")"), table
+    # a path stands alone, or inside a TorchScript archive (code/__torch__/core/jumper.py)
+    return re.compile(r"(?:(?<=__torch__/)|(?<![\w/.]))(?:" + "|".join(alts) + ")"), table
 
 
 _FROM_IMPORT = re.compile(

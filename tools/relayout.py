@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -306,6 +307,8 @@ def _moves() -> list[tuple[Path, Path]]:
         if src is None:
             continue
         dst = ROOT / (_path(new) if src.is_dir() else _path(new) + ".py")
+        if dst.is_dir() and _only_caches(dst):      # left by a checkout of a moved tree
+            shutil.rmtree(dst)
         if dst.exists():
             raise SystemExit(f"error: {src.relative_to(ROOT)} and {dst.relative_to(ROOT)} both "
                              f"exist; move one by hand")
@@ -314,6 +317,11 @@ def _moves() -> list[tuple[Path, Path]]:
         if (ROOT / old).is_file():
             out.append((ROOT / old, ROOT / new))
     return out
+
+
+def _only_caches(folder: Path) -> bool:
+    """`folder` holds nothing but __pycache__ folders (and empty folders)."""
+    return all(p.is_dir() or "__pycache__" in p.parts for p in folder.rglob("*"))
 
 
 def _text_files() -> list[Path]:

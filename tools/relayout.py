@@ -1,14 +1,14 @@
 """Rooms that say what they hold (issue 21 item 6): move core/'s flat modules into sub-packages
 by concern, and rewrite every reference to them.
 
-    python tools/relayout.py            # move and rewrite (idempotent: a second run changes nothing)
+    python tools/relayout.py            # move and rewrite (idempotent: a rerun changes nothing)
     python tools/relayout.py --dry-run  # say what it would move and which files it would rewrite
 
 It ``git mv``-s each module of `MOVES` that is still at its old place (a module of `MOVES`
 that a branch has not added yet is skipped), creates the new packages' ``__init__.py``
-(`PACKAGES`), removes `REMOVED`, writes tests/test_import_graph.py, and then rewrites, in every
-tracked text file (.py .toml .md .cfg .txt .yml .yaml .cmake .cpp .hpp .ini .sh, and .ci/run), and finally
-regenerates the generated documentation (`GENERATORS`: the config reference, the stage table):
+(`PACKAGES`), removes `REMOVED`, writes tests/test_import_graph.py, rewrites every tracked text
+file (`TEXT_SUFFIXES`, `TEXT_NAMES`) as below, and last regenerates the generated documentation
+(`GENERATORS`: the config reference, the stage table). The rewrites:
 
 * ``from core import x, y as z`` statements, each name to its new package
   (``from core.host import plugins``, ``from core.train import loop as training``), split into
@@ -178,7 +178,7 @@ PACKAGES = {
 
 #: the text files whose references are rewritten (by suffix; plus the names in TEXT_NAMES)
 TEXT_SUFFIXES = {".py", ".toml", ".md", ".cfg", ".txt", ".yml", ".yaml", ".cmake", ".cpp",
-                 ".hpp", ".ini", ".sh"}
+                 ".hpp", ".ini", ".sh", ".json"}
 TEXT_NAMES = {".ci/run"}
 #: tracked files never rewritten
 KEEP = {"tools/relayout.py", "CHANGELOG.md"}
@@ -395,10 +395,10 @@ def regenerate() -> None:
                                          f"FAILED ({(r.stderr.strip() or '?').splitlines()[-1]})"))
 
 
-IMPORT_GRAPH_TEST = '''"""The rooms of core/ (tools/relayout.py's module map) import one another one way only: the
-graph of core's sub-packages and core.api, drawn from every import (functions included), has no
-cycle, and no room imports a module at the top of core/ but core.api (the commands, core/run.py
-and core/gap.py, sit on top)."""
+IMPORT_GRAPH_TEST = '''"""The rooms of core/ (tools/relayout.py's module map) import one another
+one way only: the graph of core's sub-packages and core.api, drawn from every import (functions
+included), has no cycle, and no room imports a module at the top of core/ but core.api (the
+commands, core/run.py and core/gap.py, sit on top)."""
 
 import ast
 from collections import defaultdict

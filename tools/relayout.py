@@ -33,8 +33,9 @@ Module map (for docs/design.md)
 core/ (the host; plugin authors import only ``core.api``)
 
 * ``core/api.py`` — the plugin contracts and the helpers re-exported for plugin authors.
-* ``core/run.py``, ``core/gap.py`` — the commands (``python -m core.run``, ``ctmkit gap``): they
-  sit on top; no room imports them.
+* ``core/run.py``, ``core/gap.py`` (and the other commands other branches add: ``cli``,
+  ``search_schedule``, ...) — the commands (``python -m core.run``, ``ctmkit gap``): they sit on
+  top; no room imports them.
 * ``core/base/`` — what every room uses: ``errors`` (UserError, one-line messages), ``io``
   (atomic writers, digests, temporaries, the ``.ctmkit`` marker), ``bounds`` (size limits of
   untrusted input), ``integrity`` (archive digests and sidecars), ``dtypes`` (the dtype-name
@@ -124,7 +125,6 @@ MOVES = {
     "core.quality": "core.evaluation.quality",
     "core.plots": "core.evaluation.plots",
     "core.images": "core.evaluation.images",
-    "core.search_schedule": "core.evaluation.search_schedule",   # branch 'search', if merged
     # train
     "core.training": "core.train.loop",
     "core.distill": "core.train.distill",
@@ -398,7 +398,7 @@ def regenerate() -> None:
 IMPORT_GRAPH_TEST = '''"""The rooms of core/ (tools/relayout.py's module map) import one another
 one way only: the graph of core's sub-packages and core.api, drawn from every import (functions
 included), has no cycle, and no room imports a module at the top of core/ but core.api (the
-commands, core/run.py and core/gap.py, sit on top)."""
+commands, core/run.py, core/gap.py, core/cli.py, ..., sit on top beside core.api)."""
 
 import ast
 from collections import defaultdict
@@ -453,7 +453,7 @@ def test_core_has_rooms():
 
 def test_no_room_imports_the_modules_at_the_top_but_core_api():
     bad = [why for src, dsts in _graph().items() for dst, why in dsts.items()
-           if dst.split(".")[1] in TOP and dst != "core.api"]
+           if src != "core.api" and dst.split(".")[1] in TOP and dst != "core.api"]
     assert not bad, ("a room imports a top-level module of core/ (move it into a room: "
                      "tools/relayout.py MOVES):\\n" + "\\n".join(bad))
 

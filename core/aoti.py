@@ -46,7 +46,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from core.errors import UserError
+from core.dtypes import DTYPES
+from core.errors import UserError, first_line
 from core.integrity import check_sidecar, write_sidecar
 from core.io import atomic_path
 from core.jumper import parse_meta, read_jumper_bytes, validate_meta
@@ -56,7 +57,6 @@ META_KEY = "meta.json"
 INPUTS_KEY = "ctmkit.inputs"
 INPUTS_UNCONDITIONAL = "x,t,s"
 INPUTS_CONDITIONAL = "x,t,s,class_labels"
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -106,7 +106,7 @@ def export_aoti(jumper: nn.Module, path: str | Path, meta: dict, example_batch: 
                         f"its loader by extension)")
     meta = validate_meta(dict(meta), str(path))
     meta_text = json.dumps(meta)
-    dtype = _DTYPES[meta["dtype"]]
+    dtype = DTYPES[meta["dtype"]]
     conditional = int(meta["num_classes"]) > 0
     device = _module_device(jumper)
     B = example_batch
@@ -163,11 +163,6 @@ class AOTIJumper:
         return self
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else e.__class__.__name__)[:160]
-
-
 def load_aoti(path: str | Path, device: str = "cpu") -> tuple[AOTIJumper, dict]:
     """(jumper, meta) from a ``.pt2`` written by ``export_aoti``; one-line ``UserError`` for a
     missing, truncated or foreign file and for a missing or inconsistent meta.json.
@@ -217,7 +212,7 @@ def _load_checked(path: Path, data: bytes, folder: str, device: str
         metadata = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(
             copy, MODEL_NAME)
     except Exception as e:   # zip errors: anything that is not a .pt2
-        raise UserError(f"{path}: not a loadable AOTInductor package ({_first_line(e)})"
+        raise UserError(f"{path}: not a loadable AOTInductor package ({first_line(e, 160)})"
                         ) from None
     if not metadata.get(META_KEY):
         raise UserError(f"{path}: not a ctmkit jumper (no meta.json inside)")
@@ -238,7 +233,7 @@ def _load_checked(path: Path, data: bytes, folder: str, device: str
             runner = load_package(copy, model_name=MODEL_NAME,
                                   device_index=dev.index if dev.index is not None else -1)
     except Exception as e:
-        raise UserError(f"{path}: not a loadable AOTInductor package ({_first_line(e)})"
+        raise UserError(f"{path}: not a loadable AOTInductor package ({first_line(e, 160)})"
                         ) from None
     finally:
         os.unlink(copy)

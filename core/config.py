@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from core import stage_table
 from core.bounds import MAX_DEPTH, check_nesting, check_text_nesting
 from core.errors import UserError
 
@@ -40,8 +41,8 @@ MAX_LIST = 1_000               # entries of a list of step counts, EMA rates, na
 MAX_SAMPLE_VALUES = 1 << 28    # values of one sample (a shape's product): 1 GiB in float32
 MAX_RANK = 8                   # entries of a sample shape
 
-#: Stage names in their canonical order. `core.stages` implements each one.
-STAGES = ("teacher", "coefficients", "distill", "export", "sample", "evaluate")
+#: Stage names in their canonical order, as `core.stage_table` declares them.
+STAGES = stage_table.NAMES
 
 #: Top-level tables a config may contain.
 KNOWN_SECTIONS = ("run", "diffusion", "data", "network", "teacher", "teacher_train", "precond",
@@ -261,6 +262,12 @@ class Key:
     length: int = MAX_LIST       # lists: at most this many entries
     base: str | None = None      # paths: "out_dir" resolves relative ones against out_dir
     example: Any = None
+    #: whether the key changes a result (the weights a training run reaches at an iteration, the
+    #: numbers of a coefficient store): only these enter the fingerprints that decide whether a
+    #: checkpoint is resumed or a store reused (`result_values`). False: how long a run goes on,
+    #: how often it logs, evaluates or checkpoints, where it writes, and speed settings that
+    #: change numbers at most at float-rounding level.
+    result: bool = True
 
     def read(self, s: Section, ctx: dict):
         """The key's value in section `s`, checked (`ctx`: what parse_config read before)."""
@@ -327,6 +334,13 @@ def keys(cls) -> list[Key]:
             for f in fields(cls) if "key" in f.metadata]
 
 
+def result_values(obj) -> dict:
+    """{field name: value} of the keys of config dataclass `obj` that change a result
+    (`Key.result`): what a fingerprint of it digests."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)
+            if "key" in f.metadata and f.metadata["key"].result}
+
+
 def _read(cls, s: Section, ctx: dict):
     """`cls` from section `s`: every declared key read and checked."""
     return cls(**{f.name: k.read(s, ctx) for f, k in zip(
@@ -367,7 +381,7 @@ class DiffusionCfg:
 @dataclass(kw_only=True)
 class CoefficientsCfg:
     path: Path = key("path", "coefficients.h5", "the HDF5 store (relative to out_dir)",
-                     base="out_dir")
+                     base="out_dir", result=False)
     grid: str = key("str", "log", "log-uniform t (log) or EDM's rho-schedule (edm)",
                     choices=("log", "edm"))
     n_timesteps: int = key("int", 120, "grid points (paper: 120 for CIFAR-10 and FFHQ, 160 "
@@ -388,9 +402,10 @@ class CoefficientsCfg:
     # speed (tools/bench_coefficients.py; docs/speed.md): the same numbers to float rounding,
     # not part of the store's settings (a store is reused across them)
     times_per_call: int = key("int", 1, "time steps per teacher call: the batch at k time "
-                              "steps in one call (k x batch rows)", min=1, max=MAX_GRID)
+                              "steps in one call (k x batch rows)", min=1, max=MAX_GRID,
+                                  result=False)
     compile: bool = key("bool", False, "torch.compile the first-order JVPs (the nested one of "
-                        "dl = jvp stays eager: dynamo cannot trace it)")
+                        "dl = jvp stays eager: dynamo cannot trace it)", result=False)
     smooth: float = key("float", 0.0, "0: l_t, s_t exactly as Eqns. (15), (17). > 0: a "
                         "DEVIATION from the paper, for study only: both Gaussian-smoothed over "
                         "lambda with this std (numerics.smooth; end values, constants and L = S "
@@ -502,7 +517,8 @@ class GapCfg:
 @dataclass(kw_only=True)
 class TrainCfg:
     """Keys shared by [teacher_train] and [distill]."""
-    iterations: int = key("int", _REQUIRED, "optimiser steps", min=1, max=MAX_ITERATIONS)
+    iterations: int = key("int", _REQUIRED, "optimiser steps", min=1, max=MAX_ITERATIONS,
+                          result=False)
     batch_size: int = key("int", _REQUIRED, "global batch: split over torchrun processes",
                           min=1, max=MAX_BATCH)
     lr: float = key("float", _REQUIRED, "learning rate", positive=True)
@@ -520,10 +536,10 @@ class TrainCfg:
     ema: list = key("floats", [0.999], "EMA rates; the first one is saved / exported",
                     min=0.0, max=1.0, length=16)
     checkpoint_every: int = key("int", 500, "iterations between checkpoints", min=1,
-                                max=MAX_ITERATIONS)
-    keep_checkpoints: int = key("int", 2, "checkpoints kept", min=1, max=MAX_LIST)
+                                max=MAX_ITERATIONS, result=False)
+    keep_checkpoints: int = key("int", 2, "checkpoints kept", min=1, max=MAX_LIST, result=False)
     log_every: int = key("int", 10, "iterations between log lines", min=1,
-                         max=MAX_ITERATIONS)
+                         max=MAX_ITERATIONS, result=False)
     seed: int = key("seed", _SEED, "initialisation, data order and noise")
     precision: str = key("str", "fp32", "bf16 / fp16 on GPU only (CPU trains in fp32)",
                          choices=("fp32", "bf16", "fp16"))
@@ -563,37 +579,41 @@ class DistillCfg(TrainCfg):
     dsm_weight: Any = key("float", 1.0, "weight of the DSM loss, or \"adaptive\" (CTM's "
                           "gradient-norm balance)", min=0.0, words=("adaptive",))
     eval_every: int = key("int", 100, "the EMA student's evaluation every so many iterations",
-                          min=1, max=MAX_ITERATIONS)
+                          min=1, max=MAX_ITERATIONS, result=False)
     eval_num: int = key("int", 256, "noise draws / samples per evaluation", min=2,
-                        max=MAX_SAMPLES)
+                        max=MAX_SAMPLES, result=False)
     eval_steps: list = key("ints", [1, 2, 4], "step counts of the evaluation", min=1,
-                           max=MAX_GRID)
+                           max=MAX_GRID, result=False)
+    # changes no weight, but has always entered the distill fingerprint: declared result =
+    # true so the fingerprints of existing runs (and their checkpoints) stay what they were
     eval: list = key("strs", ["trajectory"], "trajectory error and/or metrics of [evaluate] "
                      "metrics (\"fid\")")
     eval_schedules: dict = key("schedules", {}, "as [evaluate] schedules: K jumps "
                                "on these times instead of the rho grid (K is added to "
                                "eval_steps); metrics.csv keeps the column names (traj_err_2, "
-                               "fid_2, ...)", example=_SCHEDULE)
+                               "fid_2, ...)", example=_SCHEDULE, result=False)
     micro_batch: int = key("int", 0, "samples per forward/backward pass: gradient "
                            "accumulation inside the batch (same result to rounding; 0: the "
-                           "whole per-process batch)", min=0, max=MAX_BATCH)
+                           "whole per-process batch)", min=0, max=MAX_BATCH, result=False)
     # speed (tools/bench_train.py; docs/speed.md): off by default, each changes results at
     # most at float-rounding level
     solve_buckets: int = key("int", 0, "the teacher solve in the loss: 0 gathers the "
                              "travelling samples each step; k >= 1 sorts them by step count "
                              "and runs step j on a prefix rounded up to B/k rows (static "
-                             "shapes, no device sync)", min=0, max=MAX_BATCH)
-    compile: bool = key("bool", False, "torch.compile the teacher, the student and the target")
+                             "shapes, no device sync)", min=0, max=MAX_BATCH, result=False)
+    compile: bool = key("bool", False, "torch.compile the teacher, the student and the target",
+                        result=False)
     compile_mode: str = key("str", "default", "torch.compile's mode with compile = true: "
                             "reduce-overhead adds CUDA graphs (CUDA only; on the CPU the same "
                             "as default)", choices=("default", "reduce-overhead",
                                                     "max-autotune",
-                                                    "max-autotune-no-cudagraphs"))
+                                                    "max-autotune-no-cudagraphs"), result=False)
     fused_optimizer: bool = key("bool", False, "the optimiser step as fused kernels (Adam: "
-                                "torch's fused=True, RAdam: foreach=True), on CPU and CUDA")
+                                "torch's fused=True, RAdam: foreach=True), on CPU and CUDA",
+                                    result=False)
     channels_last: bool = key("bool", False, "image networks and inputs in channels_last "
-                              "memory format")
-    tf32: bool = key("bool", False, "TF32 matmuls / convolutions on CUDA")
+                              "memory format", result=False)
+    tf32: bool = key("bool", False, "TF32 matmuls / convolutions on CUDA", result=False)
 
 
 def declared() -> dict[str, list[Key]]:

@@ -184,10 +184,10 @@ def _store_lock(cache_dir: Path, key: str, what: str):
 
 
 def make_cache_folder(cache_dir: Path) -> None:
-    """Create the cache folder, marked as ctmkit's (core.ownership.MARKER): the default one
+    """Create the cache folder, marked as ctmkit's (core.io.MARKER): the default one
     lies in out_dir, which is checked for files ctmkit did not write, and the data are opened
     (the store built) before that check, ahead of the process group."""
-    from core.ownership import MARKER
+    from core.io import MARKER
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     marker = cache_dir / MARKER

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 
 def l2(a: Tensor, b: Tensor) -> Tensor:
@@ -67,7 +67,7 @@ class LPIPS(torch.nn.Module):
             tv.load_state_dict(torch_load(file, "LPIPS backbone weights"))
         except RuntimeError as e:
             raise UserError(f"{file}: not torchvision's {net} weights "
-                            f"({str(e).splitlines()[0][:100]})") from None
+                            f"({first_line(e, 100)})") from None
         slices = [m for name, m in self.model.net.named_children() if name.startswith("slice")]
         for sl in slices:                   # lpips' slices hold torchvision's feature layers
             for idx, layer in sl.named_children():

@@ -19,6 +19,7 @@ from torch import Tensor
 from core import distributed as dist
 from core import plugins, warm_start
 from core.datastore import to_device  # noqa: F401  (re-exported: core.distill.to_device)
+from core.config import result_values
 from core.distances import make_distance
 from core.dsm import DSMLoss
 from core.edm import denoiser_from_output
@@ -167,11 +168,7 @@ def _warm_start(run, precond):
 
 def fingerprint(run, precond_desc: dict, warm=None) -> str:
     cfg, d = run.cfg, run.cfg.distill
-    keep = {k: v for k, v in vars(d).items()
-            if k not in ("iterations", "checkpoint_every", "keep_checkpoints", "log_every",
-                         "eval_every", "eval_num", "eval_steps", "eval_schedules",
-                         "micro_batch", "solve_buckets", "compile", "compile_mode",
-                         "channels_last", "tf32", "fused_optimizer")}
+    keep = result_values(d)                 # the keys that change a result (core.config)
     desc = {"teacher": run.teacher.fingerprint(), "precond": precond_desc,
             "distill": with_lr_schedule(keep, d),
             "network": cfg.network.data, "data": run.data_fingerprint(),

@@ -5,7 +5,7 @@ noise levels ln t ~ N(P_mean, P_std^2) and weight w(t) = (t^2 + sigma_data^2) / 
 import torch
 from torch import Tensor
 
-from core.api import Loss
+from core.contracts import Loss
 from core.edm import add_noise
 
 

@@ -17,11 +17,14 @@ def one_line(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
-def first_line(e: BaseException, width: int = 120) -> str:
-    """The first line of an exception's message (at most `width` characters), or its class
-    name when it has none: what a one-line error quotes of a library's failure."""
+def first_line(e: BaseException, width: int | None = 120, default: str | None = None) -> str:
+    """The first line of an exception's message (at most `width` characters; None: all of
+    it), or `default` (its class name when None) when it has none: what a one-line error
+    quotes of a library's failure."""
     text = str(e).strip()
-    return text.splitlines()[0][:width] if text else type(e).__name__
+    if not text:
+        return default if default is not None else type(e).__name__
+    return text.splitlines()[0][:width]
 
 
 class UserError(Exception):

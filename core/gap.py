@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
+from core.dtypes import DTYPES
 from core.errors import UserError, one_line
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # --- the measurement -------------------------------------------------------------------------

@@ -33,6 +33,9 @@ from core.errors import UserError, first_line
 
 #: the key under which a ctmkit .pt file stores the digest of the rest of its content
 DIGEST_KEY = "sha256"
+#: the file ctmkit writes into every folder that is its own (an out_dir, a datastore cache):
+#: this folder is ctmkit's (core.ownership)
+MARKER = ".ctmkit"
 #: temporaries are named ``.<final name>.ctmkit-<run id>-<random>.tmp`` beside the final file,
 #: the run id being the writer's PID and its process start time (see `run_id`)
 _TMP_SUFFIX = ".tmp"
@@ -320,5 +323,5 @@ def jit_load(path, what: str, device: str = "cpu", extra_files: dict | None = No
             return torch.jit.load(source, map_location=device,
                                   _extra_files=extra_files if extra_files is not None else {})
     except Exception as e:  # torch raises RuntimeError/ValueError/... for bad archives
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"{path}: not a loadable TorchScript {what} ({first[:160]})") from None
+        raise UserError(f"{path}: not a loadable TorchScript {what} ({first_line(e, 160)})"
+                        ) from None

@@ -20,16 +20,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from core import __version__
+from core import __version__, dtypes
 from core.edm import TeacherAsNetwork  # noqa: F401  (re-exported)
 from core.edm import append_dims, denoiser_from_output
 from core.bounds import load_json
-from core.errors import UserError
+from core.errors import UserError, first_line
 from core.integrity import check_archive, seal_archive
 from core.io import jit_load, regular_file, write_bytes
 
 FORMAT, VERSION = "ctmkit.jumper", 1
-DTYPES_BY_NAME = {"float32": torch.float32, "float64": torch.float64}
 META_KEYS = ("format", "version", "precond", "variant", "sigma_data", "t_min", "t_max", "rho",
              "shape", "num_classes", "dtype", "ctmkit_version")
 
@@ -79,11 +78,6 @@ def script(module: nn.Module):
         return torch.jit.script(module)
 
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-                torch.bfloat16: "bfloat16", torch.int64: "int64", torch.int32: "int32",
-                torch.uint8: "uint8", torch.int8: "int8", torch.bool: "bool"}
-
-
 def payload_digest(module) -> str:
     """SHA-256 of a (scripted) module's tensors, ``meta.json``'s ``payload_sha256``: for every
     parameter and buffer in name order, ``name \n dtype \n d0,d1,.. \n nbytes \n`` and the raw
@@ -94,7 +88,7 @@ def payload_digest(module) -> str:
     for name in sorted(named):
         t = named[name].detach().cpu().contiguous()
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        head = f"{name}\n{_DTYPE_NAMES.get(t.dtype, str(t.dtype))}\n" \
+        head = f"{name}\n{dtypes.NAMES.get(t.dtype, str(t.dtype))}\n" \
                f"{','.join(map(str, t.shape))}\n{len(raw)}\n"
         h.update(head.encode())
         h.update(raw)
@@ -172,7 +166,7 @@ def _meta_problem(meta: dict) -> str | None:
         return "rho > 0 is required"
     if not meta["sigma_data"] > 0:
         return "sigma_data > 0 is required"
-    if meta["dtype"] not in DTYPES_BY_NAME:
+    if meta["dtype"] not in dtypes.JUMPER:
         return f"dtype {meta['dtype']!r} is neither float32 nor float64"
     shape = meta["shape"]
     if not (isinstance(shape, list) and shape and all(_is_int(n) and n > 0 for n in shape)):
@@ -240,7 +234,7 @@ def read_jumper_bytes(path: str | Path) -> bytes:
 def _probe(module, meta: dict, where: str, device: str) -> None:
     """One jump of one sample of meta's shape: a meta.json that does not fit the network is
     a one-line error here, not a traceback in the middle of sampling."""
-    x = torch.zeros([1, *meta["shape"]], dtype=DTYPES_BY_NAME[meta["dtype"]], device=device)
+    x = torch.zeros([1, *meta["shape"]], dtype=dtypes.DTYPES[meta["dtype"]], device=device)
     t = torch.full([1], float(meta["t_max"]), dtype=torch.float64, device=device)
     s = torch.full([1], float(meta["t_min"]), dtype=torch.float64, device=device)
     labels = torch.zeros([1], dtype=torch.long, device=device) if meta["num_classes"] else None
@@ -248,7 +242,7 @@ def _probe(module, meta: dict, where: str, device: str) -> None:
         with torch.no_grad():
             out = module(x, t, s, labels)
     except Exception as e:  # noqa: BLE001 - any failure of the scripted graph is the file's
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__
+        first = first_line(e)
         raise UserError(f"{where}: meta.json (shape {meta['shape']}, num_classes "
                         f"{meta['num_classes']}) does not fit the network ({first})") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(x.shape):

@@ -21,59 +21,31 @@ from core.bounds import MAX_JSON_BYTES, load_json
 from core.errors import UserError
 from core.integrity import sidecar_path
 from core.io import file_digest, save_json
+from core.stage_table import BY_NAME, input_path
 
 LEDGER = "stages.json"
 
-#: the config tables each stage reads ([run] counts without its stages / preconds lists)
-SECTIONS = {
-    "teacher": ("diffusion", "data", "network", "teacher", "teacher_train"),
-    "coefficients": ("diffusion", "data", "teacher", "coefficients"),
-    "distill": ("diffusion", "data", "network", "teacher", "precond", "coefficients", "student",
-                "distill", "evaluate"),
-    "export": ("diffusion", "network", "teacher", "precond", "coefficients", "student",
-               "distill", "export"),
-    "sample": ("export", "sample"),
-    "evaluate": ("diffusion", "data", "teacher", "export", "sample", "evaluate"),
-}
-#: what a stage reads besides the config: "teacher" / "data" fingerprints, and files
-INPUTS = {
-    "teacher": ("data",),
-    "coefficients": ("teacher", "data"),
-    "distill": ("teacher", "data", "coefficients.h5", "student.init"),
-    "export": ("teacher", "student.pt", "coefficients.h5"),
-    "sample": ("jumper.pt",),
-    "evaluate": ("teacher", "data", "jumper.pt", "samples.npy"),
-}
 #: files of out_dir that are the run's own bookkeeping, never a stage's output
 _BOOKKEEPING = (LEDGER, "run.json", ".lock")
 
 
-def _input_path(run, name: str) -> Path | None:
-    cfg = run.cfg
-    if name == "student.init":               # a warm start's source file, or None
-        from core.warm_start import source_file
-        p = cfg.student_init_path
-        return source_file(p) if p is not None else None
-    return {"coefficients.h5": cfg.coefficients.path, "jumper.pt": cfg.export.path,
-            "student.pt": run.out_dir / "student.pt",
-            "samples.npy": run.out_dir / "samples.npy"}[name]
-
-
 def stage_key(run, stage: str) -> str:
-    cfg = run.cfg
+    """The digest of what `stage` reads: its config tables and its other inputs, as its
+    declaration (core.stage_table) names them."""
+    cfg, st = run.cfg, BY_NAME[stage]
     desc = {"stage": stage, "ctmkit": __version__, "base_dir": str(cfg.base_dir),
             "run": {k: v for k, v in cfg.raw.get("run", {}).items()
                     if k not in ("stages", "preconds")},
-            "config": {s: cfg.raw.get(s) for s in SECTIONS[stage]}}
+            "config": {s: cfg.raw.get(s) for s in st.sections}}
     inputs = {}
-    for name in INPUTS[stage]:
+    for name in st.inputs:
         if name == "teacher":
             inputs[name] = run.teacher.fingerprint()
         elif name == "data":
             src = run.data_source()
             inputs[name] = src.fingerprint() if src is not None else None
         else:
-            p = _input_path(run, name)
+            p = input_path(run, name)
             inputs[name] = file_digest(p) if p is not None and p.is_file() else None
     desc["inputs"] = inputs
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
@@ -148,9 +120,4 @@ class Ledger:
 
 
 def main_output(run, stage: str) -> Path:
-    cfg = run.cfg
-    if stage == "teacher":
-        return run.teacher_file()
-    return {"coefficients": cfg.coefficients.path, "distill": run.out_dir / "student.pt",
-            "export": cfg.export.path, "sample": run.out_dir / "samples.npy",
-            "evaluate": run.out_dir / "metrics.json"}[stage]
+    return BY_NAME[stage].main(run)

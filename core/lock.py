@@ -48,7 +48,7 @@ def _is_locked(path: Path, flags: int) -> bool:
 
 def locked_parent(folder: Path) -> Path | None:
     """The nearest folder above `folder` that a running ctmkit run holds as its out_dir."""
-    from core.ownership import MARKER
+    from core.io import MARKER
 
     for parent in Path(os.path.realpath(folder)).parents:
         if not ((parent / LOCK_FILE).exists() or (parent / MARKER).exists()):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import platform
 import re
 import sys
@@ -52,8 +51,10 @@ from torch import Tensor
 
 from core.api import Metric  # noqa: F401  (the metric contract; re-exported)
 from core.bounds import load_json
-from core.errors import UserError
+from core.errors import UserError, first_line
+from core.images import save_grid, to_uint8  # noqa: F401  (re-exported)
 from core.io import atomic_path
+from core.quality import INCEPTION_MODES, Info  # noqa: F401  (re-exported)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
@@ -61,8 +62,6 @@ INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrai
 INCEPTION_NAME = "inception_v3"
 INCEPTION_DIM = 2048
 FEATURE_NET_FORMAT = "ctmkit.feature_net"
-#: clean-fid's Inception modes -> the suffix of their extractor names and metric keys
-INCEPTION_MODES = {"clean": "", "legacy_tensorflow": "_legacy_tf"}
 INCEPTION_RESIZE = {
     "clean": "PIL bicubic to 299x299 outside the network (clean-fid mode clean)",
     "legacy_tensorflow": "TensorFlow-style bilinear to 299x299 inside the network (clean-fid "
@@ -91,23 +90,6 @@ def metric_key(kind: str, extractor_name: str) -> str:
     return f"{kind}_{extractor_name}"
 
 
-class Info(dict):
-    """The flavour of a metric's number: a plain dict (a JSON object in metrics.json) whose
-    ``format(info, spec)`` is a one-line summary, so that log lines formatting every result
-    value with ``:.4g`` print it instead of failing."""
-
-    def __format__(self, spec: str) -> str:
-        f, r = self.get("features") or {}, self.get("reference") or {}
-        mode = f" {self['mode']}" if self.get("mode") else ""
-        if r.get("source") == "npz":
-            ref = f"{Path(str(r.get('path'))).name} (sha256 {str(r.get('sha256'))[:8]})"
-        elif r.get("source") == "dataset":
-            ref = f"data {str(r.get('fingerprint'))[:8]} ({r.get('num')} images)"
-        else:
-            ref = "?"
-        return f"[{f.get('name', '?')}{mode} vs {ref}]"
-
-
 def describe(kind: str, extractor, reference: dict) -> Info:
     """The :class:`Info` of a `kind` ("fid"/"kid") number from `extractor`'s features against
     `reference` (the ``source`` of :func:`reference_stats` / :func:`load_reference_npz`)."""
@@ -119,18 +101,6 @@ def describe(kind: str, extractor, reference: dict) -> Info:
 # ---------------------------------------------------------------------------------------------
 # Quantisation, the way PNG files store the images
 # ---------------------------------------------------------------------------------------------
-
-def to_uint8(images) -> Tensor:
-    """[-1, 1] images (tensor or array) -> uint8 tensor: round((x + 1) * 127.5) clipped.
-
-    Computed in float32 (the datasets' dtype); torch.round and numpy.round both round half to
-    even, so ``np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)`` on the same
-    float32 array gives identical bytes.
-    """
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, Tensor) else images)
-    x = x.detach().to("cpu", torch.float32)
-    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
 
 def _to_rgb_hwc(u8: Tensor) -> np.ndarray:
     """uint8 [B, C, H, W] -> uint8 [B, H, W, 3] (grayscale repeated, as PIL's convert('RGB'))."""
@@ -287,7 +257,7 @@ def inception(path=None, device="cpu", mode: str = "clean") -> InceptionExtracto
             warnings.simplefilter("ignore", FutureWarning)   # TorchScript is deprecated in 2.14
             model = _load_inception_v3w(file, resize_inside=mode == "legacy_tensorflow")
     except Exception as e:  # truncated or foreign file
-        raise UserError(f"{file}: unreadable Inception weights ({_first_line(e)})") from None
+        raise UserError(f"{file}: unreadable Inception weights ({first_line(e)})") from None
     return InceptionExtractor(model.to(device).eval(), device, mode, file)
 
 
@@ -322,7 +292,7 @@ def feature_net(path, device="cpu") -> FeatureNetExtractor:
             warnings.simplefilter("ignore", FutureWarning)   # TorchScript is deprecated in 2.14
             module = torch.jit.load(io.BytesIO(data), map_location=device, _extra_files=extra)
     except Exception as e:
-        raise UserError(f"{file}: unreadable feature net ({_first_line(e)})") from None
+        raise UserError(f"{file}: unreadable feature net ({first_line(e)})") from None
     meta = None
     if extra["meta.json"]:
         meta = load_json(extra["meta.json"], f"{file}: feature net", "meta.json")
@@ -342,11 +312,6 @@ def feature_net(path, device="cpu") -> FeatureNetExtractor:
     ext = FeatureNetExtractor(module, "featnet-" + digest[:8], channels, shape, device, meta)
     ext.file, ext._sha256 = file.resolve(), digest
     return ext
-
-
-def _first_line(e: Exception) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:120] if s else e.__class__.__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +390,7 @@ def reference_stats(dataset, extractor, num: int, cache_dir, seed: int = 0, batc
                 why = "made for other settings"
         except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError,
                 zipfile.BadZipFile) as e:
-            why = f"unreadable: {_first_line(e)}"
+            why = f"unreadable: {first_line(e)}"
         print(f"reference statistics {path} {why}; recomputing", file=sys.stderr)
 
     if n < len(dataset):
@@ -467,7 +432,7 @@ def load_reference_npz(path, dim: int = INCEPTION_DIM) -> dict:
     except UserError:
         raise
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"reference statistics {file}: unreadable ({_first_line(e)})") from None
+        raise UserError(f"reference statistics {file}: unreadable ({first_line(e)})") from None
     for name, a in (("mu", mu), ("sigma", sigma)):
         if a is None:
             raise UserError(f"reference statistics {file}: no {name!r} array (has "
@@ -545,40 +510,3 @@ def kid(feats: np.ndarray, ref_feats: np.ndarray, seed: int = 0, num_subsets: in
                                      max_subset_size=max_subset_size))
     finally:
         np.random.set_state(state)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sample grids
-# ---------------------------------------------------------------------------------------------
-
-def save_grid(images, path, nrow: Optional[int] = None, labels: Optional[Sequence] = None,
-              padding: int = 2) -> Path:
-    """A PNG grid of [-1, 1] images [N, C, H, W] (``nrow`` per row, default ~sqrt(N)), written
-    atomically. Images under 64 pixels a side are upscaled x2 (nearest) so 28x28 is legible;
-    ``labels`` (one per image) are written into each tile's top-left corner."""
-    from PIL import Image, ImageDraw
-    from torchvision.utils import make_grid
-
-    u8 = to_uint8(images)
-    if u8.dim() != 4 or u8.shape[1] not in (1, 3) or len(u8) == 0:
-        raise UserError(f"save_grid: expected images [N, 1 or 3, H, W], got {list(u8.shape)}")
-    n, _, h, w = u8.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    grid = make_grid(u8, nrow=nrow, padding=padding, pad_value=255)
-    img = Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy())
-    scale = 2 if max(h, w) < 64 else 1
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    if labels is not None:
-        draw = ImageDraw.Draw(img)
-        for i, lab in enumerate(list(labels)[:n]):
-            r, c = divmod(i, nrow)
-            x0, y0 = (c * (w + padding) + padding) * scale, (r * (h + padding) + padding) * scale
-            text = str(lab.item() if hasattr(lab, "item") else lab)
-            box = draw.textbbox((x0 + 1, y0), text)
-            draw.rectangle(box, fill=(0, 0, 0))
-            draw.text((x0 + 1, y0), text, fill=(255, 255, 0))
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-    return path

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from core.api import Solver
+from core.contracts import Solver
 from core.edm import append_dims
 
 

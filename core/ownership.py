@@ -34,27 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
-from core.io import is_temporary
+from core.io import MARKER, is_temporary
+from core.stage_table import STAGES
 
-#: the file ctmkit writes into every out_dir it runs in: this folder is ctmkit's
-MARKER = ".ctmkit"
 #: files that say an out_dir was written by ctmkit (the marker, or an earlier version's records)
 OWNED_BY = (MARKER, "stages.json", "run.json")
 #: a run's own bookkeeping in out_dir, written by every run whatever its stages
 BOOKKEEPING = (".lock", "run.json", "stages.json", MARKER)
-#: what each stage writes in out_dir besides its configured paths (folders end in "/"); a run
-#: that does not run the stage reads them (or leaves them alone)
-STAGE_FILES = {
-    "teacher": ("teacher_checkpoints/", "teacher_metrics.csv", "teacher_metrics_tb/",
-                "teacher_curves.png", "teacher_samples.png"),
-    "coefficients": (),
-    "distill": ("student.pt", "checkpoints/", "metrics.csv", "metrics_tb/", "curves.png"),
-    "export": (),
-    "sample": ("samples.npy", "samples.labels.npy", "samples.png", ".samples.ctm_sample.npy",
-               ".samples.ctm_sample.labels.npy", ".samples.ctm_sample.png", "samples.npz",
-               "samples/"),
-    "evaluate": ("metrics.json",),
-}
+#: what each stage writes in out_dir besides its configured paths (folders end in "/"): declared
+#: with the stage (core.stage_table)
+STAGE_FILES = {s.name: s.files for s in STAGES}
 #: written by a [run] preconds comparison in the parent out_dir
 COMPARISON_FILES = ("comparison.json", "comparison.png")
 #: written in out_dir by the commands beside the stages (``ctmkit gap``, ``ctmkit

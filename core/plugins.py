@@ -13,7 +13,7 @@ from typing import Any, Callable
 import pluggy
 
 from core import hookspecs
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 #: the built-in plugin modules, registered exactly like third-party entry points
 BUILTIN_MODULES = (
@@ -73,17 +73,13 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             plugin = ep.load()
         except Exception as e:  # the user's environment, not ctmkit
             raise UserError(f"the 'ctmkit' entry point {ep.name!r} of {owner} failed to import: "
-                            f"{e.__class__.__name__}: {_first_line(e)}") from None
+                            f"{e.__class__.__name__}: {first_line(e, 200, '(no message)')}"
+                            ) from None
         try:
             pm.register(plugin, name=ep.name)
         except ValueError as e:  # pluggy: a module registered twice under two names
             raise UserError(f"plugin loading failed ({owner}): {e}") from None
         _SOURCES[id(plugin)] = f"{owner} ({getattr(plugin, '__name__', ep.value)})"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else "(no message)"
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,7 +94,8 @@ def manager() -> pluggy.PluginManager:
     try:      # a hook implementation whose name no hookspec declares (a typo) is an error
         pm.check_pending()
     except pluggy.PluginValidationError as e:
-        raise UserError(f"plugin {_SOURCES.get(id(e.plugin), e.plugin)}: {_first_line(e)} "
+        raise UserError(f"plugin {_SOURCES.get(id(e.plugin), e.plugin)}: "
+                        f"{first_line(e, 200, '(no message)')} "
                         f"(the hooks are {', '.join(hookspecs.KINDS)})") from None
     return pm
 
@@ -119,8 +116,8 @@ def registry() -> dict[str, dict[str, Plugin]]:
             except Exception as e:
                 if builtin:
                     raise               # a bug in ctmkit keeps its traceback
-                raise UserError(f"plugin {source}: {hook_name}() raised "
-                                f"{e.__class__.__name__}: {_first_line(e)}") from None
+                raise UserError(f"plugin {source}: {hook_name}() raised {e.__class__.__name__}: "
+                                f"{first_line(e, 200, '(no message)')}") from None
             if not isinstance(mapping, dict):
                 raise UserError(f"plugin {source}: {hook_name} must return a dict of "
                                 f"name -> factory, got {type(mapping).__name__}")
@@ -155,7 +152,7 @@ def build(kind: str, name: str, options, ctx, where: str, **kwargs):
         if plugin.source.startswith("builtin"):
             raise                       # a bug in ctmkit keeps its traceback
         raise UserError(f"{kind} plugin {plugin.name!r} from {plugin.source} failed to build: "
-                        f"{e.__class__.__name__}: {_first_line(e)}") from None
+                        f"{e.__class__.__name__}: {first_line(e, 200, '(no message)')}") from None
     options.finish()
     return obj
 

@@ -11,6 +11,26 @@ import torch
 
 from core import plugins
 
+#: clean-fid's Inception modes -> the suffix of their extractor names and metric keys
+INCEPTION_MODES = {"clean": "", "legacy_tensorflow": "_legacy_tf"}
+
+
+class Info(dict):
+    """The flavour of a metric's number: a plain dict (a JSON object in metrics.json) whose
+    ``format(info, spec)`` is a one-line summary, so that log lines formatting every result
+    value with ``:.4g`` print it instead of failing."""
+
+    def __format__(self, spec: str) -> str:
+        f, r = self.get("features") or {}, self.get("reference") or {}
+        mode = f" {self['mode']}" if self.get("mode") else ""
+        if r.get("source") == "npz":
+            ref = f"{Path(str(r.get('path'))).name} (sha256 {str(r.get('sha256'))[:8]})"
+        elif r.get("source") == "dataset":
+            ref = f"data {str(r.get('fingerprint'))[:8]} ({r.get('num')} images)"
+        else:
+            ref = "?"
+        return f"[{f.get('name', '?')}{mode} vs {ref}]"
+
 
 def metric_objects(cfg, ctx, names=None) -> list:
     """The metric plugins named in [evaluate] metrics, built from [evaluate.metric]."""
@@ -27,7 +47,7 @@ def metric_objects(cfg, ctx, names=None) -> list:
 def compute_metrics(metrics: list, samples, reference, cache_dir: Path,
                     info: bool = True) -> dict:
     """{key: value} of every metric and, with `info`, ``"<key>_info"``: what the number is
-    (a :class:`core.metrics.Info`: feature network, mode, reference), for metrics that
+    (a :class:`Info`: feature network, mode, reference), for metrics that
     describe themselves. Everything stays strict JSON."""
     out: dict = {}
     for m in metrics:
@@ -56,8 +76,6 @@ def paper_names(values: dict, num: int, info) -> dict:
     """The names papers use for an Inception FID of 50,000 samples: ``fid50k`` (clean-fid's
     clean mode) / ``fid50k_legacy_tf`` (the TensorFlow Inception, as EDM and ADM report it),
     each with ``<name>_reference``: which reference statistics (file name or dataset)."""
-    from core.metrics import INCEPTION_MODES
-
     out: dict = {}
     if num != PAPER_FID_NUM:
         return out
@@ -75,8 +93,6 @@ def paper_names(values: dict, num: int, info) -> dict:
 
 def _info(metric):
     """The metric's description of its last result as an Info, or None."""
-    from core.metrics import Info
-
     describe = getattr(metric, "describe", None)
     d = describe() if callable(describe) else None
     if not isinstance(d, dict):
@@ -102,7 +118,7 @@ def sample_quality(jumper, meta: dict, sampler, steps: list[int], num: int, batc
     sampler's grid; a K not in `steps` is evaluated too (after `steps`). With `info`, the
     times are reported as ``"schedules": {"K": [...]}`` beside "info"."""
     from core.evaluate import with_schedules
-    from core.metrics import save_grid
+    from core.images import save_grid
     from core.sampling import draw
 
     schedules = schedules or {}

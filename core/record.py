@@ -11,7 +11,7 @@ import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
-from core import __version__
+from core import REPO, __version__
 from core.errors import UserError
 from core.io import file_digest, remove_stale_temporaries, save_json, write_bytes
 from core.lock import RunLock
@@ -27,7 +27,7 @@ def _check_folder(out_dir: Path) -> None:
 
 def prepare_out_dirs(out_dirs: list[Path], written: list[Path] = ()) -> list[RunLock]:
     """Lock the out_dirs of one command (the first one's parents checked: see core.lock), mark
-    each as ctmkit's (core.ownership.MARKER) and sweep the temporaries of killed runs from the
+    each as ctmkit's (core.io.MARKER) and sweep the temporaries of killed runs from the
     folders ctmkit writes (`written`: those outside the out_dirs). Returns the locks, to be
     released in reverse order."""
     from core.ownership import MARKER, owned_folders
@@ -81,7 +81,7 @@ def resolved_config(cfg) -> dict:
 
 
 def _git_commit() -> str | None:
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO
     try:
         r = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                            text=True, timeout=10)

@@ -20,7 +20,8 @@ import sys
 import threading
 import warnings
 
-from core.errors import UserError, one_line
+from core.errors import UserError, first_line, one_line
+from core.stage_table import BY_NAME, NAMES, STAGES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,7 +41,7 @@ def _on_sigterm(signum, frame):
 
 
 #: stages that a comparison of several [run] preconds runs once, in the parent out_dir
-SHARED_STAGES = ("teacher", "coefficients")
+SHARED_STAGES = tuple(s.name for s in STAGES if s.shared)
 
 
 def _run_stage(run, name: str, force: bool, label: str = "") -> None:
@@ -75,15 +76,15 @@ def _run_stage(run, name: str, force: bool, label: str = "") -> None:
 
 def _execute(run, name: str) -> None:
     from core import distributed as dist
-    from core.stages import DISTRIBUTED_STAGES, STAGE_FUNCTIONS
 
-    if name in DISTRIBUTED_STAGES or dist.world() == 1:
-        STAGE_FUNCTIONS[name](run)
+    stage = BY_NAME[name]
+    if stage.distributed or dist.world() == 1:
+        stage.run(run)
     else:                      # rank 0 works, the others wait; an error stops all
         err = None
         if dist.is_main():
             try:
-                STAGE_FUNCTIONS[name](run)
+                stage.run(run)
             except UserError as e:
                 err = str(e)
         dist.broadcast_error(err)
@@ -132,18 +133,18 @@ def main(argv=None) -> int:
             return 0
         if not args.config:
             p.error("a config file is required (or --list-plugins)")
-        from core.config import STAGES, load_config
+        from core.config import load_config
         from core.stages import Run
 
         cfg = load_config(args.config, overrides=args.set)
         stages = cfg.run.stages
         if args.stages:
             stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-            bad = [s for s in stages if s not in STAGES]
+            bad = [s for s in stages if s not in NAMES]
             if bad:
-                raise UserError(f"--stages: unknown stage {bad[0]!r} (known: {', '.join(STAGES)})")
+                raise UserError(f"--stages: unknown stage {bad[0]!r} (known: {', '.join(NAMES)})")
             if not stages:
-                raise UserError(f"--stages: names no stage (known: {', '.join(STAGES)})")
+                raise UserError(f"--stages: names no stage (known: {', '.join(NAMES)})")
         from core import distributed as dist
 
         runs = [(cfg, stages)]
@@ -202,8 +203,7 @@ def main(argv=None) -> int:
         return 2
     except OSError as e:          # out_dir unwritable, read-only filesystem, disk full, ...
         where = f"{e.filename}: " if e.filename else ""
-        why = e.strerror or str(e).strip().splitlines()[0] if str(e).strip() else \
-            e.__class__.__name__
+        why = e.strerror or first_line(e, None)
         print(f"error: {one_line(f'{where}{why}')} (nothing was left half-written)",
               file=sys.stderr)
         return 2

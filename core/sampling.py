@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from core.api import Sampler
+from core.contracts import Sampler
+from core.dtypes import DTYPES
 from core.edm import batch_times
 from core.schedules import rho_grid
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def randn_like(x: Tensor, generator: torch.Generator) -> Tensor:
@@ -68,7 +68,7 @@ def draw(jumper, meta: dict, sampler, timesteps: list[float], num: int, batch: i
          ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """(samples [num, *shape] float32, labels [num] or None)."""
     shape = list(meta["shape"])
-    dtype = _DTYPES[meta["dtype"]]
+    dtype = DTYPES[meta["dtype"]]
     n_cls = int(meta.get("num_classes", 0))
     gen = torch.Generator().manual_seed(seed)
     out, labels_out = [], []

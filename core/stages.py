@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import plugins
+from core import REPO, plugins
 from core.coefficients import store
-from core.config import Config
-from core.errors import UserError
+from core.config import Config, result_values
+from core.dtypes import DTYPES
+from core.errors import UserError, first_line
 from core.io import save_json, save_npy
 from core.schedules import coefficient_grid
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def log(msg: str) -> None:
@@ -53,6 +52,12 @@ class Run:
                                    progress=progress,
                                    coefficients_loader=self.coefficient_table)
         self._data = data
+
+    def warm_start_file(self) -> Path | None:
+        """A warm start's source file ([student] init), or None for init = "teacher"."""
+        from core.warm_start import source_file
+        p = self.cfg.student_init_path
+        return source_file(p) if p is not None else None
 
     def teacher_file(self) -> Path:
         """Where the 'teacher' stage writes the trained network."""
@@ -189,16 +194,24 @@ class Run:
 
 # --- coefficients ----------------------------------------------------------------------------
 
+def coefficient_settings(cfg, data_fingerprint: str | None) -> dict:
+    """What a store's numbers depend on (its `settings`, which decide reuse): the
+    [coefficients] keys that change a result (core.config), the x_0 source by its content
+    fingerprint, and [diffusion]'s time range (rho only on the edm grid)."""
+    c, d = cfg.coefficients, cfg.diffusion
+    settings = dict(result_values(c), data=data_fingerprint, t_min=d.t_min, t_max=d.t_max,
+                    rho=d.rho if c.grid == "edm" else None)
+    if c.smooth == 0:      # only when > 0: the default store (settings, digest) stays as it was
+        del settings["smooth"]
+    return settings
+
+
 def coefficients(run: Run) -> None:
     c, d = run.cfg.coefficients, run.cfg.diffusion
     teacher = run.teacher
-    settings = {"grid": c.grid, "n_timesteps": c.n_timesteps, "n_samples": c.n_samples,
-                "batch": c.batch, "seed": c.seed, "t_min": d.t_min, "t_max": d.t_max,
-                "rho": d.rho if c.grid == "edm" else None, "dtype": c.dtype, "dl": c.dl}
-    if c.smooth > 0:       # only then: the default store (settings, digest) stays as it was
-        settings["smooth"] = c.smooth
     source = run.data_for(c.data, "coefficients")
-    settings["data"] = source.fingerprint() if source is not None else None
+    settings = coefficient_settings(run.cfg, source.fingerprint() if source is not None
+                                    else None)
     fp = teacher.fingerprint()
     if store.reusable(c.path, fp, settings):
         log(f"coefficients: reusing {c.path} (same teacher and settings)")
@@ -313,7 +326,7 @@ def sample(run: Run) -> None:
     title = f"{meta['precond']}{'/' + meta['variant'] if meta['variant'] else ''} jumper, " \
             f"{len(ts) - 1} steps"
     if len(meta["shape"]) == 3:
-        from core.metrics import save_grid
+        from core.images import save_grid
         save_grid(torch.from_numpy(x[:64]), run.out_dir / "samples.png",
                   labels=None if labels is None else labels[:64])
     else:
@@ -344,10 +357,9 @@ def _check_scriptable(precond, name: str) -> None:
     try:
         script(precond)
     except Exception as e:  # noqa: BLE001 - TorchScript's frontend raises many types
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         raise UserError(f"preconditioning {name!r} ({plugins.get('precond', name).source}) is "
                         f"not TorchScript-able, so it cannot be exported: "
-                        f"{(lines or ['(no message)'])[0][:160]}") from None
+                        f"{first_line(e, 160, '(no message)')}") from None
 
 
 def ctm_sample_binary(cfg, sampler) -> Path:
@@ -357,7 +369,7 @@ def ctm_sample_binary(cfg, sampler) -> Path:
                         f"sampler only, not {cfg.sample.sampler!r}")
     import os
 
-    binary = cfg.sample.binary or Path(__file__).resolve().parent.parent / "build" / "ctm_sample"
+    binary = cfg.sample.binary or REPO / "build" / "ctm_sample"
     if not binary.is_file():
         raise UserError(f"{binary}: ctm_sample not found; build it with python "
                         f"tools/build_cpp.py or set [sample] binary")
@@ -556,7 +568,7 @@ def teacher(run: Run) -> None:
 def teacher_grid(run: Run, rows: int = 8, steps: int = 18) -> None:
     """teacher_samples.png: images from the teacher's PF-ODE (EDM's Heun sampler, `steps`
     steps on the rho grid); a conditional teacher gets one class per grid column."""
-    from core.metrics import save_grid
+    from core.images import save_grid
     from core.ode import HeunSolver
     from core.schedules import rho_grid
 
@@ -577,9 +589,3 @@ def teacher_grid(run: Run, rows: int = 8, steps: int = 18) -> None:
 def distill(run: Run) -> None:
     from core.distill import distill as run_distill
     run_distill(run)
-
-
-STAGE_FUNCTIONS = {"teacher": teacher, "coefficients": coefficients, "distill": distill,
-                   "export": export, "sample": sample, "evaluate": evaluate}
-#: stages every rank runs (they split their work); the others run on rank 0 alone
-DISTRIBUTED_STAGES = ("teacher", "coefficients", "distill")

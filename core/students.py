@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from core.edm import TeacherAsNetwork
 from core.bounds import check_state_dict
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 FORMAT, VERSION = "ctmkit.student", 1
 
@@ -108,5 +108,5 @@ def load_student(run, path: Path) -> nn.Module:
         net.load_state_dict(st["state_dict"])
     except (RuntimeError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: weights do not fit the configured student "
-                        f"({str(e).splitlines()[0][:120]})") from None
+                        f"({first_line(e)})") from None
     return net.eval()

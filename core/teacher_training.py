@@ -11,6 +11,7 @@ import torch
 from core import distributed as dist
 from core.dsm import DSMLoss, dsm_per_sample
 from core.edm import EDMDenoiser, add_noise
+from core.config import result_values
 from core.errors import UserError
 from core.io import save_torch
 from core.plugins import create_network
@@ -19,6 +20,15 @@ from core.training import (EMA, LRSchedule, TrainingLoop, backward, config_diges
                            with_lr_schedule)
 
 FORMAT = "ctmkit.teacher"      # the file the network teacher (plugins/teachers/network.py) reads
+
+
+def fingerprint(cfg, data_fingerprint: str) -> str:
+    """What the teacher's weights depend on: the network, the data, the [teacher_train] keys
+    that change a result (core.config) and sigma_data; a checkpoint of another is not resumed."""
+    tt = cfg.teacher_train
+    return config_digest({"network": cfg.network.data, "data": data_fingerprint,
+                          "train": with_lr_schedule(result_values(tt), tt),
+                          "sigma_data": cfg.diffusion.sigma_data})
 
 
 def train_teacher(run) -> None:
@@ -41,12 +51,7 @@ def train_teacher(run) -> None:
     model = net if world == 1 else torch.nn.parallel.DistributedDataParallel(net)
     denoise = EDMDenoiser(model, diff.sigma_data)
     loss = DSMLoss(tt.p_mean, tt.p_std)
-    fp = config_digest({"network": cfg.network.data, "data": source.fingerprint(),
-                        "train": with_lr_schedule({k: v for k, v in vars(tt).items()
-                                                   if k not in ("iterations", "checkpoint_every",
-                                                                "keep_checkpoints", "log_every")},
-                                                  tt),
-                        "sigma_data": diff.sigma_data})
+    fp = fingerprint(cfg, source.fingerprint())
     loop = TrainingLoop("teacher", ckdir=run.out_dir / "teacher_checkpoints", fingerprint=fp,
                         modules={"net": net, "ema": ema.model}, optimizer=opt,
                         params=list(net.parameters()), ema_source=net, emas=[ema],

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from core.api import jump_target, zero_init
 from core.edm import EDMDenoiser  # noqa: F401  (re-exported)
 from core.hookspecs import hookimpl
 from core.students import StudentNetwork  # noqa: F401  (re-exported)
@@ -62,10 +63,8 @@ class MLP(nn.Module):
         self.inp = nn.Linear(dim, width)
         self.t_emb = FourierEmbedding(emb_dim, seed=1, mlp=True)
         self.s_emb = FourierEmbedding(emb_dim, seed=2, mlp=True) if student else None
-        self.s_proj = nn.Linear(emb_dim, emb_dim) if student else None
-        if self.s_proj is not None:        # the zero-initialised s pathway
-            nn.init.zeros_(self.s_proj.weight)
-            nn.init.zeros_(self.s_proj.bias)
+        # the zero-initialised s pathway (core.s_pathway)
+        self.s_proj = zero_init(nn.Linear(emb_dim, emb_dim)) if student else None
         self.label = nn.Embedding(num_classes, emb_dim) if num_classes > 0 else None
         self.blocks = nn.ModuleList([ResBlock(width, emb_dim) for _ in range(depth)])
         self.out_norm = nn.LayerNorm(width)
@@ -81,8 +80,7 @@ class MLP(nn.Module):
         s_emb = self.s_emb
         s_proj = self.s_proj
         if s_emb is not None and s_proj is not None:
-            s_ = t if s is None else s.reshape(-1).expand(B).to(x.dtype)
-            e = e + s_proj(s_emb(torch.log(s_) / 4.0))
+            e = e + s_proj(s_emb(torch.log(jump_target(s, t)) / 4.0))
         lab = self.label
         if lab is not None and class_labels is not None:
             e = e + lab(class_labels)

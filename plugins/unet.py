@@ -70,6 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.api import SEmbeddingMLP, jump_target
 from core.bounds import check_network_kwargs
 from core.hookspecs import hookimpl
 from plugins.networks import FourierEmbedding
@@ -272,10 +273,7 @@ class UNet(nn.Module):
         self.norm_out = norm(cur)
 
         self.s_embed = _embedding(embedding, noise_ch, seed=2) if student else None
-        self.s_map = _embedding_mlp(noise_ch, emb_ch) if student else None
-        if self.s_map is not None:
-            nn.init.zeros_(self.s_map[2].weight)
-            nn.init.zeros_(self.s_map[2].bias)
+        self.s_map = SEmbeddingMLP(noise_ch, emb_ch) if student else None
         self.out = OutConv(cur, C)          # registered last: the network's last nn.Linear
 
     def forward(self, x: Tensor, t: Tensor, s: Optional[Tensor] = None,
@@ -287,8 +285,7 @@ class UNet(nn.Module):
         s_embed = self.s_embed
         s_map = self.s_map
         if s_embed is not None and s_map is not None:
-            s_ = t if s is None else s.reshape(-1).expand(B).to(x.dtype)
-            emb = emb + s_map(s_embed(torch.log(s_) / 4.0))
+            emb = emb + s_map(s_embed(torch.log(jump_target(s, t)) / 4.0))
         label = self.label
         if label is not None and class_labels is not None:
             emb = emb + label(class_labels.reshape(-1))

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from core.aoti import export_aoti, load_aoti  # noqa: E402
+from core.dtypes import DTYPES  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.integrity import sidecar_path, write_sidecar  # noqa: E402
 from core.jumper import Jumper, TeacherAsNetwork, export  # noqa: E402
@@ -128,7 +129,7 @@ def test_pt2_matches_eager(packages, name):
     path, eager = packages[name]
     loaded, meta = load_aoti(path)
     assert meta["format"] == "ctmkit.jumper" and meta["precond"] == eager.precond.name
-    dtype = {"float32": torch.float32, "float64": torch.float64}[meta["dtype"]]
+    dtype = DTYPES[meta["dtype"]]
     gen = torch.Generator().manual_seed(0)
     for b in (1, 2, 7):      # the batch dimension is dynamic, 1 included
         x = torch.randn([b] + meta["shape"], generator=gen, dtype=dtype) * 5

@@ -92,9 +92,9 @@ class _MeanX:
 @pytest.fixture
 def meanx_metric(monkeypatch):
     """The metric registered as a plugin; sample grids off (the 2-D samples are no images)."""
-    from core import metrics, plugins
+    from core import images, plugins
 
-    monkeypatch.setattr(metrics, "save_grid", lambda *a, **k: None)
+    monkeypatch.setattr(images, "save_grid", lambda *a, **k: None)
     from core.hookspecs import hookimpl
 
     plugin = types.SimpleNamespace(ctmkit_metrics=hookimpl(lambda: {"meanx": lambda o, c: _MeanX()}))

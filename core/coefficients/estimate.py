@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from core.coefficients.numerics import derivative
 from core.coefficients.table import CoefficientTable
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 #: statistics kept per (time step, sample); all dot products are over the data dimensions.
 #: "trdot" = v^T d(J v)/dlambda along x_t = x_0 + t eps, only with dl = "jvp" (the "fd" path
@@ -226,7 +226,7 @@ def _explain_nested_failure(e: RuntimeError, denoise, x0, eps, v, t, labels, dty
         per_sample_stats(denoise, x0, eps, v, t, labels, False, dtype, "fd")
     except RuntimeError:
         raise e from None
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = first_line(e, None)
     raise UserError(f"coefficients: the teacher supports first-order JVPs but not the nested "
                     f"(forward-over-forward) JVP of the exact dl/dlambda ({first}); set "
                     f"[coefficients] dl = \"fd\" for finite differences over the time "

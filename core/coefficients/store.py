@@ -21,7 +21,7 @@ import numpy as np
 from core import __version__
 from core.coefficients.table import CoefficientTable
 from core.data import READ_ERRORS, check_h5_dataset
-from core.errors import UserError
+from core.errors import UserError, first_line
 from core.io import content_digest, write_bytes
 
 FORMAT, VERSION = "ctmkit.coefficients", 1
@@ -106,7 +106,7 @@ def load(path: str | Path) -> CoefficientTable:
         raise
     except READ_ERRORS as e:               # every h5py exception type, numpy's warnings
         raise UserError(f"{path}: unreadable coefficient file ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+                        f"{first_line(e, None, 'corrupt')})") from None
     n = len(data["t"])
     for name, arr in data.items():
         if arr.ndim != 1 or len(arr) != n:

@@ -65,8 +65,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.api import SEmbeddingMLP
 from core.bounds import check_network_kwargs, check_state_dict
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 SIGMA_DATA = 0.5
 
@@ -342,10 +343,7 @@ class UNetModel(nn.Module):
                                  nn.Conv2d(input_ch, self.out_channels, 3, padding=1))
 
         # the student's s pathway: zero at initialisation
-        self.s_time_embed = _embedding_mlp(mc, emb_ch) if self.student else None
-        if self.s_time_embed is not None:
-            nn.init.zeros_(self.s_time_embed[2].weight)
-            nn.init.zeros_(self.s_time_embed[2].bias)
+        self.s_time_embed = SEmbeddingMLP(mc, emb_ch) if self.student else None
 
     def network(self, x: Tensor, timesteps: Tensor, y: Optional[Tensor],
                 s_timesteps: Optional[Tensor]) -> Tensor:
@@ -483,14 +481,13 @@ def build_openai_unet(settings: Mapping[str, Any], student: bool = False,
         try:
             kwargs = _script_settings(settings)
         except (TypeError, ValueError) as e:
-            raise UserError(f"openai unet: bad settings ({str(e).splitlines()[0][:160]})") \
-                from None
+            raise UserError(f"openai unet: bad settings ({first_line(e, 160)})") from None
     check_network_kwargs(kwargs, "openai unet")
     try:
         return OpenAIDenoiser(**kwargs, qkv_order=qkv_order, student=student,
                               sigma_data=sigma_data)
     except (TypeError, ValueError, KeyError, IndexError) as e:
-        raise UserError(f"openai unet: bad settings ({str(e).splitlines()[0][:160]})") from None
+        raise UserError(f"openai unet: bad settings ({first_line(e, 160)})") from None
 
 
 def _script_settings(settings: dict) -> dict:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.api import jump_target, zero_init
 from plugins.edm.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, \
     PositionalEmbedding, UNetBlock
 
@@ -161,9 +162,7 @@ class SongUNet(nn.Module):
             self.s_map_noise = embedding() if embedding_type == "positional" \
                 else FourierEmbedding(noise_channels, seed=2)
             self.s_map_layer0 = Linear(noise_channels, emb_channels, **init)
-            self.s_map_layer1 = Linear(emb_channels, emb_channels, **init)
-            nn.init.zeros_(self.s_map_layer1.weight)
-            nn.init.zeros_(self.s_map_layer1.bias)
+            self.s_map_layer1 = zero_init(Linear(emb_channels, emb_channels, **init))
         else:
             self.s_map_noise = None
             self.s_map_layer0 = None
@@ -188,8 +187,7 @@ class SongUNet(nn.Module):
         s_map_layer0 = self.s_map_layer0
         s_map_layer1 = self.s_map_layer1
         if s_map_noise is not None and s_map_layer0 is not None and s_map_layer1 is not None:
-            sl = noise_labels if s_noise_labels is None else s_noise_labels
-            s_emb = _swap_halves(s_map_noise(sl.to(noise_labels.dtype)))
+            s_emb = _swap_halves(s_map_noise(jump_target(s_noise_labels, noise_labels)))
             emb = emb + s_map_layer1(F.silu(s_map_layer0(s_emb)))
         emb = F.silu(emb)
 

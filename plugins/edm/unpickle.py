@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from core.bounds import check_graph
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 #: precond classes ctmkit re-implements (plugins.edm.precond)
 KNOWN_PRECONDS = ("EDMPrecond", "VPPrecond", "VEPrecond")
@@ -214,12 +214,11 @@ def load_edm_snapshot(path: Union[str, Path]) -> dict:
         raise UserError(f"{label}: not a readable EDM snapshot ({e})") from None
     except (EOFError, pickle.UnpicklingError) as e:
         why = "truncated" if isinstance(e, EOFError) or "truncated" in str(e) else \
-            f"not a pickle: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"not a pickle: {first_line(e, None)}"
         raise UserError(f"{label}: not a readable EDM snapshot ({why})") from None
     except Exception as e:                       # malformed opcodes, bad tensor data, ...
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{label}: not a readable EDM snapshot ({type(e).__name__}: "
-                        f"{first})") from None
+                        f"{first_line(e, None)})") from None
     check_graph(obj, label)       # before anything walks it: shared-reference bombs, depth
     if not isinstance(obj, dict) or not isinstance(obj.get("ema"), PersistentStub):
         raise UserError(f"{label}: not an EDM network snapshot (no 'ema' network in the "

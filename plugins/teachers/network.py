@@ -10,7 +10,7 @@ import torch
 from core.api import Teacher
 from core.edm import EDMDenoiser
 from core.bounds import check_state_dict
-from core.errors import UserError
+from core.errors import UserError, first_line
 from core.plugins import create_network
 from core.teacher_training import FORMAT
 
@@ -43,7 +43,7 @@ class NetworkTeacher(Teacher):
             self.net.load_state_dict(st["state_dict"])
         except RuntimeError as e:
             raise UserError(f"{path}: weights do not fit the network "
-                            f"({str(e).splitlines()[0][:120]})") from None
+                            f"({first_line(e)})") from None
         self.net.eval().requires_grad_(False)
         self.ctx = ctx
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from core.api import Teacher
+from core.dtypes import DTYPES
 from core.edm import output_from_denoiser
 from core.errors import UserError
 from core.io import file_digest, regular_file
@@ -63,7 +64,7 @@ class PretrainedTeacher(Teacher):
 
     #: ``[teacher] dtype``: how the teacher runs when float32 is asked for (distillation,
     #: sampling, float32 coefficients); float64 requests (float64 coefficients) are kept
-    RUN_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    RUN_DTYPES = {"float32": None, "float16": DTYPES["float16"], "bfloat16": DTYPES["bfloat16"]}
 
     def __init__(self, path: Path, ctx, dtype: str = "float32"):
         self.path, self.ctx = regular_file(path, f"{self.name} teacher file"), ctx

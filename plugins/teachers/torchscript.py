@@ -9,7 +9,7 @@ from torch import Tensor
 from typing import Optional
 
 from core.api import Teacher
-from core.errors import UserError
+from core.errors import UserError, first_line
 from core.io import jit_load  # noqa: F401  (re-exported)
 
 
@@ -34,9 +34,9 @@ class TorchScriptTeacher(Teacher):
             with torch.no_grad():
                 out = self.module(x, t, labels) if labels is not None else self.module(x, t)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise UserError(f"{self.path}: teacher does not accept (x{list(x.shape)}, t[2]"
-                            f"{', class_labels' if labels is not None else ''}): {first[:160]}"
+                            f"{', class_labels' if labels is not None else ''}): "
+                            f"{first_line(e, 160)}"
                             ) from None
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             raise UserError(f"{self.path}: teacher returned "

@@ -35,7 +35,8 @@ def test_a_student_saved_before_loads_unchanged(name):
     assert fx.digest(net.state_dict()) == old["fresh"]            # the same initialisation
     sd = dict(net.state_dict(), **old["s_pathway"])
     net.load_state_dict(sd, strict=True)
-    assert torch.equal(fx.run(name, net, inputs), old["output"])
+    # the same function; to float rounding, since convolution sums depend on the thread count
+    torch.testing.assert_close(fx.run(name, net, inputs), old["output"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(NETS))

@@ -176,28 +176,47 @@ def ring_markdown(r: dict) -> str:
              f"batch {st['batch']} (EMA {st['ema']}, evaluation every {st['eval_every']} on "
              f"{st['eval_num']} noises), seeds {r['seeds']}; gap from {r['num']} noises per "
              f"seed (seed = the training seed); mean ± std over seeds. Errors: the EMA "
-             f"student's final-point RMSE vs the exact PF-ODE.", ""]
-    for metric, m in r["metrics"].items():
+             f"student's final-point RMSE vs the exact PF-ODE. Per jump: gap_rms / jump "
+             f"error (g).", ""]
+    for metric in [k for k in RING_SCHEDULES if k in r["metrics"]]:
+        m = r["metrics"][metric]
         rows = m["rows"]
         jumps = rows["ctm"]["jumps"]
         names = [f"{a:.4g} → {b:.4g}" for a, b in jumps]
         lines += [f"**{metric}**", "",
-                  "| preconditioning | " + " | ".join(f"gap {n} (g)" for n in names) +
+                  "| preconditioning | " + " | ".join(names) +
                   " | gap, schedule RMS | jump error, schedule RMS | training-grid gap | "
                   "iteration 0 | end of budget |",
                   "|---|" + "---|" * (len(names) + 5)]
         for p in PRECONDS:
             row = rows[p]
             lines.append(f"| `{p}` | " + " | ".join(
-                f"{ms(row['gap_per_jump'][j])} ({row['g'][j]:.3f})" for j in range(len(names)))
+                f"{ms(row['gap_per_jump'][j])} / {ms(row['jump_per_jump'][j])} "
+                f"({row['g'][j]:.4g})" for j in range(len(names)))
                 + f" | {ms(row['gap_schedule'])} | {ms(row['jump_schedule'])} | "
                 f"{ms(row['gap_train_grid'])} | {ms(row['init'])} | {ms(row['final'])} |")
-        keys = [f"gap_jump_{j}" for j in range(len(names))] + \
-            ["gap_schedule", "jump_schedule", "gap_train_grid", "init", "final"]
-        lines += ["", "order (smallest first) per seed: " + "; ".join(
-            f"seed {seed}: " + ", ".join(f"{k} {o[k]}" for k in keys)
-            for seed, o in m["orders"].items()), ""]
+        lines += ["", "order (smallest first; one entry per seed when they differ):", ""]
+        for name, get in ring_order_keys(len(names)):
+            per_seed = [order({p: get(rows[p], i) for p in PRECONDS})
+                        for i in range(len(r["seeds"]))]
+            shown = per_seed[0] if len(set(per_seed)) == 1 else " | ".join(per_seed)
+            lines.append(f"- {name}: {shown}")
+        lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def ring_order_keys(n_jumps: int) -> list:
+    """(name, row -> seed index -> value) of every quantity whose order is listed."""
+    keys = []
+    for j in range(n_jumps):
+        keys.append((f"gap, jump {j}", lambda row, i, j=j: row["gap_per_jump"][j][i]))
+        keys.append((f"jump error, jump {j}", lambda row, i, j=j: row["jump_per_jump"][j][i]))
+    for name, field in (("gap, schedule RMS", "gap_schedule"),
+                        ("jump error, schedule RMS", "jump_schedule"),
+                        ("training-grid gap", "gap_train_grid"),
+                        ("iteration 0", "init"), ("end of budget", "final")):
+        keys.append((name, lambda row, i, field=field: row[field][i]))
+    return keys
 
 
 # --- an image teacher ---------------------------------------------------------------------------
@@ -273,12 +292,12 @@ def image_markdown(r: dict) -> str:
         times = r["schedules"][key]
         for p in PRECONDS:
             row = rows[p]
-            per = "; ".join(f"{a:.3g}→{b:.3g}: {gp:.4f} / {jp:.4f} ({g:.3f})" for a, b, gp, jp, g
+            per = "; ".join(f"{a:.3g}→{b:.3g}: {gp:.4g} / {jp:.4g} ({g:.4g})" for a, b, gp, jp, g
                             in zip(times, times[1:], row["gap_per_jump"], row["jump_per_jump"],
                                    row["g"]))
             end = "–" if row["final"] is None else f"{row['final']:.1f}"
-            lines.append(f"| {key} | `{p}` | {per} | {row['gap_schedule']:.4f} | "
-                         f"{row['jump_schedule']:.4f} | {row['gap_train_grid']:.4f} | "
+            lines.append(f"| {key} | `{p}` | {per} | {row['gap_schedule']:.4g} | "
+                         f"{row['jump_schedule']:.4g} | {row['gap_train_grid']:.4g} | "
                          f"{row['init']:.1f} | {end} |")
     lines += ["", "order (smallest first):", ""]
     for key, o in r["orders"].items():
@@ -295,22 +314,23 @@ def plot(r: dict, path) -> None:
 
     plt = _plt()
     if r["mode"] == "ring":
-        panels = {m: v["rows"] for m, v in r["metrics"].items()}
+        panels = {m: r["metrics"][m]["rows"] for m in RING_SCHEDULES if m in r["metrics"]}
     else:
         panels = r["rows"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (name, rows) in zip(axes[0], panels.items()):
         n_j = len(rows["ctm"]["gap_per_jump"])
-        keys = [f"gap jump {j}" for j in range(n_j)] + ["gap sched.", "jump err.", "grid gap",
-                                                        "iter 0", "end"]
+        keys = [f"{q} jump {j}" for j in range(n_j) for q in ("gap", "err.")] + \
+            ["gap sched.", "err. sched.", "grid gap", "iter 0", "end"]
         for p in PRECONDS:
             vals, errs = [], []
             for k in keys:
-                if k.startswith("gap jump"):
+                if " jump " in k:
                     j = int(k.rsplit(" ", 1)[1])
-                    a, c = rows[p]["gap_per_jump"][j], rows["ctm"]["gap_per_jump"][j]
+                    field = "gap_per_jump" if k.startswith("gap") else "jump_per_jump"
+                    a, c = rows[p][field][j], rows["ctm"][field][j]
                 else:
-                    field = {"gap sched.": "gap_schedule", "jump err.": "jump_schedule",
+                    field = {"gap sched.": "gap_schedule", "err. sched.": "jump_schedule",
                              "grid gap": "gap_train_grid", "iter 0": "init", "end": "final"}[k]
                     a, c = rows[p][field], rows["ctm"][field]
                 if a is None or c is None:
@@ -320,13 +340,15 @@ def plot(r: dict, path) -> None:
                 ratio = np.asarray(a, dtype=float) / np.asarray(c, dtype=float)
                 vals.append(float(np.mean(ratio)))
                 errs.append(float(np.std(ratio, ddof=1)) if ratio.size > 1 else 0.0)
+            vals = np.clip(vals, 0.03, None)             # forward's gaps near 0: drawn at 0.03
             ax.errorbar(range(len(keys)), vals, yerr=errs, marker="o", capsize=3,
                         color=COLOURS[p], label=p)
         ax.axhline(1.0, color="k", lw=0.5)
+        ax.set_yscale("log")
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels(keys, rotation=45, ha="right", fontsize=7)
         ax.set_title(name, fontsize=9)
-    axes[0][0].set_ylabel("value / ctm's value")
+    axes[0][0].set_ylabel("value / ctm's (clipped at 0.03)")
     axes[0][0].legend(fontsize=7)
     _save(fig, path)
 
@@ -350,15 +372,22 @@ def main(argv=None) -> int:
     pi.add_argument("--seed", type=int, help="default: [evaluate] seed + 1 (study_images')")
     pi.add_argument("--mid", type=float, default=0.821, help="the 2-step middle time")
     pi.add_argument("--out", default=str(_common.ROOT / "runs" / "gap_study_image"))
+    pn = sub.add_parser("render", help="the .md and .png again from a gap_study_*.json")
+    pn.add_argument("json")
     args = p.parse_args(argv)
 
     from core.io import save_json, write_bytes
 
-    result = ring(args) if args.mode == "ring" else image(args)
-    out = _common.Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"gap_study_{args.mode}"
-    save_json(stem.with_suffix(".json"), result)
+    if args.mode == "render":
+        stem = _common.Path(args.json).resolve().with_suffix("")
+        result = json.loads(stem.with_suffix(".json").read_text())
+        args.mode = result["mode"]
+    else:
+        result = ring(args) if args.mode == "ring" else image(args)
+        out = _common.Path(args.out).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"gap_study_{args.mode}"
+        save_json(stem.with_suffix(".json"), result)
     md = ring_markdown(result) if args.mode == "ring" else image_markdown(result)
     write_bytes(stem.with_suffix(".md"), md.encode())
     plot(result, stem.with_suffix(".png"))

@@ -344,10 +344,14 @@ def plot(r: dict, path) -> None:
             ax.errorbar(range(len(keys)), vals, yerr=errs, marker="o", capsize=3,
                         color=COLOURS[p], label=p)
         ax.axhline(1.0, color="k", lw=0.5)
-        ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        if hi / max(lo, 1e-9) > 4:                   # the ring's forward: orders of magnitude
+            ax.set_yscale("log")
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels(keys, rotation=45, ha="right", fontsize=7)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name if r["mode"] == "ring" else
+                     f"{name.split('@')[0]} steps" + (f" via {name.split('@')[1]}" if "@" in name
+                                                      else ", rho grid"), fontsize=9)
     axes[0][0].set_ylabel("value / ctm's (clipped at 0.03)")
     axes[0][0].legend(fontsize=7)
     _save(fig, path)

@@ -93,7 +93,10 @@ def order(values: dict) -> str:
 def ms(values) -> str:
     """'mean ± std' (std over seeds; '' when there is one value)."""
     v = np.asarray(values, dtype=float)
-    return f"{v.mean():.4g}" + (f" ± {v.std(ddof=1):.2g}" if len(v) > 1 else "")
+    if len(v) < 2:
+        return f"{v.mean():.4g}"
+    sd = v.std(ddof=1)
+    return f"{v.mean():.4g} ± " + ("0" if sd <= 1e-12 * abs(v.mean()) else f"{sd:.2g}")
 
 
 # --- the 2-D ring ------------------------------------------------------------------------------

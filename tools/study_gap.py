@@ -240,7 +240,6 @@ def image(args) -> dict:
     if not cfg.coefficients.path.exists():
         raise UserError(f"{cfg.coefficients.path}: no coefficient store; run `python -m "
                         f"core.run {args.config} --stages teacher,coefficients` first")
-    study = json.loads(_common.Path(args.fid).read_text())
     d = cfg.diffusion
     schedules = {str(K): rho_grid(K, d.t_min, d.t_max, d.rho) for K in (1, 2, 3, 4)}
     schedules[f"2@{args.mid:g}"] = [d.t_max, args.mid, d.t_min]
@@ -248,16 +247,26 @@ def image(args) -> dict:
     t0 = time.perf_counter()
     cfgs = {p: for_precond(cfg, entries[p], own_dir=False) for p in PRECONDS}
     gaps = measure_gap(cfgs, schedules, args.num, seed, progress=True)
-    fid = study["fid"]
     result = {"mode": "image", "command": _common.command_line(), "config": args.config,
-              "fid_source": args.fid, "fid": fid, "num": args.num, "seed": seed,
-              "schedules": schedules, "gap": gaps, "rows": {}, "orders": {}}
+              "num": args.num, "seed": seed, "schedules": schedules, "gap": gaps}
+    attach_fid(result, args.fid)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def attach_fid(result: dict, source: str | None) -> None:
+    """The rows and orders of an image result: its gaps beside the FIDs of the study.json
+    `source` (read now: it may be written while the gap is measured; None: no FIDs)."""
+    study = json.loads(_common.Path(source).read_text()) if source else \
+        {"fid": None, "teacher_initialised": {}, "training": {}}
+    gaps, schedules = result["gap"], result["schedules"]
+    result.update(fid_source=source, fid=study["fid"], rows={}, orders={})
     for key in schedules:
         K, _, mid = key.partition("@")
         rows = {}
         for p in PRECONDS:
             jumps = gaps[p]["schedules"][key]
-            ti = study["teacher_initialised"][p]
+            ti = study["teacher_initialised"].get(p)
             curve = study["training"].get(p, {})
             col = next((c for c in curve if c.rsplit("_", 1)[-1] == K), None)
             rows[p] = {"gap_per_jump": [j["gap_rms"] for j in jumps],
@@ -266,7 +275,7 @@ def image(args) -> dict:
                        "gap_schedule": schedule_rms(jumps, "gap_rms"),
                        "jump_schedule": schedule_rms(jumps, "jump_rms"),
                        "gap_train_grid": gaps[p]["train_grid"]["gap_rms"],
-                       "init": ti["mid2"] if mid else ti["rho"][K],
+                       "init": None if ti is None else ti["mid2"] if mid else ti["rho"][K],
                        "final": None if mid or col is None else curve[col][-1][1],
                        "final_iteration": None if mid or col is None else curve[col][-1][0]}
         result["rows"][key] = rows
@@ -279,8 +288,6 @@ def image(args) -> dict:
                 {p: rows[p]["gap_per_jump"][j] for p in PRECONDS})
             result["orders"][key][f"jump_jump_{j}"] = order(
                 {p: rows[p]["jump_per_jump"][j] for p in PRECONDS})
-    result["seconds"] = time.perf_counter() - t0
-    return result
 
 
 def image_markdown(r: dict) -> str:
@@ -299,9 +306,10 @@ def image_markdown(r: dict) -> str:
                             in zip(times, times[1:], row["gap_per_jump"], row["jump_per_jump"],
                                    row["g"]))
             end = "–" if row["final"] is None else f"{row['final']:.1f}"
+            start = "–" if row["init"] is None else f"{row['init']:.1f}"
             lines.append(f"| {key} | `{p}` | {per} | {row['gap_schedule']:.4g} | "
                          f"{row['jump_schedule']:.4g} | {row['gap_train_grid']:.4g} | "
-                         f"{row['init']:.1f} | {end} |")
+                         f"{start} | {end} |")
     lines += ["", "order (smallest first):", ""]
     for key, o in r["orders"].items():
         lines.append(f"- {key}: " + ", ".join(f"{k} {v}" for k, v in o.items()))
@@ -374,13 +382,15 @@ def main(argv=None) -> int:
     pr.add_argument("--out", default=str(_common.ROOT / "runs" / "gap_study_ring"))
     pi = sub.add_parser("image", help="a network teacher with a tools/study_images.py study")
     pi.add_argument("config")
-    pi.add_argument("--fid", required=True, help="a study.json of tools/study_images.py")
+    pi.add_argument("--fid", help="a study.json of tools/study_images.py (read after the "
+                    "measurement; or attach one later with render --fid)")
     pi.add_argument("--num", type=int, default=16)
     pi.add_argument("--seed", type=int, help="default: [evaluate] seed + 1 (study_images')")
     pi.add_argument("--mid", type=float, default=0.821, help="the 2-step middle time")
     pi.add_argument("--out", default=str(_common.ROOT / "runs" / "gap_study_image"))
     pn = sub.add_parser("render", help="the .md and .png again from a gap_study_*.json")
     pn.add_argument("json")
+    pn.add_argument("--fid", help="image mode: (re)attach this study.json's FIDs")
     args = p.parse_args(argv)
 
     from core.io import save_json, write_bytes
@@ -389,6 +399,9 @@ def main(argv=None) -> int:
         stem = _common.Path(args.json).resolve().with_suffix("")
         result = json.loads(stem.with_suffix(".json").read_text())
         args.mode = result["mode"]
+        if args.fid and args.mode == "image":
+            attach_fid(result, args.fid)
+            save_json(stem.with_suffix(".json"), result)
     else:
         result = ring(args) if args.mode == "ring" else image(args)
         out = _common.Path(args.out).resolve()

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from core import distributed as dist
-from core import plugins, warm_start
+from core import gan, plugins, warm_start
 from core.datastore import to_device  # noqa: F401  (re-exported: core.distill.to_device)
 from core.distances import make_distance
 from core.dsm import DSMLoss
@@ -166,19 +166,23 @@ def _warm_start(run, precond):
                            run.teacher.fingerprint(), precond)
 
 
-def fingerprint(run, precond_desc: dict, warm=None) -> str:
+def fingerprint(run, precond_desc: dict, warm=None, gan_desc: dict | None = None) -> str:
     cfg, d = run.cfg, run.cfg.distill
     keep = {k: v for k, v in vars(d).items()
             if k not in ("iterations", "checkpoint_every", "keep_checkpoints", "log_every",
                          "eval_every", "eval_num", "eval_steps", "eval_schedules",
                          "micro_batch", "solve_buckets", "compile", "compile_mode",
-                         "channels_last", "tf32", "fused_optimizer")}
+                         "channels_last", "tf32", "fused_optimizer", "gan_weight",
+                         "gan_start", "generator_every", "gan_fake")}
+    keep.update(gan.fingerprint_keys(d))
     desc = {"teacher": run.teacher.fingerprint(), "precond": precond_desc,
             "distill": with_lr_schedule(keep, d),
             "network": cfg.network.data, "data": run.data_fingerprint(),
             "diffusion": vars(cfg.diffusion)}
     if warm is not None:      # its file and iteration: a changed source is another run
         desc["init"] = {k: v for k, v in warm.describe().items() if k != "path"}
+    if gan_desc is not None:  # the discriminator's plugin and options
+        desc["discriminator"] = gan_desc
     return config_digest(desc)
 
 
@@ -192,6 +196,7 @@ class Batch:
     labels: Tensor | None
     draws: dict
     dsm_draws: dict | None
+    gan_draws: tuple | None = None        # the discriminator's (real, fake) draws, or None
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -201,15 +206,20 @@ class Batch:
                      self.labels[c] if self.labels is not None else None,
                      {k: v[c] for k, v in self.draws.items()},
                      {k: v[c] for k, v in self.dsm_draws.items()}
-                     if self.dsm_draws is not None else None)
+                     if self.dsm_draws is not None else None,
+                     tuple({k: v[c] for k, v in dr.items()} for dr in self.gan_draws)
+                     if self.gan_draws is not None else None)
 
 
 @dataclasses.dataclass
 class Losses:
-    """The batch-mean losses of one pass of the student, and that pass's output F (float32)."""
+    """The batch-mean losses of one pass of the student, and that pass's output F (float32);
+    with the GAN term on, its adversarial loss and the fakes (the student's jumps) too."""
     main: Tensor
     dsm: Tensor
     F: Tensor
+    gan: Tensor | None = None
+    fake: Tensor | None = None
 
 
 def last_layer(params: list) -> int:
@@ -252,6 +262,7 @@ class Distiller:
                   f"on CPU")
         self._build_objectives()
         self._build_modules()
+        self.gan = gan.GAN(run, self.device, self.sl) if d.gan_weight != 0.0 else None
         self._build_loop()
         self._build_evaluation()
         self._build_step_inputs()
@@ -300,13 +311,19 @@ class Distiller:
         fp = fingerprint(self.run_, {
             "name": precond.name, "variant": precond.variant, "options": cfg.precond.data,
             "coefficients": self.run_.coefficients_digest() if precond.name == "analytic"
-            else None}, self.warm)
+            else None}, self.warm, self.gan.describe() if self.gan is not None else None)
         self.origin = {"teacher_fingerprint": self.teacher.fingerprint(),
                        "precond": {"name": precond.name, "variant": precond.variant,
                                    "jumps_denoiser": bool(precond.jumps_denoiser)}}
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         modules = {"student": self.student, "target": self.target.model,
                    **{f"ema_{i}": e.model for i, e in enumerate(self.emas)}}
+        fields = ["loss", "loss_main", "loss_dsm", "dsm_weight", "lr", "it_per_s"]
+        more = {}
+        if self.gan is not None:       # the discriminator and its optimiser: no EMA (as CTM)
+            modules["discriminator"] = self.gan.D
+            more = {"discriminator": self.gan.opt}
+            fields[3:3] = list(gan.FIELDS)
         self.loop = TrainingLoop(
             "distill", ckdir=self.run_.out_dir / "checkpoints", fingerprint=fp,
             modules=modules, optimizer=self.opt, params=self.params, ema_source=self.student,
@@ -314,8 +331,7 @@ class Distiller:
             grad_clip=d.grad_clip, checkpoint_extra=self.origin, iterations=d.iterations,
             checkpoint_every=d.checkpoint_every, keep_checkpoints=d.keep_checkpoints,
             metrics=self.run_.out_dir / "metrics.csv",
-            fields=["loss", "loss_main", "loss_dsm", "dsm_weight", "lr", "it_per_s"],
-            progress=self.run_.progress, scaler=self.scaler)
+            fields=fields, progress=self.run_.progress, scaler=self.scaler, optimizers=more)
         diff = self.cfg.diffusion
         self.grid_host = torch.tensor(rho_grid(d.N, diff.t_min, diff.t_max, diff.rho),
                                       dtype=torch.float64)
@@ -391,15 +407,22 @@ class Distiller:
             self.precond(self.grid, self.grid)    # every grid time in range: checked once
             self.precond.check_range = False      # the step passes grid times only (no sync)
         self.t_last, self.it_last = time.perf_counter(), loop.start
-        # loss sums since the last log row, on the device
-        self.window = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # loss sums since the last log row, on the device (with the GAN: its statistics and
+        # the counts of the iterations that had them, see `step`)
+        self.window = torch.zeros(3 if self.gan is None else 11, dtype=torch.float64,
+                                  device=self.device)
+        self.weights = (0.0, 0.0)                 # the last student step's DSM, GAN weights
         for it in loop.iterations():
             batch = self.draw(it)
-            stats, w = self.backward(batch)
-            lr = self.step(it, stats)
+            student, disc = self.gan.turns(it) if self.gan is not None else (True, False)
+            stats, fake = None, None
+            if student:
+                stats, self.weights, fake = self.backward(batch)
+            d_stats = self.discriminator_step(batch, fake) if disc else None
+            lr = self.step(it, stats, d_stats)
             done = it + 1
             if loop.due(done, d.log_every):
-                self.log(done, w, lr)
+                self.log(done, lr)
             paused = time.perf_counter()
             if loop.due(done, d.eval_every):
                 loop.verify()
@@ -411,7 +434,8 @@ class Distiller:
 
     def draw(self, it: int) -> Batch:
         """Iteration `it`'s draws for the global batch (from its own generator), sliced to this
-        rank's rows; the data rows themselves are read for this rank only."""
+        rank's rows; the data rows themselves are read for this rank only. With the GAN on, the
+        discriminator's draws for the real and the fake rows (their own stream)."""
         d, sl = self.d, self.sl
         gen, x0_host, labels = self.data.get(it)
         # the loss draws see the global batch's shape and dtype (a tensor on the meta device)
@@ -420,19 +444,27 @@ class Distiller:
         dsm_draws = self.dsm.draw(gen, batch_like) if self.dsm_on else None
         x0 = to_device(x0_host, self.device)
         labels = to_device(labels, self.device) if labels is not None else None
-        return Batch(x0, x0_host, labels, {k: v[sl] for k, v in draws.items()},
-                     {k: v[sl] for k, v in dsm_draws.items()} if self.dsm_on else None)
+        b = Batch(x0, x0_host, labels, {k: v[sl] for k, v in draws.items()},
+                  {k: v[sl] for k, v in dsm_draws.items()} if self.dsm_on else None)
+        if self.gan is not None and self.gan.active(it):
+            b.gan_draws = self.gan.draws(it, batch_like)
+        return b
 
     def losses(self, b: Batch, model=None) -> Losses:
         """The batch-mean main and DSM losses of `b`, from one pass of the student over
-        [loss inputs; DSM inputs]. The student's inputs are made on the CPU, as the draws
-        are, with no copy back from the device."""
+        [loss inputs; DSM inputs (; the GAN's inputs)], and the GAN's adversarial term when
+        `b` has its draws. The student's inputs are made on the CPU, as the draws are, with no
+        copy back from the device."""
         device = self.device
         ctx = StepContext(**self.ctx_args, labels=b.labels, host=b.draws)
         n = len(b)
         parts = [self.loss.inputs(b.draws, b.x0_host, self.grid_host)]
         if self.dsm_on:
             parts.append(self.dsm.inputs(b.dsm_draws, b.x0_host))
+        with_gan = b.gan_draws is not None
+        if with_gan and self.d.gan_fake == "jump_to_t_min":   # the student's jump t -> t_min
+            x, t, _ = parts[0]
+            parts.append((x, t, torch.full_like(t, self.cfg.diffusion.t_min)))
         X = to_device(torch.cat([p[0] for p in parts]), device)
         if self.d.channels_last and X.dim() == 4:
             X = X.contiguous(memory_format=torch.channels_last)
@@ -445,93 +477,197 @@ class Distiller:
             l_main = self.loss.per_sample(ctx, draws, b.x0, F[:n], self.distance).mean()
             l_dsm = (self.dsm.per_sample(ctx, {k: to_device(v, device)
                                                for k, v in b.dsm_draws.items()}, b.x0,
-                                         F[n:]).mean()
+                                         F[n:2 * n]).mean()
                      if self.dsm_on else torch.zeros((), device=device))
-        return Losses(l_main, l_dsm, F)
+            fake = self._fake(ctx, F[-n:] if self.d.gan_fake == "jump_to_t_min" else F[:n],
+                              X[-n:], T[-n:], S[-n:], X[:n], T[:n], S[:n]) if with_gan else None
+        if not with_gan:
+            return Losses(l_main, l_dsm, F)
+        l_gan = self.gan.generator_loss(fake, b.labels, b.gan_draws[1])
+        return Losses(l_main, l_dsm, F, l_gan, fake)
 
-    def backward(self, b: Batch) -> tuple[Tensor, Tensor | float]:
+    def _fake(self, ctx, F, Xg, Tg, Sg, X, T, S) -> Tensor:
+        """The discriminator's fake from the student's output: its jump from the loss's x_t, t
+        to t_min (`F` on those inputs), or its jump to s carried on to t_min by the
+        stop-gradient target (`F` on the loss's inputs; gradients flow through the jump)."""
+        if self.d.gan_fake == "jump_to_t_min":
+            return ctx.jump(F, Xg, Tg, Sg)
+        x_s = ctx.jump(F, X, T, S)
+        return ctx.target_jump(x_s, S, torch.full_like(S, self.cfg.diffusion.t_min), grad=True)
+
+    def _terms(self, ls: Losses) -> list[tuple[Tensor, object]]:
+        """The auxiliary losses added to the main one, each with its weight (a number or
+        "adaptive"): DSM when on, the GAN's adversarial term when this step has it."""
+        terms = [(ls.dsm, self.d.dsm_weight)] if self.dsm_on else []
+        if ls.gan is not None:
+            terms.append((ls.gan, self.d.gan_weight))
+        return terms
+
+    def _weights(self, ws: list, ls: Losses) -> tuple:
+        """(the DSM weight, the GAN weight) of a step from its terms' weights `ws`."""
+        w_dsm = ws[0] if self.dsm_on else 0.0
+        return w_dsm, (ws[-1] if ls.gan is not None else 0.0)
+
+    def backward(self, b: Batch) -> tuple[Tensor, tuple, Tensor | None]:
         """The losses of `b` and their gradients in the student's parameters: (this rank's
-        [main, dsm, total] losses as float64 on the device, the DSM weight)."""
+        [main, dsm, total(, gan)] losses as float64 on the device, (the DSM weight, the GAN
+        weight), the fakes detached or None)."""
         self.opt.zero_grad(set_to_none=True)
         chunks = [slice(i, min(i + self.micro, self.local))
                   for i in range(0, self.local, self.micro)]
         if len(chunks) > 1:
             return self._accumulate(b, chunks)
         ls = self.losses(b)
-        dsm_weight = self.d.dsm_weight
-        if self.dsm_on and dsm_weight == "adaptive":
-            w = _adaptive_backward(ls.main, ls.dsm, ls.F, self.params, self.scaler)
-            total = ls.main.detach() + w * ls.dsm.detach()
+        terms = self._terms(ls)
+        if any(isinstance(w, str) for _, w in terms):                     # "adaptive"
+            ws = _balanced_backward(ls.main, terms, ls.F, self.params, self.scaler)
+            total = ls.main.detach()
+            for w, (l, _) in zip(ws, terms):
+                total = total + w * l.detach()
         else:
-            w = float(dsm_weight) if self.dsm_on else 0.0
-            total = ls.main + w * ls.dsm
+            ws = [float(w) for _, w in terms]
+            total = ls.main
+            for w, (l, _) in zip(ws, terms):
+                total = total + w * l
             backward(total, self.scaler)
         # stays on the device: no sync here (the finiteness check is settled at the next log
         # row, checkpoint or evaluation)
-        return torch.stack([ls.main.detach(), ls.dsm.detach(), total.detach()]).double(), w
+        out = [ls.main.detach(), ls.dsm.detach(), total.detach()]
+        if ls.gan is not None:
+            out.append(ls.gan.detach())
+        fake = ls.fake.detach() if ls.fake is not None else None
+        return torch.stack(out).double(), self._weights(ws, ls), fake
 
-    def _accumulate(self, b: Batch, chunks: list[slice]) -> tuple[Tensor, Tensor | float]:
+    def _accumulate(self, b: Batch, chunks: list[slice]):
         """Gradient accumulation over micro-batches (``[distill] micro_batch``): each chunk's
         losses weighted by its share of the local batch, so the gradient is the full batch's
         (to float rounding), whatever micro_batch and the world size. Gradients are
-        all-reduced once, after the last chunk. With ``dsm_weight = "adaptive"`` the main and
-        DSM gradients are accumulated apart and combined with CTM's balance over the whole
-        batch (`adaptive_weight`; a GradScaler's common factor cancels in it; it unscales the
-        sum as usual). Returns (the [main, dsm, total] losses of this rank, the DSM weight)."""
-        params, scaler, dsm_weight = self.params, self.scaler, self.d.dsm_weight
-        adaptive = self.dsm_on and dsm_weight == "adaptive"
-        w = 0.0 if not self.dsm_on else (1.0 if adaptive else float(dsm_weight))
-        g_main = [torch.zeros_like(p) for p in params] if adaptive else None
-        g_dsm = [torch.zeros_like(p) for p in params] if adaptive else None
-        sums = torch.zeros(3, dtype=torch.float64, device=b.x0.device)
+        all-reduced once, after the last chunk. With an ``"adaptive"`` weight (DSM, GAN) the
+        main and auxiliary gradients are accumulated apart and combined with CTM's balance
+        over the whole batch (`adaptive_weight`; a GradScaler's common factor cancels in it;
+        it unscales the sum as usual). Returns what `backward` does."""
+        params, scaler = self.params, self.scaler
+        specs = self._terms(Losses(None, None, None, gan=0.0 if b.gan_draws else None))
+        adaptive = any(isinstance(w, str) for _, w in specs)
+        ws = [1.0 if isinstance(w, str) else float(w) for _, w in specs]
+        acc = [[torch.zeros_like(p) for p in params] for _ in range(1 + len(specs))] \
+            if adaptive else None
+        sums = torch.zeros(3 + (b.gan_draws is not None), dtype=torch.float64,
+                           device=b.x0.device)
+        fakes = []
         sync = getattr(self.model, "no_sync", contextlib.nullcontext)
         for c in chunks:
             frac = (c.stop - c.start) / len(b)
             with sync():
                 ls = self.losses(b.chunk(c), self.model_fwd or self.model)
+                terms = [ls.main] + [l for l, _ in self._terms(ls)]
                 if adaptive:
                     scale = scaler.scale if scaler is not None else (lambda v: v)
-                    gm = torch.autograd.grad(scale(ls.main * frac), params, retain_graph=True,
-                                             allow_unused=True)
-                    gd = torch.autograd.grad(scale(ls.dsm * frac), params, allow_unused=True)
-                    for acc, g in zip(g_main + g_dsm, gm + gd):
-                        if g is not None:
-                            acc.add_(g)
+                    for i, l in enumerate(terms):
+                        gs = torch.autograd.grad(scale(l * frac), params, allow_unused=True,
+                                                 retain_graph=i < len(terms) - 1)
+                        for a, g in zip(acc[i], gs):
+                            if g is not None:
+                                a.add_(g)
                 else:
-                    total = (ls.main + w * ls.dsm) * frac
+                    total = ls.main
+                    for w, l in zip(ws, terms[1:]):
+                        total = total + w * l
+                    total = total * frac
                     (scaler.scale(total) if scaler is not None else total).backward()
             sums[:2] += torch.stack([ls.main.detach(), ls.dsm.detach()]).double() * frac
-        grads = (g_main + g_dsm) if adaptive else [p.grad for p in params if p.grad is not None]
+            if ls.gan is not None:
+                sums[3] += ls.gan.detach().double() * frac
+                fakes.append(ls.fake.detach())
+        grads = ([g for a in acc for g in a] if adaptive
+                 else [p.grad for p in params if p.grad is not None])
         _average_over_processes(grads)
-        if adaptive:                                 # main loss + w DSM, w from the whole batch
+        if adaptive:                            # main loss + w aux, each w from the whole batch
             last = last_layer(params)
-            w = adaptive_weight(g_main[last], g_dsm[last]).detach()       # no sync
-            for p, a, g in zip(params, g_main, g_dsm):
-                p.grad = a + w * g
-        sums[2] = sums[0] + w * sums[1]
-        return sums, w
+            ws = [adaptive_weight(acc[0][last], acc[i + 1][last]).detach()      # no sync
+                  if isinstance(w, str) else ws[i] for i, (_, w) in enumerate(specs)]
+            for j, p in enumerate(params):
+                g = acc[0][j]
+                for w, a in zip(ws, acc[1:]):
+                    g = g + w * a[j]
+                p.grad = g
+        aux = [sums[1]] if self.dsm_on else []
+        if b.gan_draws is not None:
+            aux.append(sums[3])
+        total = sums[0]
+        for w, v in zip(ws, aux):
+            total = total + w * v
+        sums[2] = total
+        w_dsm = ws[0] if self.dsm_on else 0.0
+        w_gan = ws[-1] if b.gan_draws is not None else 0.0
+        return sums, (w_dsm, w_gan), torch.cat(fakes) if fakes else None
 
-    def step(self, it: int, stats: Tensor) -> float:
-        """Iteration `it`'s losses averaged over processes and noted for the finite check,
-        then the optimiser step: lr schedule, clipping, step, the stop-gradient target
-        (Eqn. 28) and the EMAs. Returns the lr."""
+    def discriminator_step(self, b: Batch, fake: Tensor | None) -> Tensor:
+        """One discriminator step on this iteration's real rows and fakes (the student's step's
+        fakes, or, on a discriminator-only iteration, the student's jumps without gradients)."""
+        if fake is None:
+            with torch.no_grad():
+                fake = self._fakes_only(b)
+        return self.gan.step(b.x0, fake, b.labels, *b.gan_draws)
+
+    def _fakes_only(self, b: Batch) -> Tensor:
+        """The fakes of `b` (no gradients): the student on the GAN's inputs only."""
+        device = self.device
+        ctx = StepContext(**self.ctx_args, labels=b.labels, host=b.draws)
+        x, t, s = self.loss.inputs(b.draws, b.x0_host, self.grid_host)
+        if self.d.gan_fake == "jump_to_t_min":
+            s = torch.full_like(t, self.cfg.diffusion.t_min)
+        X, T, S = (to_device(v, device) for v in (x, t, s))
+        if self.d.channels_last and X.dim() == 4:
+            X = X.contiguous(memory_format=torch.channels_last)
+        with self.autocast:
+            F = self.student(X, T, S, b.labels).float()
+            return self._fake(ctx, F, X, T, S, X, T, S).float()
+
+    def step(self, it: int, stats: Tensor | None, d_stats: Tensor | None) -> float:
+        """Iteration `it`'s statistics averaged over processes and noted for the finite check,
+        then, after a student's backward (`stats`), the optimiser step: lr schedule, clipping,
+        step, the stop-gradient target (Eqn. 28) and the EMAs. Returns the lr."""
+        if self.gan is not None:       # [main, dsm, total, n, gan, w_gan, n_gan, d x3, n_d]
+            z = torch.zeros(1, dtype=torch.float64, device=self.device)
+            one = torch.ones(1, dtype=torch.float64, device=self.device)
+            g = (torch.cat([stats[:3], one]) if stats is not None else torch.cat([z] * 4))
+            gg = (torch.cat([stats[3:4], torch.as_tensor(self.weights[1], dtype=torch.float64,
+                                                         device=self.device).reshape(1), one])
+                  if stats is not None and len(stats) > 3 else torch.cat([z] * 3))
+            dd = torch.cat([d_stats, one]) if d_stats is not None else torch.cat([z] * 4)
+            stats = torch.cat([g, gg, dd])
         stats = dist.all_reduce_sum(stats) / self.world
         self.loop.check_finite(stats, it)
         self.window += stats
+        if self.gan is not None and not self.gan.turns(it)[0]:
+            return self.loop.schedule(it)          # a discriminator-only iteration
         return self.loop.step(it)
 
-    def log(self, done: int, w, lr: float) -> None:
-        """A metrics.csv row: the losses averaged over the iterations since the last row."""
+    def log(self, done: int, lr: float) -> None:
+        """A metrics.csv row: the losses averaged over the iterations since the last row (with
+        the GAN: each statistic over the iterations that had it)."""
         loop = self.loop
         loop.verify()                                  # the one device sync of a log window
         now = time.perf_counter()
         n = done - self.it_last
         rate = n / max(now - self.t_last, 1e-9)
-        mean = self.window / n                         # losses averaged over the window
+        w = self.window
+        if self.gan is None:
+            mean = w / n                               # losses averaged over the window
+        else:                                          # over the student's iterations
+            mean = w[:3] / float(w[3]) if float(w[3]) > 0 else None
         self.t_last, self.it_last, self.window = now, done, torch.zeros_like(self.window)
-        loop.log_row(done, {"loss": float(mean[2]), "loss_main": float(mean[0]),
-                            "loss_dsm": float(mean[1]), "dsm_weight": float(w), "lr": lr,
-                            "it_per_s": rate}, float(mean[2]), it_s=f"{rate:.1f}")
+        row = {"dsm_weight": float(self.weights[0]), "lr": lr, "it_per_s": rate}
+        if mean is not None:
+            row.update(loss=float(mean[2]), loss_main=float(mean[0]), loss_dsm=float(mean[1]))
+        if self.gan is not None:
+            if float(w[6]) > 0:
+                row.update(loss_gan=float(w[4] / w[6]), gan_weight=float(w[5] / w[6]))
+            if float(w[10]) > 0:
+                row.update(d_loss=float(w[7] / w[10]), d_real=float(w[8] / w[10]),
+                           d_fake=float(w[9] / w[10]))
+        loop.log_row(done, row, row.get("loss", row.get("d_loss", 0.0)), it_s=f"{rate:.1f}")
 
     def checkpoint(self, done: int) -> None:
         """The progress bar, and a checkpoint when one is due (core.training)."""
@@ -607,29 +743,44 @@ def _range_checks(precond, on: bool):
 
 
 def _adaptive_backward(l_main: Tensor, l_dsm: Tensor, F: Tensor, params, scaler) -> Tensor:
-    """CTM's adaptive DSM weight w = ||grad_last L_main|| / ||grad_last L_dsm|| over the last
-    weight matrix (gradients averaged over ranks first), and the backward of L_main + w L_dsm,
-    going back through the losses (LPIPS, the target's jump) once: their gradients with
-    respect to the student's output F first, then from F to the last weight matrix twice for
-    w (a short path), then from F through the student once. The same gradients as
-    differentiating each loss with respect to the last weight and then the weighted sum, with
-    one backward through the loss network fewer. Returns w as a 0-dim device tensor (no sync).
+    """CTM's adaptive DSM weight and the backward of L_main + w L_dsm (`_balanced_backward`
+    with the one term); returns w."""
+    return _balanced_backward(l_main, [(l_dsm, "adaptive")], F, params, scaler)[0]
 
-    With fp16's GradScaler both losses are scaled (w is scale-free); when the scaled gradients
+
+def _balanced_backward(l_main: Tensor, terms: list, F: Tensor, params, scaler) -> list:
+    """The backward of L_main + sum_i w_i L_i for `terms` [(L_i, weight_i)], each weight a
+    number or "adaptive": CTM's w_i = ||grad_last L_main|| / ||grad_last L_i|| over the last
+    weight matrix (`adaptive_weight`; gradients averaged over ranks first). It goes back
+    through the losses (LPIPS, the target's jump, the discriminator) once: their gradients
+    with respect to the student's output F first, then from F to the last weight matrix for
+    the weights (a short path), then from F through the student once. The same gradients as
+    differentiating each loss with respect to the last weight and then the weighted sum, with
+    one backward through the loss networks fewer. Returns the weights (adaptive ones as 0-dim
+    device tensors: no sync).
+
+    With fp16's GradScaler every loss is scaled (w is scale-free); when the scaled gradients
     overflow, w is non-finite, the scaler skips this step, and w is taken as 0 for the logged
     loss of the iteration (without a scaler a non-finite w stays, and stops the run)."""
     scale = scaler.scale if scaler is not None else (lambda v: v)
     g_main, = torch.autograd.grad(scale(l_main), F)                 # through the loss, once
-    g_dsm, = torch.autograd.grad(scale(l_dsm), F)
+    gs = [torch.autograd.grad(scale(l), F)[0] for l, _ in terms]
+    adaptive = [i for i, (_, w) in enumerate(terms) if isinstance(w, str)]
     last = params[last_layer(params)]
     g1, = torch.autograd.grad(F, last, g_main, retain_graph=True)
-    g2, = torch.autograd.grad(F, last, g_dsm, retain_graph=True)
-    both = dist.all_reduce_sum(torch.stack([g1, g2]).detach()) / dist.world()
-    w = adaptive_weight(both[0], both[1])
-    if scaler is not None:
-        w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
-    F.backward(g_main + w * g_dsm)
-    return w.detach()
+    rest = [torch.autograd.grad(F, last, gs[i], retain_graph=True)[0] for i in adaptive]
+    both = dist.all_reduce_sum(torch.stack([g1, *rest]).detach()) / dist.world()
+    ws = [None if isinstance(w, str) else float(w) for _, w in terms]
+    for j, i in enumerate(adaptive):
+        w = adaptive_weight(both[0], both[j + 1])
+        if scaler is not None:
+            w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+        ws[i] = w.detach()
+    g = g_main
+    for w, gi in zip(ws, gs):
+        g = g + w * gi
+    F.backward(g)
+    return ws
 
 
 def _compiled(module, mode: str = "default"):

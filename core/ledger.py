@@ -29,12 +29,14 @@ SECTIONS = {
     "teacher": ("diffusion", "data", "network", "teacher", "teacher_train"),
     "coefficients": ("diffusion", "data", "teacher", "coefficients"),
     "distill": ("diffusion", "data", "network", "teacher", "precond", "coefficients", "student",
-                "distill", "evaluate"),
+                "distill", "evaluate", "discriminator"),
     "export": ("diffusion", "network", "teacher", "precond", "coefficients", "student",
                "distill", "export"),
     "sample": ("export", "sample"),
     "evaluate": ("diffusion", "data", "teacher", "export", "sample", "evaluate"),
 }
+#: tables recorded only when the config has them (keys of runs from before they existed hold)
+_RECORDED_IF_PRESENT = ("discriminator",)
 #: what a stage reads besides the config: "teacher" / "data" fingerprints, and files
 INPUTS = {
     "teacher": ("data",),
@@ -64,7 +66,8 @@ def stage_key(run, stage: str) -> str:
     desc = {"stage": stage, "ctmkit": __version__, "base_dir": str(cfg.base_dir),
             "run": {k: v for k, v in cfg.raw.get("run", {}).items()
                     if k not in ("stages", "preconds")},
-            "config": {s: cfg.raw.get(s) for s in SECTIONS[stage]}}
+            "config": {s: cfg.raw.get(s) for s in SECTIONS[stage]
+                       if s in cfg.raw or s not in _RECORDED_IF_PRESENT}}
     inputs = {}
     for name in INPUTS[stage]:
         if name == "teacher":

@@ -237,7 +237,8 @@ def _projected(extra: str) -> str:
     (_projected('weights = ["foreign.pth"]'), "is not timm's tf_efficientnet_lite0"),
     (CONFIG.replace('name = "conv"', 'name = "nosuch"'), "unknown discriminator 'nosuch'"),
     (CONFIG.replace("width = 16", "width = 16\naugment = [\"cutout\"]"), "augments images"),
-])
+], ids=["gan_start", "projected_vectors", "no_weights", "missing_weights", "foreign_weights",
+        "unknown", "augment_vectors"])
 def test_bad_gan_input_is_one_error_line(tmp_path, text, msg):
     pytest.importorskip("timm") if "projected" in text else None
     torch.save({"weight": torch.zeros(3, 3)}, tmp_path / "foreign.pth")   # not an EfficientNet

@@ -187,6 +187,10 @@ class ProjectedDiscriminator(Discriminator):
 
 
 def make(options, ctx, shape, num_classes):
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise UserError(f"{options.where('name')}: projected judges images with 1 or 3 "
+                        f"channels through ImageNet feature networks; the samples have shape "
+                        f"{list(shape)} (use name = \"conv\")")
     backbones = options.strs("backbones", ["tf_efficientnet_lite0"])
     for b in backbones:
         if b not in BACKBONES:
@@ -212,10 +216,6 @@ def make(options, ctx, shape, num_classes):
     width = options.int("width", 64, min=1, max=1024)
     cmap = options.int("cmap", 64, min=1, max=4096)
     policies = augment.policies(options, "augment", list(augment.POLICIES), len(shape) == 3)
-    if len(shape) != 3 or shape[0] not in (1, 3):
-        raise UserError(f"{options.where('name')}: projected judges images with 1 or 3 "
-                        f"channels through ImageNet feature networks; the samples have shape "
-                        f"{list(shape)} (use name = \"conv\")")
     if "deit_base_distilled_patch16_224" in backbones and resolution != 224:
         options.fail("resolution", "must be 224 with deit_base_distilled_patch16_224")
     return ProjectedDiscriminator(shape, num_classes, backbones, weights, resolution, width,

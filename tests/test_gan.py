@@ -323,3 +323,52 @@ def test_projected_discriminator_trains_on_small_images_with_random_backbone(tmp
     assert out.shape[0] == 3 and out.shape[1] >= 4 and torch.isfinite(out).all()
     trainable = {n.split(".")[0] for n, p in D.named_parameters() if p.requires_grad}
     assert trainable == {"heads"}              # the features and projections stay frozen
+
+
+def _recipe_stage2_flags(text: str) -> list[str]:
+    """The stage-2 command's --set flags, as examples/recipe_smoke.toml's header gives them."""
+    import re
+    import shlex
+    head = "\n".join(line[1:] for line in text.splitlines() if line.startswith("#"))
+    cmd = head[head.index("python -m core.run examples/recipe_smoke.toml \\"):]
+    cmd = cmd[:cmd.index("# stage 2")].replace("\\\n", " ")
+    return [a for a in shlex.split(cmd)[4:] if a != "--set"]
+
+
+@pytest.mark.slow
+def test_recipe_smoke_both_stages_on_a_small_image_set(tmp_path):
+    """examples/recipe_smoke.toml's two commands, shrunk to 8x8 images the test makes: stage 1
+    (teacher, CTM + DSM), then stage 2 (warm start from stage 1, the GAN on) as its header
+    says; stage 2 records its source and logs the discriminator."""
+    import re
+
+    import numpy as np
+    text = (ROOT / "examples" / "recipe_smoke.toml").read_text()
+    flags = _recipe_stage2_flags(text)
+    assert any("gan_weight" in f for f in flags) and any("student.init" in f for f in flags)
+    rng = np.random.default_rng(0)
+    x = np.clip(rng.normal(0, 0.5, (64, 1, 8, 8)) + np.linspace(-0.5, 0.5, 8), -1, 1)
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    small = {"format": '"array"', "path": '"x.npy"', "model_channels": "8",
+             "channel_mult": "[1, 2]", "attn_resolutions": "[]", "iterations": "6",
+             "batch_size": "8", "N": "8", "max_ode_steps": "3", "checkpoint_every": "3",
+             "log_every": "2", "width": "8", "warmup": "2"}
+    for k, v in small.items():
+        text = re.sub(rf"(?m)^{k} = .*$", f"{k} = {v}", text)
+    text = text.replace('stages = ["teacher", "distill", "export", "sample", "evaluate"]',
+                        'stages = ["teacher", "distill"]')
+    (tmp_path / "examples").mkdir()
+    cfg = tmp_path / "examples" / "recipe_smoke.toml"
+    cfg.write_text(text.replace('"x.npy"', f'"{tmp_path / "x.npy"}"'))
+    r = run_cli(cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stage2 = [f.replace('["distill", "export", "sample", "evaluate"]', '["distill"]')
+              for f in flags]
+    r = run_cli(cfg, *[a for f in stage2 for a in ("--set", f)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "runs" / "recipe_smoke" / "stage2"
+    rows = _rows(out)
+    assert any(row.get("d_loss") for row in rows) and any(row.get("loss_gan") for row in rows)
+    run = json.loads((out / "run.json").read_text())
+    assert "stage1" in json.dumps(run)           # the warm start's source is recorded
+    assert (out / "student.pt").is_file() and (out / "curves.png").is_file()

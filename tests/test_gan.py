@@ -383,3 +383,32 @@ def test_recipe_smoke_both_stages_on_a_small_image_set(tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert "stage1" in json.dumps(run)           # the warm start's source is recorded
     assert (out / "student.pt").is_file() and (out / "curves.png").is_file()
+
+
+def test_adaptive_gan_and_dsm_weights_are_the_definition_on_both_chunk_paths(tmp_path):
+    """With DSM and the GAN term both "adaptive", each w = ||dL_main/dW|| / (||dL_i/dW|| +
+    1e-8) on the student's last weight matrix W, and the gradient of L_main + sum w_i L_i:
+    the same from the one-pass path and from micro-batches."""
+    from core.config import load_config
+    from core.distill import Distiller, last_layer
+    from core.stages import Run
+    (tmp_path / "c.toml").write_text(CONFIG.replace('out_dir = "out"',
+                                                    f'out_dir = "{tmp_path / "out"}"').replace(
+        "[discriminator]", 'dsm_weight = "adaptive"\n[discriminator]'))
+    dl = Distiller(Run(load_config(tmp_path / "c.toml"), progress=False))
+    b = dl.draw(2)                                  # gan_start: a student iteration
+    assert b.gan_draws is not None and dl.gan.turns(2) == (True, False)
+    ls = dl.losses(b)
+    params = dl.params
+    last = params[last_layer(params)]
+    g = [torch.autograd.grad(l, last, retain_graph=True)[0] for l in (ls.main, ls.dsm, ls.gan)]
+    w_dsm, w_gan = (g[0].norm() / (g[i].norm() + 1e-8) for i in (1, 2))
+    ref = torch.autograd.grad(ls.main + w_dsm * ls.dsm + w_gan * ls.gan, params)
+    for micro in (16, 4):
+        dl.micro = micro
+        stats, (a, c), fake = dl.backward(b)
+        assert torch.isclose(a, w_dsm, rtol=1e-5) and torch.isclose(c, w_gan, rtol=1e-5)
+        assert fake.shape == (16, 2) and torch.isclose(stats[3], ls.gan.double(), rtol=1e-5)
+        for p, r in zip(params, ref):
+            assert torch.allclose(p.grad, r, rtol=1e-4, atol=1e-6)
+    dl.data.close()

@@ -455,7 +455,7 @@ def test_adaptive_dsm_weight_is_the_definition_on_both_chunk_paths(work):
     assert float(w_ref) != 1.0
     for micro in (32, 8):
         dl.micro = micro
-        stats, w = dl.backward(b)
+        stats, (w, _), _ = dl.backward(b)
         assert torch.isclose(torch.as_tensor(w), w_ref, rtol=1e-5)
         assert torch.isclose(stats[2], (ls.main + w_ref * ls.dsm).double(), rtol=1e-5)
         for p, r in zip(params, ref):

@@ -49,7 +49,7 @@ from core.s_pathway import SEmbeddingMLP, jump_target, zero_init
 from core.schedules import rho_grid
 
 __all__ = ["hookimpl", "UserError", "Teacher", "Network", "Preconditioning", "Solver", "Loss",
-           "StepContext", "Sampler", "Dataset", "Metric",
+           "StepContext", "Sampler", "Dataset", "Metric", "Discriminator",
            # argparse with one error: line and exit 2, for a command plugin (core/cli.py)
            "ArgumentParser",
            # the uint8 image store of a dataset plugin (core/datastore.py)
@@ -215,3 +215,32 @@ class Metric:
         JSON-serialisable dict, or None. :func:`core.quality.compute_metrics` reports it as
         ``"<name>_info"``."""
         return None
+
+
+# --- discriminator (hook ctmkit_discriminators) -------------------------------------------------
+
+class Discriminator(torch.nn.Module):
+    """The GAN term's discriminator (CTM, Kim et al. 2024, Sec. 4.2; docs/gan.md). A factory is
+    called as ``factory(options, ctx, shape=..., num_classes=...)`` (options: the rest of the
+    ``[discriminator]`` table; shape: one sample's shape; num_classes: 0 unconditional) and
+    returns an ``nn.Module`` with
+
+    * ``draw(gen, x) -> {key: tensor}``: every random quantity of one call (augmentations) for
+      the *global* batch from the CPU generator `gen`, each tensor with the batch as its first
+      dimension (the host slices them per process); x gives the batch's shape and dtype only
+      (a tensor on the ``meta`` device). The default: no randomness, ``{}``;
+    * ``forward(x, labels, draws) -> logits [B, ...]``: real-valued logits (any number per
+      sample, e.g. one per scale and position; higher = more real) of images or vectors x in
+      the data's scale ([-1, 1] for images), labels int64 [B] or None, draws on x's device.
+
+    The host trains the parameters that require gradients (freeze a pretrained feature
+    network with ``requires_grad_(False)``) with the hinge loss
+    ``mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))``, averages their gradients over
+    processes, saves the module's ``state_dict`` and its optimiser in the checkpoint, and
+    gives the student the adversarial term ``-mean(D(fake))``. It seeds the global generator
+    before calling the factory (every process builds the same initial weights). The module
+    must treat samples independently (no batch statistics): real and fake rows go through it
+    in one call, and the rows a process sees depend on the number of processes."""
+
+    def draw(self, gen: torch.Generator, x: Tensor) -> dict:
+        return {}

@@ -46,8 +46,8 @@ STAGES = stage_table.NAMES
 
 #: Top-level tables a config may contain.
 KNOWN_SECTIONS = ("run", "diffusion", "data", "network", "teacher", "teacher_train", "precond",
-                  "coefficients", "student", "distill", "export", "sample", "evaluate", "gap",
-                  "search")
+                  "coefficients", "student", "distill", "discriminator", "export", "sample",
+                  "evaluate", "gap", "search")
 
 
 class Section:
@@ -431,6 +431,16 @@ PLUGIN_KEYS = {
                     "teacher plugin", name="kind", example="gmm")],
     "precond": [Key("str", "analytic", "cm | ctm | bcm | analytic | any preconditioning plugin",
                     name="name")],
+    # the GAN term's discriminator (docs/gan.md), read when [distill] gan_weight != 0
+    "discriminator": [
+        Key("str", "conv", "conv (small, from scratch: vectors, small images) | projected "
+            "(Sauer et al. 2021 on frozen timm feature networks; the gan extra) | any "
+            "discriminator plugin", name="name"),
+        Key("float", 2e-4, "the discriminator's learning rate (constant)", name="lr",
+            positive=True),
+        Key("str", "adam", "the discriminator's optimiser", name="optimizer",
+            choices=("adam", "radam")),
+    ],
 }
 
 
@@ -614,6 +624,20 @@ class DistillCfg(TrainCfg):
     channels_last: bool = key("bool", False, "image networks and inputs in channels_last "
                               "memory format", result=False)
     tf32: bool = key("bool", False, "TF32 matmuls / convolutions on CUDA", result=False)
+    # CTM's GAN term (docs/gan.md): a [discriminator] trained against the student's jumps
+    gan_weight: Any = key("float", 0.0, "weight of the generator's adversarial (hinge) term; 0: "
+                          "no GAN; \"adaptive\": CTM's gradient-norm balance against the main "
+                          "loss, as for dsm_weight", min=0.0, words=("adaptive",))
+    gan_start: int = key("int", 0, "the iteration the GAN term (and the discriminator's "
+                         "training) switches on", min=0, max=MAX_ITERATIONS)
+    generator_every: int = key("int", 1, "CTM's g_learning_period: from gan_start on, an "
+                               "iteration (it - gan_start) % k == 0 steps the student, the "
+                               "others the discriminator only; 1: both every iteration",
+                               min=1, max=MAX_ITERATIONS)
+    gan_fake: str = key("str", "jump_to_t_min", "the discriminator's fake: the student's jump "
+                        "from the loss's x_t, t straight to t_min, or its jump to s carried on "
+                        "to t_min by the stop-gradient target (CTM's gan_fake_inner_type / "
+                        "gan_fake_outer_type)", choices=("jump_to_t_min", "jump_then_target"))
 
 
 def declared() -> dict[str, list[Key]]:
@@ -624,7 +648,8 @@ def declared() -> dict[str, list[Key]]:
             "network": PLUGIN_KEYS["network"], "teacher": PLUGIN_KEYS["teacher"],
             "teacher_train": keys(TeacherTrainCfg), "precond": PLUGIN_KEYS["precond"],
             "coefficients": keys(CoefficientsCfg), "student": keys(StudentCfg),
-            "distill": keys(DistillCfg), "export": keys(ExportCfg), "sample": keys(SampleCfg),
+            "distill": keys(DistillCfg), "discriminator": PLUGIN_KEYS["discriminator"],
+            "export": keys(ExportCfg), "sample": keys(SampleCfg),
             "evaluate": keys(EvaluateCfg), "gap": keys(GapCfg), "search": keys(SearchCfg)}
 
 
@@ -684,6 +709,7 @@ class Config:
     network: Section             # plugin-owned: `name` picks the network plugin
     teacher: Section             # plugin-owned: `kind` picks the teacher plugin
     precond: Section             # plugin-owned: `name` picks the preconditioning plugin
+    discriminator: Section       # plugin-owned: `name` picks the discriminator plugin
     sampler_options: Section     # the rest of [sample], read by the sampler plugin
     raw: dict = field(repr=False, default_factory=dict)
     sections: dict = field(repr=False, default_factory=dict)
@@ -851,6 +877,9 @@ def parse_config(raw: dict, path: Path) -> Config:
     ds = _read(DistillCfg, sec["distill"], ctx)
     for name, t in (("teacher_train", tt), ("distill", ds)):
         _check_lr_schedule(t, sec[name])
+    if ds.gan_weight != 0.0 and ds.gan_start >= ds.iterations:
+        sec["distill"].fail("gan_start", f"must be below iterations ({ds.iterations:,}), got "
+                                         f"{ds.gan_start:,}: the GAN term would never run")
 
     teacher, precond = sec["teacher"], sec["precond"]
     if "kind" not in teacher.data:
@@ -867,7 +896,8 @@ def parse_config(raw: dict, path: Path) -> Config:
                   export=export, sample=sample, evaluate=ev, student=student,
                   teacher_train=tt, distill=ds, data=sec["data"], network=sec["network"],
                   teacher=teacher, precond=precond, sampler_options=sec["sample"], raw=raw,
-                  sections=sec, gap=gap, search=search)
+                  sections=sec, gap=gap, search=search,
+                  discriminator=sec["discriminator"])
 
 
 def _check_search(search: SearchCfg, s: Section, diff: DiffusionCfg, ev: EvaluateCfg) -> None:

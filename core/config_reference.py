@@ -25,6 +25,7 @@ SECTIONS = {
     "network": "the teacher network, and the student's residual for analytic teachers",
     "teacher_train": "stage 'teacher'",
     "distill": "stage 'distill'",
+    "discriminator": "the GAN term's, with [distill] gan_weight != 0 (docs/gan.md)",
     "diffusion": "",
     "teacher": "",
     "precond": "",
@@ -77,6 +78,13 @@ NOTES = {
     "precond": """\
 # analytic: variant = "backward"   # forward (Eqn. 14) | backward (Table 1)
 # other keys go to the plugin (see the plugin guide)""",
+    "discriminator": """\
+# conv:      width = 64, depth = 3 (vectors: linear layers), augment = [] (images: any of
+#            "color", "translation", "cutout": DiffAugment)
+# projected: weights = ["tf_efficientnet_lite0.pth"] (one local file per backbone; required),
+#            backbones = ["tf_efficientnet_lite0"] (| "deit_base_distilled_patch16_224"),
+#            resolution = 224, width = 64, cmap = 64, augment = ["color", "translation",
+#            "cutout"], random_weights = false (true: random backbones, tests only)""",
     "sample": """\
 # ctm sampler: gamma = 0.0   # CTM's gamma-sampling (0 deterministic, 1 = CM)""",
     "evaluate.metric": """\

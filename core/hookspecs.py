@@ -15,7 +15,7 @@ A third-party distribution exposes a module through its packaging metadata::
 and implements any of the hooks below with ``from core.hookspecs import hookimpl`` (also
 ``core.api.hookimpl``). What each factory's object must provide is the contract of its kind in
 :mod:`core.api` (``Teacher``, ``Network``, ``Preconditioning``, ``Solver``, ``Loss``,
-``Sampler``, ``Dataset``, ``Metric``). Built-in plugins (the ``plugins`` package) are registered
+``Sampler``, ``Dataset``, ``Metric``, ``Discriminator``). Built-in plugins (the ``plugins`` package) are registered
 through the very same hooks, and the host fetches them by name like any other.
 """
 
@@ -140,6 +140,19 @@ def ctmkit_commands() -> dict:
     """
 
 
+@hookspec
+def ctmkit_discriminators() -> dict:
+    """Discriminators of the GAN term (``[discriminator] name``; ``[distill] gan_weight``).
+    Each factory is called as ``factory(options, ctx, shape=..., num_classes=...)`` and
+    returns a :class:`core.api.Discriminator` (``draw``, ``forward(x, labels, draws) ->
+    logits [B, ...]``). Example::
+
+        @hookimpl
+        def ctmkit_discriminators():
+            return {"mine": lambda options, ctx, shape, num_classes: MyDiscriminator(shape)}
+    """
+
+
 #: hook name -> the KIND printed by ``--list-plugins``
 KINDS = {
     "ctmkit_teachers": "teacher",
@@ -151,4 +164,5 @@ KINDS = {
     "ctmkit_datasets": "dataset",
     "ctmkit_metrics": "metric",
     "ctmkit_commands": "command",
+    "ctmkit_discriminators": "discriminator",
 }

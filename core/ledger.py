@@ -25,6 +25,8 @@ from core.stage_table import BY_NAME, input_path
 
 LEDGER = "stages.json"
 
+#: tables recorded only when the config has them (keys of runs from before they existed hold)
+_RECORDED_IF_PRESENT = ("discriminator",)
 #: files of out_dir that are the run's own bookkeeping, never a stage's output
 _BOOKKEEPING = (LEDGER, "run.json", ".lock")
 
@@ -36,7 +38,8 @@ def stage_key(run, stage: str) -> str:
     desc = {"stage": stage, "ctmkit": __version__, "base_dir": str(cfg.base_dir),
             "run": {k: v for k, v in cfg.raw.get("run", {}).items()
                     if k not in ("stages", "preconds")},
-            "config": {s: cfg.raw.get(s) for s in st.sections}}
+            "config": {s: cfg.raw.get(s) for s in st.sections
+                       if s in cfg.raw or s not in _RECORDED_IF_PRESENT}}
     inputs = {}
     for name in st.inputs:
         if name == "teacher":

@@ -26,6 +26,7 @@ BUILTIN_MODULES = (
     "plugins.losses",
     "plugins.datasets",
     "plugins.metrics",
+    "plugins.discriminators",
 )
 
 

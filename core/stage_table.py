@@ -83,7 +83,7 @@ STAGES: tuple[Stage, ...] = (
           writes_doc="`coefficients.h5` (+ `.png`); reused when teacher and settings match"),
     Stage("distill", "core.stages:distill",
           sections=("diffusion", "data", "network", "teacher", "precond", "coefficients",
-                    "student", "distill", "evaluate"),
+                    "student", "distill", "evaluate", "discriminator"),
           inputs=("teacher", "data", "coefficients.h5", "student.init"),
           output="student.pt", main=lambda run: run.out_dir / "student.pt",
           files=("student.pt", "checkpoints/", "metrics.csv", "metrics_tb/", "curves.png"),

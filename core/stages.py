@@ -117,6 +117,10 @@ class Run:
         self._check_plugin_sections(stages)
         plugins.get("solver", self.cfg.distill.solver,
                     self.cfg.sections["distill"].where("solver"))
+        if "distill" in stages and self.cfg.distill.gan_weight != 0.0 and not (
+                "teacher" in stages and self.cfg.teacher_kind == "network"):
+            from core import gan
+            gan.probe(self)                    # the discriminator's options and weights
         if self.cfg.evaluate.metrics:          # e.g. a missing Inception file, before training
             from core.quality import metric_objects
             metric_objects(self.cfg, self.ctx)

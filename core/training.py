@@ -63,14 +63,18 @@ def checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(folder: Path, iteration: int, fingerprint: str, modules: dict,
-                    optimizer, keep: int, extra: dict | None = None) -> Path:
-    """Rank 0 writes ckpt-<iteration>.pt atomically, then deletes all but the newest `keep`."""
+                    optimizer, keep: int, extra: dict | None = None,
+                    optimizers: dict | None = None) -> Path:
+    """Rank 0 writes ckpt-<iteration>.pt atomically, then deletes all but the newest `keep`.
+    `optimizers`: more optimisers by name (the GAN's discriminator), beside `optimizer`."""
     path = folder / f"ckpt-{iteration:08d}.pt"
     if dist.is_main():
         state = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "fingerprint": fingerprint,
                  "iteration": iteration,
                  "modules": {k: m.state_dict() for k, m in modules.items()},
                  "optimizer": optimizer.state_dict(), "extra": extra or {}}
+        if optimizers:
+            state["optimizers"] = {k: o.state_dict() for k, o in optimizers.items()}
         save_torch(path, state)
         for _, old in checkpoints(folder)[:-keep]:
             old.unlink(missing_ok=True)
@@ -91,27 +95,36 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict:
     return state
 
 
-def restore(state: dict, modules: dict, optimizer, path: Path | str = "checkpoint") -> int:
+def restore(state: dict, modules: dict, optimizer, path: Path | str = "checkpoint",
+            optimizers: dict | None = None) -> int:
     for k, m in modules.items():
         if k not in state["modules"]:
             raise UserError(f"{path}: checkpoint lacks {k!r}")
         check_state_dict(state["modules"][k], f"{path}: {k}", m.state_dict())
+    more = state.get("optimizers") if optimizers else {}
+    for k in optimizers or {}:
+        if not isinstance(more, dict) or not isinstance(more.get(k), dict):
+            raise UserError(f"{path}: checkpoint lacks the {k} optimiser")
     try:
         for k, m in modules.items():
             m.load_state_dict(state["modules"][k])
         optimizer.load_state_dict(state["optimizer"])
+        for k, o in (optimizers or {}).items():
+            o.load_state_dict(more[k])
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: checkpoint does not fit the model ({first_line(e)})") from None
     return int(state["iteration"])
 
 
-def resume(folder: Path, fingerprint: str, modules: dict, optimizer) -> tuple[int, Path | None]:
+def resume(folder: Path, fingerprint: str, modules: dict, optimizer,
+           optimizers: dict | None = None) -> tuple[int, Path | None]:
     """Restore the newest checkpoint in `folder`, if any: (its iteration, its path)."""
     found = checkpoints(folder)
     if not found:
         return 0, None
     path = found[-1][1]
-    return restore(load_checkpoint(path, fingerprint), modules, optimizer, path), path
+    return restore(load_checkpoint(path, fingerprint), modules, optimizer, path,
+                   optimizers), path
 
 
 def _is_number(text: str) -> bool:
@@ -200,14 +213,31 @@ def plot_curves(log: MetricsLog, path: Path, title: str) -> None:
     from core.plots import _plt, _save
 
     plt = _plt()
-    loss_cols = [f for f in log.fields if f.startswith("loss")]
+    gan_cols = [f for f in log.fields if f in ("loss_gan", "d_loss", "d_real", "d_fake",
+                                                 "gan_weight") and log.column(f)[0]]
+    loss_cols = [f for f in log.fields if f.startswith("loss") and f != "loss_gan"]
     err_cols = [f for f in log.fields if f.startswith(("traj_err", "fid", "kid"))]
-    fig, axes = plt.subplots(1, 2 if err_cols else 1, figsize=(11 if err_cols else 6, 3.8),
+    panels = 1 + bool(err_cols) + bool(gan_cols)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels if panels > 1 else 6, 3.8),
                              squeeze=False)
+    if gan_cols:                 # the GAN term (core/gan.py): logits and losses, linear scale
+        ax = axes[0, panels - 1]
+        for c in gan_cols:
+            xs, ys = log.column(c)
+            ax.plot(xs, ys, label=c, lw=1)
+        ax.axhline(0.0, color="0.6", lw=0.5)
+        ax.set_xlabel("iteration")
+        ax.set_title("GAN: discriminator loss, mean logits (real, fake), generator term",
+                     fontsize=9)
+        ax.legend(fontsize=8)
+    positive = True
     for c in loss_cols:
         xs, ys = log.column(c)
         axes[0, 0].plot(xs, ys, label=c, lw=1)
-    axes[0, 0].set_yscale("log")
+        positive = positive and all(y > 0 for y in ys)
+    # the GAN's adversarial term can make the total negative: then a symmetric log scale
+    axes[0, 0].set_yscale("log" if positive else "symlog", **({} if positive else
+                                                              {"linthresh": 1e-3}))
     axes[0, 0].set_xlabel("iteration")
     axes[0, 0].legend(fontsize=8)
     for c in err_cols:
@@ -313,8 +343,10 @@ class TrainingLoop:
                  params: list, ema_source: nn.Module, emas: list, lr, warmup: int,
                  grad_clip: float, iterations: int, checkpoint_every: int,
                  keep_checkpoints: int, metrics: Path, fields: list, progress: bool,
-                 scaler=None, checkpoint_extra: dict | None = None):
+                 scaler=None, checkpoint_extra: dict | None = None,
+                 optimizers: dict | None = None):
         self.name, self.ckdir, self.fingerprint = name, ckdir, fingerprint
+        self.optimizers = optimizers or {}               # more, by name (checkpointed too)
         self.checkpoint_extra = checkpoint_extra or {}   # who wrote it (warm starts read it)
         self.modules, self.optimizer, self.params = modules, optimizer, params
         self.ema_source, self.emas, self.scaler = ema_source, emas, scaler
@@ -327,7 +359,7 @@ class TrainingLoop:
             ckdir.mkdir(parents=True, exist_ok=True)
         impl = [{k: g[k] for k in ("fused", "foreach") if k in g}
                 for g in optimizer.param_groups]
-        self.start, resumed = resume(ckdir, fingerprint, modules, optimizer)
+        self.start, resumed = resume(ckdir, fingerprint, modules, optimizer, self.optimizers)
         for g, flags in zip(optimizer.param_groups, impl):   # the config's, not the checkpoint's
             g.update(flags)
         if resumed is not None and dist.is_main():
@@ -398,4 +430,4 @@ class TrainingLoop:
             self.verify()
             self.log.flush()
             save_checkpoint(self.ckdir, done, self.fingerprint, self.modules, self.optimizer,
-                            self.keep, self.checkpoint_extra)
+                            self.keep, self.checkpoint_extra, self.optimizers)

@@ -86,7 +86,8 @@ def test_network_student_equals_teacher_at_initialisation(work):
     run = _run_obj(work / "c.toml")
     student = build_student(run)
     D = run.teacher.denoiser(torch.float32)
-    ctx = StepContext(None, 0.5, None, None, None, None, 1)
+    ctx = StepContext(precond=None, sigma_data=0.5, grid=None, teacher=None, solver=None,
+                      target=None, max_ode_steps=1)
     x = torch.randn(64, 2) * 3
     t = torch.exp(torch.empty(64).uniform_(np.log(0.002), np.log(80)))
     for s in (t, t * 0.5, torch.full_like(t, 0.002)):
@@ -105,7 +106,9 @@ def test_analytic_teacher_residual_student_equals_teacher(tmp_path):
     assert any(p.requires_grad for p in student.parameters())
     D = run.teacher.denoiser(torch.float32)
     x, t = torch.randn(32, 1), torch.rand(32) * 5 + 0.01
-    Ds = StepContext(None, 0.5, None, None, None, None, 1).denoiser(student(x, t, t * 0.3), x, t)
+    ctx = StepContext(precond=None, sigma_data=0.5, grid=None, teacher=None, solver=None,
+                      target=None, max_ode_steps=1)
+    Ds = ctx.denoiser(student(x, t, t * 0.3), x, t)
     assert torch.allclose(Ds, D(x, t), atol=1e-5)
 
 
@@ -431,3 +434,30 @@ def test_warm_start_sources_that_do_not_fit_are_one_error_line(stage1):
     # {label} without [run] preconds
     r = run_cli(_stage2(stage1, "../{label}/out"), "--dry-run")
     assert r.returncode == 2 and "{label}" in r.stderr
+
+
+def test_adaptive_dsm_weight_is_the_definition_on_both_chunk_paths(work):
+    """CTM's adaptive DSM weight w = ||d L_main / d W_last|| / (||d L_dsm / d W_last|| + 1e-8)
+    over the whole batch, and the gradient of L_main + w L_dsm: the same (to float rounding)
+    from the one-pass path (one chunk) and from gradient accumulation over micro-batches."""
+    from core.distill import Distiller, last_layer
+    cfg = work / "c.toml"
+    cfg.write_text(CONFIG.replace("N = 8", "N = 8\ndsm_weight = \"adaptive\""))
+    dl = Distiller(_run_obj(cfg))
+    b = dl.draw(0)
+    ls = dl.losses(b)
+    params = dl.params
+    last = params[last_layer(params)]
+    g1 = torch.autograd.grad(ls.main, last, retain_graph=True)[0]
+    g2 = torch.autograd.grad(ls.dsm, last, retain_graph=True)[0]
+    w_ref = g1.norm() / (g2.norm() + 1e-8)
+    ref = torch.autograd.grad(ls.main + w_ref * ls.dsm, params)
+    assert float(w_ref) != 1.0
+    for micro in (32, 8):
+        dl.micro = micro
+        stats, (w, _), _ = dl.backward(b)
+        assert torch.isclose(torch.as_tensor(w), w_ref, rtol=1e-5)
+        assert torch.isclose(stats[2], (ls.main + w_ref * ls.dsm).double(), rtol=1e-5)
+        for p, r in zip(params, ref):
+            assert torch.allclose(p.grad, r, rtol=1e-4, atol=1e-6)
+    dl.data.close()

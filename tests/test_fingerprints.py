@@ -67,7 +67,8 @@ def _fields(cls):
 def test_a_key_enters_the_training_fingerprints_if_and_only_if_it_changes_a_result(tmp_path):
     # cosine: every schedule key bears on the weights, and so does iterations (the lr of each
     # iteration depends on it: core.training.with_lr_schedule)
-    raw = {"teacher": {"kind": "gmm"}, "distill": {"lr_schedule": "cosine"},
+    # a GAN on: its keys bear on the weights only then (core.gan.fingerprint_keys)
+    raw = {"teacher": {"kind": "gmm"}, "distill": {"lr_schedule": "cosine", "gan_weight": 0.5},
            "teacher_train": {"lr_schedule": "cosine"}}
     cfg = C.parse_config(raw, tmp_path / "config.toml")
     base = fingerprints(cfg)

@@ -31,6 +31,7 @@ DISTRIBUTIONS = {
     "checkers": ("dataset", "checkers", "ctmkit-checkers"),
     "swd": ("metric", "swd", "ctmkit-swd"),
     "summary": ("command", "summary", "ctmkit-summary"),
+    "fourierdisc": ("discriminator", "fourier", "ctmkit-fourierdisc"),
 }
 #: what a plugin author may import from ctmkit (the guide's promise)
 PUBLIC = {"core.api", "core.hookspecs", "core.errors"}
@@ -88,7 +89,8 @@ def test_every_kind_has_an_example_using_only_the_public_api():
     assert sorted(p.name for p in EXAMPLES.iterdir() if p.is_dir()) == sorted(DISTRIBUTIONS)
     assert {k for k, _, _ in DISTRIBUTIONS.values()} == {
         "precond", "solver", "loss", "sampler", "network", "teacher", "dataset", "metric",
-        "command"}
+        "command",
+        "discriminator"}
     for folder in DISTRIBUTIONS:
         for path in (EXAMPLES / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
@@ -177,6 +179,11 @@ CASES = {
                                   f'[evaluate.metric]\nprojections = 16\n'),
             "export,sample,evaluate", ["jumper.pt", "samples.npy", "metrics.json"],
             ("projections = 16", "projections = 0"), "[evaluate.metric] projections: must be >= 1"),
+    "fourierdisc": (lambda tmp: _config(extra=DISTILL.replace(
+                        "[distill]", '[distill]\ngan_weight = 0.5\ngan_start = 1') +
+                        '[discriminator]\nname = "fourier"\nfeatures = 32\n'),
+                    "distill,export,sample", ["student.pt", "metrics.csv", "jumper.pt"],
+                    ("features = 32", "features = 0"), "[discriminator] features: must be >= 1"),
 }
 
 
@@ -201,6 +208,8 @@ def test_each_example_runs_end_to_end_and_rejects_a_bad_option(folder, site, tmp
         if folder == "swd":
             assert m["quality"]["1"]["swd"] > 0 and m["samples"]["swd"] > 0
             assert m["quality"]["info"]["swd"]["features"]["name"].startswith("raw")
+        if folder == "fourierdisc":     # the GAN term ran with the plugin's discriminator
+            assert "d_loss" in (out / "metrics.csv").read_text().splitlines()[0]
         if folder == "gaussian":        # the teacher's exact reference_solve scored the jumper
             assert set(m["trajectory_error"]) == {"1", "2"}
 

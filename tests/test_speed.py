@@ -34,7 +34,8 @@ def _ctx(teacher, buckets, labels=None, host=None, dtype=torch.float32, N=18, so
     from plugins.solvers import EulerSolver, HeunSolver
     grid = torch.tensor(rho_grid(N, 0.002, 80.0, 7.0), dtype=torch.float64)
     s = HeunSolver() if solver == "heun" else EulerSolver()
-    return StepContext(None, 0.5, grid, teacher, s, None, 17, labels, solve_buckets=buckets,
+    return StepContext(precond=None, sigma_data=0.5, grid=grid, teacher=teacher, solver=s,
+                       target=None, max_ode_steps=17, labels=labels, solve_buckets=buckets,
                        host=host, positive_grid=True)
 
 

@@ -1,30 +1,30 @@
 """The plugin contracts: what the host asks of each kind of plugin, in one module a plugin author
 imports (``from core.api import Preconditioning, hookimpl, UserError``).
 
-Every plugin kind registers through a hook of :mod:`core.hookspecs` returning
+Every plugin kind registers through a hook of :mod:`core.host.hookspecs` returning
 ``{name: factory}``; the host builds a plugin by calling ``factory(options, ctx)`` (networks get
 three keywords more, see :class:`Network`):
 
 ``options``
-    a :class:`core.config.Section` holding the plugin's own keys. Read them with the typed
+    a :class:`core.host.config.Section` holding the plugin's own keys. Read them with the typed
     getters ``options.str / int / float / bool / floats / ints / strs / matrix / path(key,
     default, ...)``; a key nobody reads is reported to the user as unknown once the factory
     returns. Report a bad value with ``options.fail(key, "why")`` (raises a :class:`UserError`
     naming the file, the section and the key).
 ``ctx``
-    a :class:`core.plugins.Context`: ``ctx.diffusion`` (``sigma_data``, ``t_min``, ``t_max``,
+    a :class:`core.host.plugins.Context`: ``ctx.diffusion`` (``sigma_data``, ``t_min``, ``t_max``,
     ``rho``), ``ctx.device``, ``ctx.base_dir``, ``ctx.out_dir``, ``ctx.progress`` and
     ``ctx.coefficients()`` (the validated Analytic-Precond table; loads it on demand).
 
-Errors: raise :class:`UserError` (``core.errors``) for anything the user can fix; the host
+Errors: raise :class:`UserError` (``core.base.errors``) for anything the user can fix; the host
 prints its message as one ``error:`` line and exits with status 2. Any other exception from a
 third-party plugin is reported as one line naming the plugin and its distribution.
 
 Shapes: ``B`` is the batch, ``x`` is ``[B, *shape]`` (vectors ``[B, d]``, images
 ``[B, C, H, W]`` in [-1, 1]); times ``t``, ``s`` are per sample, ``[B]``. The host's own
 mathematics (EDM's scalings and denoiser, the jump, DSM, the Euler / Heun step, CTM's sampling
-step) lives in :mod:`core.edm`, :mod:`core.jumper`, :mod:`core.dsm`, :mod:`core.ode` and
-:mod:`core.sampling`; plugins may call it.
+step) lives in :mod:`core.diffusion.edm`, :mod:`core.export.jumper`, :mod:`core.diffusion.dsm`, :mod:`core.diffusion.ode` and
+:mod:`core.export.sampling`; plugins may call it.
 Helpers re-exported here, so that a plugin needs no other ctmkit module: ``append_dims(v, x)``
 (a per-sample [B] value shaped to scale x), ``batch_times(x, t)`` (a float time as [B] of x's
 dtype and device), ``add_noise(x0, t, z)`` (x_t = x_0 + t z) and ``rho_grid(steps, t_min,
@@ -39,24 +39,24 @@ import torch
 from torch import Tensor, nn
 
 from core.cli import Parser as ArgumentParser
-from core.contracts import Loss, Sampler, Solver, StepContext
-from core.datasets import Dataset
-from core.datastore import ImageStore, Plan, cache_folder, open_or_build
-from core.edm import add_noise, append_dims, batch_times
-from core.errors import UserError
-from core.hookspecs import hookimpl
-from core.s_pathway import SEmbeddingMLP, jump_target, zero_init
-from core.schedules import rho_grid
+from core.diffusion.contracts import Loss, Sampler, Solver, StepContext
+from core.data.datasets import Dataset
+from core.data.datastore import ImageStore, Plan, cache_folder, open_or_build
+from core.diffusion.edm import add_noise, append_dims, batch_times
+from core.base.errors import UserError
+from core.host.hookspecs import hookimpl
+from core.train.s_pathway import SEmbeddingMLP, jump_target, zero_init
+from core.diffusion.schedules import rho_grid
 
 __all__ = ["hookimpl", "UserError", "Teacher", "Network", "Preconditioning", "Solver", "Loss",
            "StepContext", "Sampler", "Dataset", "Metric", "Discriminator",
            # argparse with one error: line and exit 2, for a command plugin (core/cli.py)
            "ArgumentParser",
-           # the uint8 image store of a dataset plugin (core/datastore.py)
+           # the uint8 image store of a dataset plugin (core/data/datastore.py)
            "ImageStore", "Plan", "cache_folder", "open_or_build",
            # helpers a plugin may use (the host's own conventions)
            "append_dims", "batch_times", "add_noise", "rho_grid",
-           # a student network's zero-initialised s pathway (core/s_pathway.py)
+           # a student network's zero-initialised s pathway (core/train/s_pathway.py)
            "zero_init", "SEmbeddingMLP", "jump_target"]
 
 
@@ -74,7 +74,7 @@ class Teacher:
     Heun one) and ``student_network()``: an ``nn.Module`` F_theta(x, t, s, class_labels) with
     the teacher's architecture and weights plus a zero-initialised s pathway, in float32,
     such that the jumper's D_theta(x, t, s) = c_skip x + c_out F_theta equals D_phi(x, t) for
-    every s at initialisation. A teacher without it gets a residual student (core.students).
+    every s at initialisation. A teacher without it gets a residual student (core.train.students).
     """
     name: str = ""
     shape: tuple = ()
@@ -105,7 +105,7 @@ class Teacher:
                         class_labels: Optional[Tensor] = None) -> list[Tensor]:
         """High-accuracy teacher PF-ODE solution from x at t_start, returned (float64) at each
         of the decreasing `times`. Default: Heun with >= 64 log-uniform steps per segment."""
-        from core.ode import HeunSolver
+        from core.diffusion.ode import HeunSolver
 
         D = self.denoiser(torch.float64, str(x.device))
         den = lambda x_, t_: D(x_, t_, class_labels)
@@ -133,7 +133,7 @@ class Network(Protocol):
       coefficient stage asks), t and s [B] (or scalars; broadcast them to B) of x's dtype,
       class_labels int64 [B] or None. It gets the *raw* x and t and applies c_in(t) =
       1 / sqrt(sigma_data^2 + t^2) and the noise embedding c_noise(t) itself; the host forms
-      D = c_skip(t) x + c_out(t) F (:func:`core.edm.denoiser_from_output`).
+      D = c_skip(t) x + c_out(t) F (:func:`core.diffusion.edm.denoiser_from_output`).
     * ``student=False`` (a teacher) must accept ``s=None``; ``student=True`` adds an embedding of
       s whose projection is zero-initialised, so that the student loading the teacher's
       weights with ``strict=False`` equals the teacher for every s. Every student-only weight
@@ -171,17 +171,17 @@ class Preconditioning(nn.Module):
 
 
 # --- solver, loss, sampler (hooks ctmkit_solvers, ctmkit_losses, ctmkit_samplers) -------------
-# Solver, StepContext, Loss, Sampler: defined in core.contracts (the host's own Euler / Heun
+# Solver, StepContext, Loss, Sampler: defined in core.diffusion.contracts (the host's own Euler / Heun
 # solvers, DSM loss and CTM sampler derive from them there) and re-exported above.
 
 
-# --- dataset (hook ctmkit_datasets): core.datasets.Dataset, re-exported above --------------------
+# --- dataset (hook ctmkit_datasets): core.data.datasets.Dataset, re-exported above --------------------
 # A dataset factory gets the [data] section (its ``format`` key names the plugin) and returns a
-# core.datasets.Dataset(x, y, fingerprint, hflip=..., name=...):
+# core.data.datasets.Dataset(x, y, fingerprint, hflip=..., name=...):
 #
-# * x, images: a core.datastore.ImageStore -- uint8 [N, C, H, W] (0..255, read as x / 127.5 - 1
+# * x, images: a core.data.datastore.ImageStore -- uint8 [N, C, H, W] (0..255, read as x / 127.5 - 1
 #   in [-1, 1]), best memory-mapped read-only (``np.load(path, mmap_mode="r")``, or a store
-#   decoded once with ``core.datastore.open_or_build``) so every process shares one copy and
+#   decoded once with ``core.data.datastore.open_or_build``) so every process shares one copy and
 #   none holds the set; or
 # * x, small float data: a float tensor [N, *shape] in memory (vectors, float images in
 #   [-1, 1]);
@@ -200,7 +200,7 @@ class Metric:
     """A sample-quality metric (what a ``ctmkit_metrics`` factory returns).
 
     ``compute(samples, reference_dataset, cache_dir)`` gets the generated images (float
-    [N, C, H, W] in [-1, 1]), the reference :class:`core.datasets.Dataset` and a folder for
+    [N, C, H, W] in [-1, 1]), the reference :class:`core.data.datasets.Dataset` and a folder for
     cached reference statistics, and returns ``{key: value}`` (finite floats; keys become
     metrics.json entries and metrics.csv columns ``<key>_<K>``).
     """
@@ -212,7 +212,7 @@ class Metric:
 
     def describe(self) -> Optional[dict]:
         """What the last :meth:`compute` measured with (features, mode, reference), as a
-        JSON-serialisable dict, or None. :func:`core.quality.compute_metrics` reports it as
+        JSON-serialisable dict, or None. :func:`core.evaluation.quality.compute_metrics` reports it as
         ``"<name>_info"``."""
         return None
 

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.errors import UserError
+from core.base.errors import UserError
 
 #: the checkout this package was imported from (the folder holding core/)
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@
 
 :data:`SUBCOMMANDS` is the table: a subcommand is one line there, naming the function that
 implements it (``main(argv) -> int``: 0, or 2 after one ``error:`` line). Installed plugins add
-subcommands through the ``ctmkit_commands`` hook (:mod:`core.hookspecs`); they are listed
+subcommands through the ``ctmkit_commands`` hook (:mod:`core.host.hookspecs`); they are listed
 under ``ctmkit --help`` beside the built-in ones.
 """
 
@@ -17,7 +17,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from core.errors import UserError, one_line
+from core.base.errors import UserError, one_line
 
 #: subcommand -> ("module:function", one line of help); the function is ``main(argv) -> int``
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -34,8 +34,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                         "FID-against-iterations curves"),
     "build-sampler": ("core.build_sampler:main", "build the C++ sampler ctm_sample (from a "
                                                  "checkout)"),
-    "feature-net": ("core.commands:feature_net_main", "train the offline feature network for "
-                                                      "FID / KID without Inception"),
 }
 
 
@@ -54,7 +52,7 @@ def _function(target: str):
 
 def plugin_commands() -> dict:
     """``{name: Plugin}`` of the subcommands installed plugins add (``ctmkit_commands``)."""
-    from core import plugins
+    from core.host import plugins
 
     table = plugins.registry().get("command", {})
     for name, plugin in table.items():
@@ -75,8 +73,11 @@ def _summary(fn) -> str:
 def help_text() -> str:
     rows = [(name, text) for name, (_, text) in SUBCOMMANDS.items()]
     try:
+        added = plugin_commands()
+        rows += [(name, _summary(p.factory)) for name, p in added.items()   # the built-ins'
+                 if p.source.startswith("builtin")]
         extra = [(name, f"{_summary(p.factory)} [{p.source}]")
-                 for name, p in plugin_commands().items()]
+                 for name, p in added.items() if not p.source.startswith("builtin")]
     except UserError as e:                    # a broken plugin must not hide the help
         extra = [("(plugins)", f"error: {e}")]
     width = max(len(n) for n, _ in rows + extra)

@@ -1,4 +1,4 @@
-"""The config reference, generated from the key declarations in `core.config`: printed by
+"""The config reference, generated from the key declarations in `core.host.config`: printed by
 ``ctmkit config``, and kept in docs/configuration.md by ``python tools/config_reference.py
 --write`` (tests/test_config_reference.py checks that copy is current).
 
@@ -12,7 +12,7 @@ import json
 import textwrap
 from types import SimpleNamespace
 
-from core.config import _REQUIRED, SEED_MAX, Derived, Key, declared
+from core.host.config import _REQUIRED, SEED_MAX, Derived, Key, declared
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 COLUMN = 29                  # where the comments start
@@ -39,7 +39,7 @@ SECTIONS = {
               "searched (docs/search_schedule.md)",
 }
 
-#: Keys read by plugins (and by core.data for [data]): notes, not declarations.
+#: Keys read by plugins (and by core.data.source for [data]): notes, not declarations.
 NOTES = {
     "data": """\
 # path = "x0.npy"            # .npy / .npz (x, y) / .h5 (x, y) vectors, used as they are ...
@@ -198,7 +198,7 @@ def toml_text() -> str:
 
 def page_copy(text: str, where: str = "docs/configuration.md") -> str:
     """The text between the markers of a page's `text` (a UserError unless there is one)."""
-    from core.errors import UserError
+    from core.base.errors import UserError
 
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
         raise UserError(f"{where}: expected one {BEGIN} ... {END} block")

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from core.dtypes import DTYPES
-from core.errors import UserError, one_line
+from core.base.dtypes import DTYPES
+from core.base.errors import UserError, one_line
 
 
 
@@ -63,7 +63,7 @@ def jump_gap(precond, sigma_data: float, x_t, x_s, D_phi, t: float, f: float,
              g: float) -> tuple[float, float]:
     """(gap_rms, jump_rms) of one jump t -> s: the RMS per dimension of D_theta* - D_phi and of
     the teacher-initialised jump f x_t + g D_phi - x_s (float64 tensors [num, ...])."""
-    from core.edm import denoiser_from_output, output_from_denoiser
+    from core.diffusion.edm import denoiser_from_output, output_from_denoiser
 
     inner_star = (x_s - f * x_t) / g                                     # see Eqn. 8, inverted
     tt = torch.full((x_t.shape[0],), t, dtype=torch.float64)
@@ -82,7 +82,7 @@ def _rms(v) -> float:
 
 def fixed_noise(teacher, num: int, seed: int, t_max: float):
     """x_T (float64) and class labels (random when the teacher is conditional, else None): the
-    same draws as the evaluation's trajectory error (core.evaluate.trajectory_errors)."""
+    same draws as the evaluation's trajectory error (core.evaluation.evaluate.trajectory_errors)."""
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn((num, *teacher.shape), generator=gen, dtype=torch.float64) * t_max
     labels = torch.randint(0, teacher.num_classes, (num,), generator=gen) \
@@ -158,8 +158,8 @@ def measure(precond, label: str, sigma_data: float, states: dict, denoised: dict
 
 def _schedules(cfg) -> dict[int, list[float]]:
     """{K: times} of [gap] steps (rho grid) and schedules (explicit, they win)."""
-    from core.evaluate import with_schedules
-    from core.schedules import rho_grid
+    from core.evaluation.evaluate import with_schedules
+    from core.diffusion.schedules import rho_grid
 
     g, d = cfg.gap, cfg.diffusion
     return {K: list(g.schedules[K]) if K in g.schedules else rho_grid(K, d.t_min, d.t_max, d.rho)
@@ -169,7 +169,7 @@ def _schedules(cfg) -> dict[int, list[float]]:
 def _entries(cfg) -> list[tuple[str, object]]:
     """(label, [precond] section) per preconditioning of the run: [run] preconds, else
     [precond] (label: name-variant)."""
-    from core.config import for_precond
+    from core.host.config import for_precond
 
     if cfg.run.preconds:
         return [(e["label"], for_precond(cfg, e, own_dir=False).precond)
@@ -178,7 +178,7 @@ def _entries(cfg) -> list[tuple[str, object]]:
 
 
 def _needs_coefficients(cfg, entries) -> bool:
-    from core import plugins
+    from core.host import plugins
 
     return any(getattr(plugins.get("precond", sec.data.get("name"), sec.where("name")).factory,
                        "requires_coefficients", False) for _, sec in entries) \
@@ -189,7 +189,7 @@ def _run_coefficients_stage(config: str, overrides: list[str], progress: bool,
                             command: str = "gap") -> None:
     """The 'coefficients' stage through the ordinary command (its lock, ledger, run.json)."""
     from core.run import main as run_main
-    from core.stages import log
+    from core.pipeline.stages import log
 
     log(f"{command}: no coefficient store yet; running the 'coefficients' stage first")
     argv = [config, "--stages", "coefficients", *[f"--set={o}" for o in overrides]]
@@ -201,9 +201,9 @@ def compute(cfg, run, entries, progress: bool = True) -> dict:
     """gap.json's content for `entries` (see `measure`)."""
     from tqdm.auto import tqdm
 
-    from core import plugins
-    from core.schedules import rho_grid
-    from core.stages import _REFERENCE_ODE
+    from core.host import plugins
+    from core.diffusion.schedules import rho_grid
+    from core.pipeline.stages import _REFERENCE_ODE
 
     g, d = cfg.gap, cfg.diffusion
     teacher = run.teacher
@@ -270,11 +270,11 @@ def _parse(argv):
 
 
 def run_gap(args) -> None:
-    from core.config import load_config
-    from core.io import save_json
-    from core.lock import RunLock
-    from core.plots import plot_gap
-    from core.stages import Run, log
+    from core.host.config import load_config
+    from core.base.io import save_json
+    from core.pipeline.lock import RunLock
+    from core.evaluation.plots import plot_gap
+    from core.pipeline.stages import Run, log
 
     cfg = load_config(args.config, overrides=args.set)
     entries = _entries(cfg)

@@ -20,8 +20,8 @@ import sys
 import threading
 import warnings
 
-from core.errors import UserError, first_line, one_line
-from core.stage_table import BY_NAME, NAMES, STAGES
+from core.base.errors import UserError, first_line, one_line
+from core.host.stage_table import BY_NAME, NAMES, STAGES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,9 +45,9 @@ SHARED_STAGES = tuple(s.name for s in STAGES if s.shared)
 
 
 def _run_stage(run, name: str, force: bool, label: str = "") -> None:
-    from core import distributed as dist
-    from core.ledger import Ledger, stage_key, watched_files
-    from core.stages import log
+    from core.base import distributed as dist
+    from core.pipeline.ledger import Ledger, stage_key, watched_files
+    from core.pipeline.stages import log
 
     ledger = key = before = None
     decision = None
@@ -75,7 +75,7 @@ def _run_stage(run, name: str, force: bool, label: str = "") -> None:
 
 
 def _execute(run, name: str) -> None:
-    from core import distributed as dist
+    from core.base import distributed as dist
 
     stage = BY_NAME[name]
     if stage.distributed or dist.world() == 1:
@@ -126,15 +126,15 @@ def main(argv=None) -> int:
     old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) \
         if threading.current_thread() is threading.main_thread() else None
     try:
-        from core import plugins
+        from core.host import plugins
         if args.list_plugins:
             for line in plugins.list_lines():
                 print(line)
             return 0
         if not args.config:
             p.error("a config file is required (or --list-plugins)")
-        from core.config import load_config
-        from core.stages import Run
+        from core.host.config import load_config
+        from core.pipeline.stages import Run
 
         cfg = load_config(args.config, overrides=args.set)
         stages = cfg.run.stages
@@ -145,20 +145,20 @@ def main(argv=None) -> int:
                 raise UserError(f"--stages: unknown stage {bad[0]!r} (known: {', '.join(NAMES)})")
             if not stages:
                 raise UserError(f"--stages: names no stage (known: {', '.join(NAMES)})")
-        from core import distributed as dist
+        from core.base import distributed as dist
 
         runs = [(cfg, stages)]
         if cfg.run.preconds:          # shared stages once, the rest once per preconditioning
-            from core.config import for_precond
+            from core.host.config import for_precond
             shared = [s for s in stages if s in SHARED_STAGES]
             runs = [(for_precond(cfg, e), [s for s in stages if s not in SHARED_STAGES])
                     for e in cfg.run.preconds]
             runs.insert(0, (for_precond(cfg, cfg.run.preconds[0], own_dir=False), shared))
         if args.dry_run:
-            from core.record import dry_run
+            from core.pipeline.record import dry_run
             dry_run(cfg, runs, args.force, progress=not args.no_progress)
             return 0
-        from core.record import prepare_out_dirs, write_run_record
+        from core.pipeline.record import prepare_out_dirs, write_run_record
         prepared = []
         for i, (c, st) in enumerate(runs):
             # for_precond keeps [data] as it is: the runs share one loaded dataset
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
             r.validate(stages)
             prepared.append((r, st))
         if dist.is_main():   # once the config is valid, before anything is written
-            from core.ownership import check_ownership, written_folders
+            from core.pipeline.ownership import check_ownership, written_folders
             check_ownership(prepared)
             locks = prepare_out_dirs(list(dict.fromkeys(r.out_dir for r, _ in prepared)),
                                      written_folders(prepared))
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                     SHARED_STAGES else ""
                 _run_stage(r, name, args.force, label)
         if cfg.run.preconds and dist.is_main():
-            from core.compare import summarise
+            from core.pipeline.compare import summarise
             summarise(cfg, [r for r, _ in prepared[1:]])
         if dist.is_main():
             record()            # again: now with the SHA-256 of a teacher trained by this run

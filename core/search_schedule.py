@@ -12,7 +12,7 @@ fixes t_1 .. t_{K-1}, but the best middle times depend on the jumper (sony/ctm t
   else the teacher;
 * **the objective** (``[search] objective``): ``trajectory`` -- the RMS per dimension at
   t_min of the jumper's K-step deterministic CTM sampling minus the teacher's reference PF-ODE
-  solution from the same noise (``metrics.json``'s ``final_rmse``, core/evaluate.py), solved
+  solution from the same noise (``metrics.json``'s ``final_rmse``, core/evaluation/evaluate.py), solved
   once (it does not depend on the schedule); or a metric of ``[evaluate] metrics`` (FID, ...)
   of ``num`` samples against the evaluation's reference. Seeds and counts are fixed, so the
   objective is a deterministic function of the times (and memoised);
@@ -42,7 +42,7 @@ from typing import Callable
 
 import torch
 
-from core.errors import UserError, one_line
+from core.base.errors import UserError, one_line
 
 #: 1 / golden ratio: each golden-section step keeps this fraction of the bracket
 INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0
@@ -82,7 +82,7 @@ def start_times(K: int, t_min: float, t_max: float, rho: float, lo: float, hi: f
                 ) -> list[float]:
     """The schedule coordinate descent starts from: the rho grid when its middle times lie
     inside (lo, hi), else K - 1 middle times log-uniform inside (lo, hi)."""
-    from core.schedules import rho_grid
+    from core.diffusion.schedules import rho_grid
 
     ts = rho_grid(K, t_min, t_max, rho)
     if all(lo < t < hi for t in ts[1:-1]):
@@ -181,9 +181,9 @@ def trajectory_objective(jumper, teacher, num: int, seed: int, t_min: float, t_m
                          dtype, device: str = "cpu", reference_cache: dict | None = None):
     """times -> the final trajectory error of `jumper` on that schedule: the RMS per dimension
     at t_min of its deterministic CTM sampling minus the teacher's reference PF-ODE solution,
-    from the same noise and labels as core.evaluate.trajectory_errors (same seed: the same
+    from the same noise and labels as core.evaluation.evaluate.trajectory_errors (same seed: the same
     number as its ``final_rmse``). The reference is solved once, on the CPU (as there)."""
-    from core.sampling import CTMSampler
+    from core.export.sampling import CTMSampler
 
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn((num, *teacher.shape), generator=gen, dtype=torch.float64) * t_max
@@ -216,8 +216,8 @@ def metric_objective(jumper, meta: dict, sampler, metric, reference, num: int, b
     schedule)."""
     import numpy as np
 
-    from core.quality import compute_metrics
-    from core.sampling import draw
+    from core.evaluation.quality import compute_metrics
+    from core.export.sampling import draw
 
     def value(ts: list[float]) -> float:
         x, _ = draw(jumper, meta, sampler, ts, num, batch, seed, device, progress=False)
@@ -238,8 +238,8 @@ def label_runs(cfg, run, label: str = "") -> list[tuple[str, object]]:
     """(label, Run) per preconditioning of the run ([run] preconds, else [precond]), each
     Run with that entry's [precond] and out_dir, sharing `run`'s teacher; only `label` if
     given."""
-    from core.config import for_precond
-    from core.stages import Run
+    from core.host.config import for_precond
+    from core.pipeline.stages import Run
 
     if not cfg.run.preconds:
         p = cfg.precond.data
@@ -265,8 +265,8 @@ def label_runs(cfg, run, label: str = "") -> list[tuple[str, object]]:
 def build_jumper(run, source: str, dtype_name: str):
     """(jumper, meta, what) for one preconditioning's Run: `source` as ``[search] jumper``
     says; `what`: "teacher-initialised", "distilled" or "exported <path>"."""
-    from core import plugins
-    from core.jumper import Jumper, TeacherAsNetwork, load, make_meta
+    from core.host import plugins
+    from core.export.jumper import Jumper, TeacherAsNetwork, load, make_meta
 
     cfg, d, teacher = run.cfg, run.cfg.diffusion, run.teacher
     student_file = run.out_dir / "student.pt"
@@ -290,7 +290,7 @@ def build_jumper(run, source: str, dtype_name: str):
     dtype = DTYPES[dtype_name]
     precond = plugins.create("precond", cfg.precond, run.ctx, "name")
     if source == "student":
-        from core.students import load_student
+        from core.train.students import load_student
         if not student_file.exists():
             raise UserError(f"{student_file}: not found; run the 'distill' stage or set "
                             f"[search] jumper = \"teacher\"")
@@ -317,8 +317,8 @@ def compute(cfg, run, progress: bool = True) -> dict:
     """search_schedule.json's content: {label: {..., "schedules": {"K": {...}}}}."""
     from tqdm.auto import tqdm
 
-    from core.schedules import rho_grid
-    from core.stages import DTYPES as STAGE_DTYPES, _REFERENCE_ODE
+    from core.diffusion.schedules import rho_grid
+    from core.pipeline.stages import DTYPES as STAGE_DTYPES, _REFERENCE_ODE
 
     s, d = cfg.search, cfg.diffusion
     lo, hi = s.range
@@ -326,7 +326,7 @@ def compute(cfg, run, progress: bool = True) -> dict:
     entries = label_runs(cfg, run, s.label)
     metric = reference = None
     if name != "trajectory":
-        from core.quality import metric_objects
+        from core.evaluation.quality import metric_objects
         metric = metric_objects(cfg, run.ctx, [name])[0]
         reference = run.data_for(cfg.evaluate.data, "evaluate")
         if reference is None:
@@ -417,13 +417,13 @@ def _parse(argv):
 
 
 def run_search(args) -> None:
-    from core.config import load_config
+    from core.host.config import load_config
     from core.gap import _entries, _needs_coefficients, _run_coefficients_stage
-    from core.io import save_json
-    from core.lock import RunLock
-    from core.ownership import COMMAND_FILES, Use, check_out_dir, config_inputs
-    from core.plots import plot_search_schedule
-    from core.stages import Run, log
+    from core.base.io import save_json
+    from core.pipeline.lock import RunLock
+    from core.pipeline.ownership import COMMAND_FILES, Use, check_out_dir, config_inputs
+    from core.evaluation.plots import plot_search_schedule
+    from core.pipeline.stages import Run, log
 
     cfg = load_config(args.config, overrides=args.set)
     out = cfg.run.out_dir

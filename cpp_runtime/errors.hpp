@@ -1,6 +1,6 @@
 // One exception type for anything the user can fix (a bad flag, a missing or corrupt model
 // file, an inconsistent meta.json). main() prints it as one "ctm_sample: error: ..." line and
-// exits with status 2, like core.errors.UserError on the Python side.
+// exits with status 2, like core.base.errors.UserError on the Python side.
 #pragma once
 
 #include <stdexcept>

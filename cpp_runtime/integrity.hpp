@@ -1,4 +1,4 @@
-// Whole-file digests of exported jumpers (core/integrity.py): the bytes of a jumper are read
+// Whole-file digests of exported jumpers (core/base/integrity.py): the bytes of a jumper are read
 // once, checked, and only then used (TorchScript: parsed from memory; .pt2: copied into a
 // private temporary folder and loaded from there).
 #pragma once

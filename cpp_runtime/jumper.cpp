@@ -21,7 +21,7 @@ LoadedJumper load_jumper(const std::string& path, const c10::Device& device) {
         throw UserError(path + ": jumper file not found");
     if (!std::filesystem::is_regular_file(path, ec))
         throw UserError(path + ": not a regular file");
-    // Backends by file extension: .pt2 is an AOTInductor package (core/aoti.py: export_aoti);
+    // Backends by file extension: .pt2 is an AOTInductor package (core/export/aoti.py: export_aoti);
     // everything else is read as a TorchScript archive (torch.jit.save writes any name,
     // conventionally .pt).
     if (has_extension(path, ".pt2")) return load_aoti_jumper(path, device);

@@ -1,7 +1,7 @@
-// The AOTInductor backend: a .pt2 package written by core/aoti.py: export_aoti, loaded with
+// The AOTInductor backend: a .pt2 package written by core/export/aoti.py: export_aoti, loaded with
 // torch::inductor::AOTIModelPackageLoader. meta.json is package metadata (key "meta.json");
 // "ctmkit.inputs" names the entry point's positional inputs ("x,t,s" or "x,t,s,class_labels").
-// The package is read once and checked against its sidecar <name>.pt2.sha256 (core/integrity.py)
+// The package is read once and checked against its sidecar <name>.pt2.sha256 (core/base/integrity.py)
 // before anything reads it; the checked bytes are copied into a private temporary folder, which
 // is also where AOTInductor extracts the library, and which is removed whatever happens.
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>

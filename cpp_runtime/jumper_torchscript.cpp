@@ -1,5 +1,5 @@
-// The TorchScript backend: an archive written by torch.jit.save (core/jumper.py: export) with
-// meta.json among its extra files, sealed by extra/archive_sha256 (core/integrity.py). The file
+// The TorchScript backend: an archive written by torch.jit.save (core/export/jumper.py: export) with
+// meta.json among its extra files, sealed by extra/archive_sha256 (core/base/integrity.py). The file
 // is read once; the digest is checked on those bytes, and the same bytes are then loaded.
 #include <caffe2/serialize/inline_container.h>
 #include <caffe2/serialize/read_adapter_interface.h>
@@ -34,7 +34,7 @@ std::string dtype_name(c10::ScalarType t) {
     }
 }
 
-// The digest core/jumper.py's payload_digest writes into meta.json: for every parameter and
+// The digest core/export/jumper.py's payload_digest writes into meta.json: for every parameter and
 // buffer in name order, "name\n dtype\n d0,d1,..\n nbytes\n" and the raw bytes.
 std::string payload_digest(const torch::jit::Module& module) {
     std::map<std::string, at::Tensor> named;
@@ -78,7 +78,7 @@ private:
     throw UserError(path + ": jumper is corrupt or altered (" + why + ")");
 }
 
-// core/integrity.py: check_archive. The digest record must be there and match the version-1
+// core/base/integrity.py: check_archive. The digest record must be there and match the version-1
 // digest of every other record; duplicated names and zip bombs are refused before reading.
 void check_archive(const std::string& path, const std::shared_ptr<const std::string>& data) {
     try {

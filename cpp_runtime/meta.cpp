@@ -13,7 +13,7 @@ constexpr const char* kKeys[] = {"format", "version", "precond", "variant", "sig
                                  "t_min", "t_max", "rho", "shape", "num_classes", "dtype",
                                  "ctmkit_version"};
 
-// Bounds, the same in core/jumper.py (tests/fixtures/meta_cases.json): dimensions of one
+// Bounds, the same in core/export/jumper.py (tests/fixtures/meta_cases.json): dimensions of one
 // sample, values in one sample (guards the size arithmetic and the allocations), classes.
 constexpr std::size_t kMaxShapeDims = 8;
 constexpr std::int64_t kMaxSampleNumel = std::int64_t(1) << 24;

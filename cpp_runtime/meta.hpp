@@ -1,4 +1,4 @@
-// meta.json of an exported jumper (core/jumper.py: make_meta / validate_meta).
+// meta.json of an exported jumper (core/export/jumper.py: make_meta / validate_meta).
 #pragma once
 
 #include <cstdint>

@@ -56,7 +56,7 @@ const char* usage_text() {
         "usage: ctm_sample --model JUMPER.pt|JUMPER.pt2 --out SAMPLES.npy [options]\n"
         "\n"
         "Draws samples from an exported ctmkit jumper f(x, t, s) with CTM's sampler, with the\n"
-        "same random numbers as ctmkit's Python sampler (core/sampling.py) for the same seed.\n"
+        "same random numbers as ctmkit's Python sampler (core/export/sampling.py) for the same seed.\n"
         "\n"
         "  --model PATH        exported jumper: .pt2 AOTInductor package, anything else a\n"
         "                      TorchScript archive (both with meta.json)\n"

@@ -24,7 +24,7 @@ struct Options {
     std::string model;
     std::string out;
     std::string format = "npy";             // npy | npz | png (cpp_runtime/sample_files.hpp)
-    std::int64_t steps = 2;                 // core/config.py SampleCfg defaults
+    std::int64_t steps = 2;                 // core/host/config.py SampleCfg defaults
     bool steps_given = false;
     std::int64_t num = 1000;
     std::int64_t batch = 500;
@@ -46,7 +46,7 @@ Options parse_options(int argc, const char* const* argv);
 
 const char* usage_text();
 
-// EDM's rho-schedule (core/schedules.py: rho_grid): K + 1 decreasing times from t_max to
+// EDM's rho-schedule (core/diffusion/schedules.py: rho_grid): K + 1 decreasing times from t_max to
 // t_min, computed in double with the endpoints exact.
 std::vector<double> rho_grid(std::int64_t steps, double t_min, double t_max, double rho);
 

@@ -23,14 +23,14 @@ namespace ctm {
 namespace fs = std::filesystem;
 
 std::uint8_t adm_uint8(float x) {
-    // core/sample_files.py adm_uint8: ((x + 1) * 127.5).clamp(0, 255).to(uint8), in float32
+    // core/export/sample_files.py adm_uint8: ((x + 1) * 127.5).clamp(0, 255).to(uint8), in float32
     float v = (x + 1.0f) * 127.5f;
     v = std::clamp(v, 0.0f, 255.0f);
     return static_cast<std::uint8_t>(v);   // truncates toward zero, as the cast does
 }
 
 std::uint8_t edm_uint8(float x) {
-    // core/sample_files.py edm_uint8: (x * 127.5 + 128).clip(0, 255).to(uint8), in float32
+    // core/export/sample_files.py edm_uint8: (x * 127.5 + 128).clip(0, 255).to(uint8), in float32
     float v = x * 127.5f;
     v = v + 128.0f;
     v = std::clamp(v, 0.0f, 255.0f);
@@ -229,7 +229,7 @@ std::string png_relpath(std::int64_t i) {
 namespace {
 
 // The start time of process `pid` (/proc/PID/stat field 22, clock ticks since boot): -1 when
-// there is no such process, 0 where /proc is missing (as core/io.py's _start_time).
+// there is no such process, 0 where /proc is missing (as core/base/io.py's _start_time).
 long long start_time(long long pid) {
     std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
     if (!in) {
@@ -252,7 +252,7 @@ fs::path parent_of(const std::string& out) {
     return p.empty() ? fs::path(".") : p;
 }
 
-// ".<name>.ctmkit-<pid>-<start>-<random>.tmp" (core/io.py's temporaries): a leftover of a
+// ".<name>.ctmkit-<pid>-<start>-<random>.tmp" (core/base/io.py's temporaries): a leftover of a
 // dead writer is swept by ctm_sample and by ctmkit's sample stage alike.
 const std::regex& tmp_pattern() {
     static const std::regex re(R"(\.(.+)\.ctmkit-([0-9]+)-([0-9]+)-[A-Za-z0-9_]+\.tmp)");

@@ -1,5 +1,5 @@
 // Samples in the formats papers' evaluators read (ctm_sample --format npz | png), as
-// core/sample_files.py writes them for [sample] formats:
+// core/export/sample_files.py writes them for [sample] formats:
 //
 // * npz: a ZIP of stored (uncompressed) members, as numpy.savez writes it: arr_0.npy, uint8
 //   [N, H, W, C] converted as ADM / CTM convert, ((x + 1) * 127.5).clamp(0, 255) truncated to

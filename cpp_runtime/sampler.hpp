@@ -1,5 +1,5 @@
 // Drawing samples with CTM's sampler under ctmkit's random-number convention
-// (core/sampling.py: draw, plugins/samplers.py: CTMSampler).
+// (core/export/sampling.py: draw, plugins/samplers.py: CTMSampler).
 #pragma once
 
 #include <ATen/Tensor.h>

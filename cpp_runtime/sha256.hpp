@@ -1,4 +1,4 @@
-// SHA-256 (FIPS 180-4), for checking an exported jumper's payload_sha256 (core/jumper.py).
+// SHA-256 (FIPS 180-4), for checking an exported jumper's payload_sha256 (core/export/jumper.py).
 #pragma once
 
 #include <array>

@@ -3,7 +3,7 @@ NVlabs/edm dataset archives.
 
 The ``[data]`` section picks a loader with ``format``; the loader reads the rest of the
 section, and a key no loader reads is reported as unknown. Relative paths resolve against the
-config's folder. Images are held as uint8 [N, C, H, W] in a `core.datastore.ImageStore` and
+config's folder. Images are held as uint8 [N, C, H, W] in a `core.data.datastore.ImageStore` and
 read batch by batch as float32 scaled to [-1, 1]; labels as int64 [N] (0..K-1) or none.
 
 Where the images live: a uint8 ``.npy`` (``format = "array"``) is memory-mapped in place. The
@@ -12,7 +12,7 @@ cache folder (``cache_dir``; default ``out_dir/datastore``), keyed by the source
 fingerprint (sizes, mtimes and a digest of its index: a zip's central directory, a folder's
 file list with sizes and mtimes; for idx the files' SHA-256) and the decode settings, built by
 one process under a lock (``workers`` processes decode folder and edm images), and reused by
-every later run, stage and rank -- see core/datastore.py. Loaded outside a run (no out_dir and
+every later run, stage and rank -- see core/data/datastore.py. Loaded outside a run (no out_dir and
 no cache_dir) they are decoded into memory, as uint8. ``.npz`` and ``.h5`` files are loaded into
 memory as before.
 
@@ -127,14 +127,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from core.bounds import load_json
-from core.data import check_array_sizes, one_line as _one_line, read_array_file
-from core.datasets import Dataset, digest
-from core.datastore import (ImageStore, MappedArray, Plan, cache_folder, decode_in_memory,
+from core.base.bounds import load_json
+from core.data.source import check_array_sizes, one_line as _one_line, read_array_file
+from core.data.datasets import Dataset, digest
+from core.data.datastore import (ImageStore, MappedArray, Plan, cache_folder, decode_in_memory,
                             default_workers, file_digest_cached, once_per_version, open_or_build,
                             store_key)
-from core.errors import UserError
-from core.hookspecs import hookimpl
+from core.base.errors import UserError
+from core.host.hookspecs import hookimpl
 
 #: uint8 value -> its float32 image value in [-1, 1] (computed once in float64, then rounded)
 _BYTE_TO_UNIT = (np.arange(256, dtype=np.float64) / 127.5 - 1.0).astype(np.float32)
@@ -226,7 +226,7 @@ def _one_piece(x: np.ndarray, y: Optional[np.ndarray], hashes: list[str],
 # ---------------------------------------------------------------------------------------------
 
 def _read_bytes(path: Path, what: str = "file") -> bytes:
-    from core.io import regular_file
+    from core.base.io import regular_file
     regular_file(path, what)
     try:
         return path.read_bytes()
@@ -427,7 +427,7 @@ def _folder(options, ctx) -> Dataset:
     channels = options.int("channels", 3)
     if channels not in (1, 3):
         options.fail("channels", f"must be 1 or 3, got {channels}")
-    resolution = _optional_int(options, "resolution", 1, 4096)   # as core.bounds' networks
+    resolution = _optional_int(options, "resolution", 1, 4096)   # as core.base.bounds' networks
     transform = _transform(options, resolution)
     workers = _workers(options)
     common = _common(options)
@@ -559,7 +559,7 @@ def _scale_checked(x: np.ndarray, value_range: str, path: Path):
 def _mapped_npy(path: Path, layout: str) -> Optional[np.ndarray]:
     """A .npy of integer or float examples memory-mapped read-only (images as [N, C, H, W]:
     a view, nothing is read), or None for other files (.npz, .h5, other dtypes, no rows)."""
-    from core.io import regular_file
+    from core.base.io import regular_file
 
     if path.suffix.lower() != ".npy":
         return None
@@ -797,7 +797,7 @@ class _EdmFiles:
             found = (p for p in path.rglob("*") if _visible(path, p) and p.is_file())
             self.sizes = {p.relative_to(path).as_posix(): None for p in found}
             return
-        from core.io import regular_file
+        from core.base.io import regular_file
         regular_file(path, "dataset archive")
         self.what = "archive"
         try:

@@ -1,17 +1,17 @@
 """The built-in distillation losses ``ctm`` (see Eqn. 7), ``cm`` (see Eqn. 5) and ``dsm`` (the
-DSM loss of Sec. 5.1, core.dsm). The loss contract (``draw``, ``inputs``, ``per_sample``) and
+DSM loss of Sec. 5.1, core.diffusion.dsm). The loss contract (``draw``, ``inputs``, ``per_sample``) and
 what a loss may call on its step context are in core.api (Loss, StepContext); the distances
-live in core.distances (re-exported here).
+live in core.train.distances (re-exported here).
 """
 
 import torch
 from torch import Tensor
 
 from core.api import Loss
-from core.distances import DISTANCES, LPIPS, l1, l2, make_distance, pseudo_huber  # noqa: F401
-from core.dsm import DSMLoss
-from core.edm import add_noise
-from core.hookspecs import hookimpl
+from core.train.distances import DISTANCES, LPIPS, l1, l2, make_distance, pseudo_huber  # noqa: F401
+from core.diffusion.dsm import DSMLoss
+from core.diffusion.edm import add_noise
+from core.host.hookspecs import hookimpl
 
 
 def _host(ctx, key: str):

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from core.api import jump_target, zero_init
-from core.edm import EDMDenoiser  # noqa: F401  (re-exported)
-from core.hookspecs import hookimpl
-from core.students import StudentNetwork  # noqa: F401  (re-exported)
+from core.diffusion.edm import EDMDenoiser  # noqa: F401  (re-exported)
+from core.host.hookspecs import hookimpl
+from core.train.students import StudentNetwork  # noqa: F401  (re-exported)
 
 
 class FourierEmbedding(nn.Module):
@@ -63,7 +63,7 @@ class MLP(nn.Module):
         self.inp = nn.Linear(dim, width)
         self.t_emb = FourierEmbedding(emb_dim, seed=1, mlp=True)
         self.s_emb = FourierEmbedding(emb_dim, seed=2, mlp=True) if student else None
-        # the zero-initialised s pathway (core.s_pathway)
+        # the zero-initialised s pathway (core.train.s_pathway)
         self.s_proj = zero_init(nn.Linear(emb_dim, emb_dim)) if student else None
         self.label = nn.Embedding(num_classes, emb_dim) if num_classes > 0 else None
         self.blocks = nn.ModuleList([ResBlock(width, emb_dim) for _ in range(depth)])

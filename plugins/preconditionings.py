@@ -7,7 +7,7 @@ Every preconditioning is a TorchScript-able module whose ``forward(t, s)`` retur
     f_theta(x, t, s) = f(t, s) x + g(t, s) F_theta(x, t, s)    (CM, BCM)
 
 with D_theta = c_skip(t) x + c_out(t) F_theta (see Eqn. 3); ``jumps_denoiser`` says which, and
-core.jumper.jump forms it. The contract is core.api.Preconditioning.
+core.export.jumper.jump forms it. The contract is core.api.Preconditioning.
 All satisfy the boundary condition f(t, t) = 1, g(t, t) = 0. Coefficients are computed in
 float64 whatever the dtype of t and s.
 """
@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from core.api import Preconditioning
-from core.coefficients.lookup import lookup
-from core.hookspecs import hookimpl
+from core.diffusion.coefficients.lookup import lookup
+from core.host.hookspecs import hookimpl
 
 
 class CMPrecond(Preconditioning):
@@ -75,8 +75,8 @@ class AnalyticPrecond(Preconditioning):
         f = L_t S_s / (L_s S_s + (1 - l_s)(eta_s - eta_t)),
         g = (eta_s - eta_t) / (L_s S_s + (1 - l_s)(eta_s - eta_t))
 
-    The tables live on a uniform lambda grid (see core.coefficients.table) and are interpolated
-    at t and s by core.coefficients.lookup; times outside [t_min, t_max] raise (unless the host
+    The tables live on a uniform lambda grid (see core.diffusion.coefficients.table) and are interpolated
+    at t and s by core.diffusion.coefficients.lookup; times outside [t_min, t_max] raise (unless the host
     has turned ``check_range`` off for grid times it checked once).
     """
 
@@ -112,7 +112,7 @@ class AnalyticPrecond(Preconditioning):
         if not torch.jit.is_scripting():     # a static branch: TorchScript skips it
             exporting = torch.compiler.is_exporting()
         if exporting:
-            # torch.export (AOTInductor, core/aoti.py): no data-dependent Python branch; the
+            # torch.export (AOTInductor, core/export/aoti.py): no data-dependent Python branch; the
             # same check as an assert op in the graph, which raises with msg at run time
             torch._assert_async(torch.all((lam >= self.lam0 - tol) & (lam <= self.lam1 + tol)),
                                 msg)

@@ -1,5 +1,5 @@
 """Samplers that run a jumper f_theta(x, t, s) from noise at t_max down to t_min: ``ctm``
-(core.sampling.CTMSampler, CTM's sampling step) and ``cm``. The contract is core.api.Sampler.
+(core.export.sampling.CTMSampler, CTM's sampling step) and ``cm``. The contract is core.api.Sampler.
 
 Noise convention (shared with the C++ ``ctm_sample``): one CPU ``torch.Generator`` seeded once;
 for each batch in order, the initial noise is ``randn([b, *shape]) * t_0`` (float32), then any
@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from core.api import Sampler
-from core.hookspecs import hookimpl
-from core.edm import batch_times
-from core.sampling import CTMSampler, randn_like  # noqa: F401  (ctm, re-exported)
-from core.schedules import rho_grid
+from core.host.hookspecs import hookimpl
+from core.diffusion.edm import batch_times
+from core.export.sampling import CTMSampler, randn_like  # noqa: F401  (ctm, re-exported)
+from core.diffusion.schedules import rho_grid
 
 
 class CMSampler(Sampler):

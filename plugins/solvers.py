@@ -1,8 +1,8 @@
-"""The built-in teacher PF-ODE solvers ``euler`` and ``heun`` (core.ode), by name."""
+"""The built-in teacher PF-ODE solvers ``euler`` and ``heun`` (core.diffusion.ode), by name."""
 
 from core.api import Solver  # noqa: F401  (re-exported)
-from core.hookspecs import hookimpl
-from core.ode import EulerSolver, HeunSolver
+from core.host.hookspecs import hookimpl
+from core.diffusion.ode import EulerSolver, HeunSolver
 
 
 @hookimpl

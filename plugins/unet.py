@@ -15,7 +15,7 @@ only ``s_*``) equals the teacher exactly at initialisation, for every s.
 
 The output layer is a 3x3 convolution whose weights are held by an ``nn.Linear`` (``out.proj``,
 [C_out, C_in * 9], the same default initialisation as ``nn.Conv2d``) and registered last, so
-that core.students' "zero the last nn.Linear" makes a residual student R_theta zero at init.
+that core.train.students' "zero the last nn.Linear" makes a residual student R_theta zero at init.
 
 Options (``[network]`` with ``name = "unet"``):
 
@@ -71,8 +71,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.api import SEmbeddingMLP, jump_target
-from core.bounds import check_network_kwargs
-from core.hookspecs import hookimpl
+from core.base.bounds import check_network_kwargs
+from core.host.hookspecs import hookimpl
 from plugins.networks import FourierEmbedding
 
 SKIP_SCALE = 1.0 / math.sqrt(2.0)        # DDPM++ rescales every residual sum by 1/sqrt(2)

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.coefficients.estimate import estimate_table
-from core.schedules import log_grid
+from core.diffusion.coefficients.estimate import estimate_table
+from core.diffusion.schedules import log_grid
 from plugins.teachers.gmm import GMMTeacher
 from small_configs import QUICK_CONFIG  # noqa: F401  (tests import it from here)
 

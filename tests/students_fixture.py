@@ -8,7 +8,7 @@ def build():
     from plugins.unet import UNet
     from plugins.edm.songunet import SongUNet
     from plugins.edm.dhariwal import DhariwalUNet
-    from plugins.edm.openai_unet import UNetModel
+    from plugins.openai.unet import UNetModel
     nets = {
         "mlp": (lambda: MLP(2, width=16, depth=1, emb_dim=8, num_classes=2, student=True),
                 lambda g: (torch.randn(3, 2, generator=g), torch.rand(3, generator=g) + 0.5,

@@ -1,5 +1,5 @@
-"""AOTInductor (.pt2) jumpers: core.aoti.export_aoti / load_aoti against the eager jumper, and
-the C++ ``ctm_sample`` on the .pt2 against core.sampling.draw; one-line errors for bad files.
+"""AOTInductor (.pt2) jumpers: core.export.aoti.export_aoti / load_aoti against the eager jumper, and
+the C++ ``ctm_sample`` on the .pt2 against core.export.sampling.draw; one-line errors for bad files.
 
 AOTInductor compiles C++ (seconds per model on CPU), so every model is exported once per
 session (the ``packages`` fixture); the broken and foreign packages are made by rewriting the
@@ -25,12 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from core.aoti import export_aoti, load_aoti  # noqa: E402
-from core.dtypes import DTYPES  # noqa: E402
-from core.errors import UserError  # noqa: E402
-from core.integrity import sidecar_path, write_sidecar  # noqa: E402
-from core.jumper import Jumper, TeacherAsNetwork, export  # noqa: E402
-from core.sampling import draw  # noqa: E402
+from core.export.aoti import export_aoti, load_aoti  # noqa: E402
+from core.base.dtypes import DTYPES  # noqa: E402
+from core.base.errors import UserError  # noqa: E402
+from core.base.integrity import sidecar_path, write_sidecar  # noqa: E402
+from core.export.jumper import Jumper, TeacherAsNetwork, export  # noqa: E402
+from core.export.sampling import draw  # noqa: E402
 from plugins.preconditionings import CTMPrecond  # noqa: E402
 from plugins.samplers import CTMSampler  # noqa: E402
 from test_cpp_sampler import (SIGMA_DATA, MLPNet, gmm_teacher,  # noqa: E402,F401
@@ -225,7 +225,7 @@ def test_load_aoti_device_mismatch(packages):
         load_aoti(packages["gmm_ctm"][0], "cuda")
 
 
-# --- ctm_sample on .pt2 vs core.sampling.draw ------------------------------------------------
+# --- ctm_sample on .pt2 vs core.export.sampling.draw ------------------------------------------------
 
 def python_samples(jumper, meta, *, steps=2, num=10, batch=4, seed=0, gamma=0.0,
                    timesteps=None, class_label=None):

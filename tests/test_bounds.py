@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from core import config as C
-from core.bounds import check_state_dict, load_json
-from core.config import Section, apply_override, load_config
-from core.data import load_arrays, read_array_file
-from core.datasets import load as load_dataset
-from core.errors import UserError
-from core.ledger import Ledger
+from core.host import config as C
+from core.base.bounds import check_state_dict, load_json
+from core.host.config import Section, apply_override, load_config
+from core.data.source import load_arrays, read_array_file
+from core.data.datasets import load as load_dataset
+from core.base.errors import UserError
+from core.pipeline.ledger import Ledger
 
 QUICK = """
 [teacher]
@@ -309,7 +309,7 @@ def test_edm_constructor_kwargs_are_bounded(tmp_path, kwargs, match):
     (dict(dropout=2.0), "dropout = 2.0 is beyond the bound [0.0, 1.0]"),
 ])
 def test_openai_settings_are_bounded(settings, match):
-    from plugins.edm.openai_unet import build_openai_unet
+    from plugins.openai.unet import build_openai_unet
     base = dict(image_size=8, num_channels=8, num_res_blocks=1, channel_mult="1",
                 attention_resolutions="", class_cond=False)
     _refused_fast(lambda: build_openai_unet({**base, **settings}), "openai unet", match)
@@ -325,7 +325,7 @@ def _bad_tensors():
 
 @pytest.mark.parametrize("kind", ["int", "complex", "sparse", "meta", "bool"])
 def test_state_dict_of_the_wrong_kind_is_refused_by_name(kind):
-    from core.training import restore
+    from core.train.loop import restore
     net = nn.Linear(2, 2)
     state = {"modules": {"student": {"weight": _bad_tensors()[kind], "bias": torch.zeros(2)}},
              "optimizer": torch.optim.SGD(net.parameters(), lr=0.1).state_dict()}
@@ -338,7 +338,7 @@ def test_state_dict_of_the_wrong_kind_is_refused_by_name(kind):
 
 
 def test_edm_and_openai_state_dicts_are_checked_by_name():
-    from plugins.edm.openai_unet import check_openai_state_dict
+    from plugins.openai.unet import check_openai_state_dict
     from plugins.edm.precond import load_state
     net = nn.Sequential(nn.Linear(2, 2))
     sd = {"0.weight": torch.zeros(2, 2, dtype=torch.int32), "0.bias": torch.zeros(2)}
@@ -357,7 +357,7 @@ def test_config_bounds_are_in_the_reference():
     ([1] * 9, "holds 9 entries; the bound is 8"),
 ])
 def test_sample_shapes_are_bounded(tmp_path, shape, match):
-    from core.data import DataSource
+    from core.data.source import DataSource
     from plugins.teachers.torchscript import TorchScriptTeacher
     _refused_fast(lambda: DataSource(Section("data", {"path": "x.npy", "shape": shape},
                                              "c.toml", tmp_path)), "[data] shape", match)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from core import cli, plugins
-from core.config import tomllib
+from core import cli
+from core.host import plugins
+from core.host.config import tomllib
 from core.config_reference import render, toml_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def test_plugins_lists_by_kind(capsys):
 
 
 def test_plot_coefficients(capsys, tmp_path, gaussian_table):
-    from core.coefficients import store
+    from core.diffusion.coefficients import store
     store.write(tmp_path / "c.h5", gaussian_table, grid="log", n_samples=4096,
                 teacher_fingerprint="fp", settings={})
     rc, out, err = ctmkit(capsys, "plot", "coefficients", tmp_path / "c.h5", "--out",

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import QUICK_CONFIG, T_MAX, T_MIN
-from core.coefficients.numerics import smooth
-from core.coefficients.table import CoefficientTable
-from core.config import parse_config, tomllib
-from core.errors import UserError
-from core.schedules import log_grid
+from core.diffusion.coefficients.numerics import smooth
+from core.diffusion.coefficients.table import CoefficientTable
+from core.host.config import parse_config, tomllib
+from core.base.errors import UserError
+from core.diffusion.schedules import log_grid
 from plugins.preconditionings import AnalyticPrecond, CTMPrecond
 
 TS = log_grid(40, T_MIN, T_MAX)           # descending t = ascending lambda

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from conftest import T_MAX, T_MIN, exact_single_gaussian, single_gaussian, table_for
-from core.coefficients import store
-from core.coefficients.estimate import collect
-from core.coefficients.numerics import derivative
-from core.coefficients.table import CoefficientTable
-from core.errors import UserError
-from core.jumper import Jumper, TeacherAsNetwork
-from core.schedules import coefficient_grid, log_grid
+from core.diffusion.coefficients import store
+from core.diffusion.coefficients.estimate import collect
+from core.diffusion.coefficients.numerics import derivative
+from core.diffusion.coefficients.table import CoefficientTable
+from core.base.errors import UserError
+from core.export.jumper import Jumper, TeacherAsNetwork
+from core.diffusion.schedules import coefficient_grid, log_grid
 from plugins.preconditionings import AnalyticPrecond, CTMPrecond
 from plugins.teachers.gmm import GMMTeacher
 
@@ -95,7 +95,7 @@ def test_hutchinson_trace_matches_exact_jacobian_trace_on_mixture():
     for i, t in enumerate(ts):
         exact = []
         for b in range(4):
-            from core.coefficients.estimate import batch_generator
+            from core.diffusion.coefficients.estimate import batch_generator
             g = batch_generator(3, b)
             x0, _ = teacher.sample_data(5000, g)
             eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
@@ -115,7 +115,7 @@ def test_ode_derivative_jvp_matches_finite_difference():
     den = teacher.denoiser()
     x0 = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
     t = 0.7
-    from core.coefficients.estimate import per_sample_stats, STATS
+    from core.diffusion.coefficients.estimate import per_sample_stats, STATS
     eps = torch.zeros_like(x0)
     v = torch.ones_like(x0)
     stats = per_sample_stats(lambda x, tt, y: den(x, tt, y), x0, eps, v, t, None)[0]
@@ -150,7 +150,7 @@ def test_fourth_order_derivative_on_irregular_grid():
 def test_edm_grid_estimation(gaussian_table):
     teacher = single_gaussian()
     den = teacher.denoiser()
-    from core.coefficients.estimate import estimate_table
+    from core.diffusion.coefficients.estimate import estimate_table
     ts = coefficient_grid("edm", 160, T_MIN, T_MAX, 7.0)   # the paper uses 160 for edm
     assert ts[0] == T_MAX and ts[-1] == T_MIN and np.all(np.diff(ts) < 0)
     tab = estimate_table(lambda x, t, y: den(x, t, y), teacher.sample_data, 3, ts, 256, 256, 0,
@@ -213,7 +213,7 @@ def test_a_float32_teacher_gives_the_float64_coefficients_to_rounding():
     """[coefficients] dtype = "float32": same draws, inner products in float64, so the
     estimates differ from the float64 ones by float32 rounding only -- also at t_min, where
     ||g||^2 is a small difference of large products."""
-    from core.coefficients.estimate import finalize
+    from core.diffusion.coefficients.estimate import finalize
 
     teacher = GMMTeacher([0.4, 0.6], [[-1.0, 0.5, 0.0], [1.0, 0.0, 0.5]], [0.3, 0.6])
     ts = log_grid(12, T_MIN, T_MAX)

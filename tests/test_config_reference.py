@@ -1,4 +1,4 @@
-"""Config keys are declared once (core.config): the docs' reference (docs/configuration.md),
+"""Config keys are declared once (core.host.config): the docs' reference (docs/configuration.md),
 the parser's defaults, its type errors and its unknown-key errors all follow from the
 declarations."""
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from core import config as C
+from core.host import config as C
 from core import config_reference as ref
-from core.errors import UserError
+from core.base.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "configuration.md"

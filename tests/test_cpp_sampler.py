@@ -1,4 +1,4 @@
-"""The C++ sampler ``ctm_sample`` (cpp_runtime/): parity with core.sampling.draw, output files,
+"""The C++ sampler ``ctm_sample`` (cpp_runtime/): parity with core.export.sampling.draw, output files,
 and one-line errors.
 
 The binary is built once per session by tools/build_cpp.py (incremental in build/): the
@@ -27,9 +27,9 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.integrity import seal_archive  # noqa: E402
-from core.jumper import Jumper, TeacherAsNetwork, export, load, make_meta  # noqa: E402
-from core.sampling import draw  # noqa: E402
+from core.base.integrity import seal_archive  # noqa: E402
+from core.export.jumper import Jumper, TeacherAsNetwork, export, load, make_meta  # noqa: E402
+from core.export.sampling import draw  # noqa: E402
 from plugins.preconditionings import AnalyticPrecond, CTMPrecond  # noqa: E402
 from plugins.samplers import CTMSampler  # noqa: E402
 from plugins.teachers.gmm import GMMTeacher  # noqa: E402
@@ -112,8 +112,8 @@ def parity_jumpers(T) -> list[tuple[str, nn.Module, dict]]:
     """(name, eager jumper, meta) of the models every parity test runs: the teacher-initialised
     GMM jumper with CTM (float32, float64) and Analytic (forward) preconditioning, and real
     MLP networks, unconditional and class-conditional."""
-    from core.coefficients.estimate import estimate_table
-    from core.schedules import log_grid
+    from core.diffusion.coefficients.estimate import estimate_table
+    from core.diffusion.schedules import log_grid
 
     P = CTMPrecond()
     den = T.denoiser()
@@ -181,7 +181,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-# --- parity with core.sampling.draw ----------------------------------------------------------
+# --- parity with core.export.sampling.draw ----------------------------------------------------------
 
 def python_samples(model: Path, *, steps=2, num=10, batch=4, seed=0, gamma=0.0,
                    timesteps=None, class_label=None):
@@ -359,7 +359,7 @@ def test_warmup_does_not_change_samples(binary, models, tmp_path):
     np.testing.assert_array_equal(a, np.load(tmp_path / "c.npy"))
 
 
-# --- --format npz | png: the files papers' evaluators read (core/sample_files.py) -----------
+# --- --format npz | png: the files papers' evaluators read (core/export/sample_files.py) -----------
 
 def _cpp(binary, model, out, fmt, *, num, batch=7, seed=3, steps=2):
     run(binary, "--model", model, "--out", out, "--format", fmt, "--num", num, "--batch", batch,
@@ -374,7 +374,7 @@ def test_npz_is_what_python_sample_files_writes(binary, models, tmp_path, model)
     boundary."""
     import zipfile
 
-    from core.sample_files import adm_uint8, save_npz
+    from core.export.sample_files import adm_uint8, save_npz
 
     x, y = cpp_samples(binary, models[model], tmp_path / "s.npy", num=23, batch=7, seed=3)
     _cpp(binary, models[model], tmp_path / "s.npz", "npz", num=23)
@@ -402,7 +402,7 @@ def test_npz_is_what_python_sample_files_writes(binary, models, tmp_path, model)
 def test_npz_zip64_records_read_by_numpy(binary, tmp_path):
     """ZIP64 records (written where a member passes 4 GiB; forced here by the unit-test
     binary) are read by numpy / zipfile as the plain archive is."""
-    from core.sample_files import adm_uint8
+    from core.export.sample_files import adm_uint8
 
     subprocess.run([str(binary.parent / "ctm_runtime_tests"), "--write-npz", str(tmp_path)],
                    check=True)
@@ -426,7 +426,7 @@ def _png_pixels(path: Path) -> np.ndarray:
 def test_png_folder_is_what_python_sample_files_writes(binary, models, tmp_path, model):
     """--format png: EDM's layout (shards of 1,000) with the marker; every PNG decodes to the
     pixels of core/sample_files.save_png_folder for the same samples (EDM's conversion)."""
-    from core.sample_files import PNG_MARKER, edm_uint8, png_relpath, save_png_folder
+    from core.export.sample_files import PNG_MARKER, edm_uint8, png_relpath, save_png_folder
 
     num = 1003 if model == "mlp" else 12
     x, _ = cpp_samples(binary, models[model], tmp_path / "s.npy", num=num, batch=250, seed=3)

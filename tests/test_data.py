@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import Section
-from core.data import DataSource, load_arrays
-from core.errors import UserError
+from core.host.config import Section
+from core.data.source import DataSource, load_arrays
+from core.base.errors import UserError
 
 
 def test_formats_round_trip(tmp_path):

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.config import Section
-from core.datasets import Dataset, load
-from core.errors import UserError
+from core.host.config import Section
+from core.data.datasets import Dataset, load
+from core.base.errors import UserError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 

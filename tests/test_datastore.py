@@ -1,4 +1,4 @@
-"""The on-disk image store (core/datastore.py): uint8 images memory-mapped, decoded once into a
+"""The on-disk image store (core/data/datastore.py): uint8 images memory-mapped, decoded once into a
 cache folder, batches read by index; and every way a store can be bad (truncated, tampered,
 other settings, read-only or full cache, a changed source, two builders, kill -9 mid-build)."""
 
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from core import datastore
-from core.config import Section
-from core.datasets import Dataset, load
-from core.errors import UserError
+from core.data import datastore
+from core.host.config import Section
+from core.data.datasets import Dataset, load
+from core.base.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -100,7 +100,7 @@ def test_sample_rows_reads_only_its_rows_and_matches_the_global_draws(tmp_path, 
 def test_uint8_npy_is_mapped_in_place_with_the_same_fingerprint(tmp_path):
     import hashlib
 
-    from core.datasets import digest
+    from core.data.datasets import digest
     u8 = np.random.default_rng(0).integers(0, 256, (7, 3, 4, 4), dtype=np.uint8)
     np.save(tmp_path / "x.npy", u8)
     ds = _load(tmp_path, format="array", path="x.npy", range="byte")
@@ -217,8 +217,8 @@ _BUILDER = """
 import sys, time, types
 sys.path.insert(0, {root!r})
 import plugins.datasets as P
-from core.config import Section
-from core.datasets import load
+from core.host.config import Section
+from core.data.datasets import load
 slow, calls = P._decode_rows, []
 def decode(task):
     calls.append(1)
@@ -333,8 +333,8 @@ def test_dry_run_writes_no_store_and_a_run_builds_it_in_out_dir(tmp_path, run_ma
 
 
 def test_prefetch_hands_over_the_same_draws_and_generator_state(tmp_path):
-    from core.distill import Prefetch
-    from core.training import iteration_generator
+    from core.train.distill import Prefetch
+    from core.train.loop import iteration_generator
 
     _zip(tmp_path)
     ds = _load(tmp_path, format="edm", path="d.zip", hflip=True)
@@ -349,7 +349,7 @@ def test_prefetch_hands_over_the_same_draws_and_generator_state(tmp_path):
 
 
 def test_float_npy_is_mapped_as_it_is_and_checked(tmp_path):
-    from core.datastore import MappedArray
+    from core.data.datastore import MappedArray
     unit = np.random.default_rng(2).random((9, 1, 3, 3)).astype(np.float32)
     np.save(tmp_path / "u.npy", unit)
     ds = _load(tmp_path, format="array", path="u.npy", range="unit")

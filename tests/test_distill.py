@@ -74,15 +74,15 @@ def work(trained, tmp_path):
 
 
 def _run_obj(cfg_path):
-    from core.config import load_config
-    from core.stages import Run
+    from core.host.config import load_config
+    from core.pipeline.stages import Run
     run = Run(load_config(cfg_path), progress=False)
     return run
 
 
 def test_network_student_equals_teacher_at_initialisation(work):
-    from core.students import build_student
-    from core.distill import StepContext
+    from core.train.students import build_student
+    from core.train.distill import StepContext
     run = _run_obj(work / "c.toml")
     student = build_student(run)
     D = run.teacher.denoiser(torch.float32)
@@ -96,8 +96,8 @@ def test_network_student_equals_teacher_at_initialisation(work):
 
 
 def test_analytic_teacher_residual_student_equals_teacher(tmp_path):
-    from core.students import build_student
-    from core.distill import StepContext
+    from core.train.students import build_student
+    from core.train.distill import StepContext
     (tmp_path / "c.toml").write_text(
         "[teacher]\nkind = \"gmm\"\nweights = [0.5, 0.5]\nmeans = [[-1.0], [1.0]]\n"
         "stds = [0.3, 0.5]\n[network]\nwidth = 16\ndepth = 1\nemb_dim = 8\n")
@@ -139,7 +139,7 @@ def test_short_distillation_lowers_loss_and_trajectory_error(work):
 
 
 def _weights(path):
-    from core.jumper import load
+    from core.export.jumper import load
     j, _ = load(path)
     return {k: v.clone() for k, v in j.state_dict().items()}
 
@@ -176,7 +176,7 @@ def test_kill_9_and_resume_equals_uninterrupted(work, tmp_path_factory, schedule
     ra, rb = _metrics(work / "out" / "metrics.csv"), _metrics(other / "out" / "metrics.csv")
     assert [r["iteration"] for r in ra] == [r["iteration"] for r in rb]
     if schedule:              # the logged lr is the schedule's, in both runs
-        from core.training import LRSchedule
+        from core.train.loop import LRSchedule
         f = LRSchedule(4e-4, 4, "cosine", 1e-5, 0, 40)
         logged = [r for r in ra if r["lr"]]                  # evaluation rows have no lr
         assert len(logged) >= 4
@@ -316,9 +316,9 @@ def stage1(work):
 
 def _warm_modules(cfg_path):
     """The student, target and EMAs a run of `cfg_path` starts from (as distill() makes them)."""
-    from core import distill, warm_start
-    from core.students import build_student
-    from core.training import EMA
+    from core.train import distill, warm_start
+    from core.train.students import build_student
+    from core.train.loop import EMA
     run = _run_obj(cfg_path)
     precond = run.precond()
     ws = distill._warm_start(run, precond)
@@ -335,7 +335,7 @@ def _same(a: dict, b: dict) -> bool:
 
 @pytest.mark.slow
 def test_warm_start_sources_load_what_they_promise(stage1):
-    from core.io import load_torch
+    from core.base.io import load_torch
     out = stage1 / "out"
     student_pt = load_torch(out / "student.pt", "student")["state_dict"]
     ckpt = load_torch(out / "checkpoints" / "ckpt-00000006.pt", "checkpoint")
@@ -361,8 +361,8 @@ def test_warm_start_sources_load_what_they_promise(stage1):
 def test_warm_started_run_records_its_source_resumes_exactly_and_refuses_a_changed_one(stage1):
     import json
     import shutil
-    from core.io import load_torch
-    from core.students import save_student
+    from core.base.io import load_torch
+    from core.train.students import save_student
     out = stage1 / "out"
     cfg = _stage2(stage1, str(out), "init_ema = true\ninit_optimizer = true", iterations=4)
     r = run_cli(cfg)
@@ -383,7 +383,7 @@ def test_warm_started_run_records_its_source_resumes_exactly_and_refuses_a_chang
     shutil.rmtree(out / "checkpoints")
     st = load_torch(out / "student.pt", "student")
     net = _run_obj(stage1 / "c.toml")
-    from core.students import build_student
+    from core.train.students import build_student
     s = build_student(net)
     s.load_state_dict({k: v * 1.01 for k, v in st["state_dict"].items()})
     save_student(out / "student.pt", s, st["teacher_fingerprint"])
@@ -413,8 +413,8 @@ def test_warm_start_sources_that_do_not_fit_are_one_error_line(stage1):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (init, r.stderr)
     # weights of another shape (a layer narrower): they do not fit
-    from core.io import load_torch
-    from core.students import save_student
+    from core.base.io import load_torch
+    from core.train.students import save_student
     st = load_torch(out / "student.pt", "student")
     k = next(k for k, v in st["state_dict"].items() if v.dim() == 2)
     narrow = {n: (v[:-1] if n == k else v) for n, v in st["state_dict"].items()}
@@ -440,7 +440,7 @@ def test_adaptive_dsm_weight_is_the_definition_on_both_chunk_paths(work):
     """CTM's adaptive DSM weight w = ||d L_main / d W_last|| / (||d L_dsm / d W_last|| + 1e-8)
     over the whole batch, and the gradient of L_main + w L_dsm: the same (to float rounding)
     from the one-pass path (one chunk) and from gradient accumulation over micro-batches."""
-    from core.distill import Distiller, last_layer
+    from core.train.distill import Distiller, last_layer
     cfg = work / "c.toml"
     cfg.write_text(CONFIG.replace("N = 8", "N = 8\ndsm_weight = \"adaptive\""))
     dl = Distiller(_run_obj(cfg))

@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.config import Section
-from core.datasets import Dataset, load
-from core.errors import UserError
+from core.host.config import Section
+from core.data.datasets import Dataset, load
+from core.base.errors import UserError
 
 
 def _load(tmp_path, **data) -> Dataset:
@@ -348,8 +348,8 @@ checkpoint_every = 2
 
 
 def test_cli_accepts_an_edm_config(tmp_path, write_config, run_main):
-    from core.config import load_config
-    from core.data import DataSource
+    from core.host.config import load_config
+    from core.data.source import DataSource
 
     images = _images(3, idx=range(8), h=8, w=8, seed=4)
     write_edm(tmp_path / "ds.zip", images, _meta(images, [i % 2 for i in range(8)]))

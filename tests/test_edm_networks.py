@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import UserError
+from core.base.errors import UserError
 from plugins.edm.precond import build_precond, labels_to_onehot, load_edm_network
 from plugins.edm.unpickle import EasyDict, PersistentStub, edm_network_spec, load_edm_snapshot
 from conftest import FIXTURES  # tests/fixtures/ (see its README)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import T_MAX, T_MIN, single_gaussian
-from core.evaluate import distribution_distance, sliced_w1, trajectory_errors, w1_1d
-from core.jumper import Jumper, TeacherAsNetwork
-from core.schedules import rho_grid
+from core.evaluation.evaluate import distribution_distance, sliced_w1, trajectory_errors, w1_1d
+from core.export.jumper import Jumper, TeacherAsNetwork
+from core.diffusion.schedules import rho_grid
 from plugins.preconditionings import AnalyticPrecond, CTMPrecond
 from plugins.samplers import CMSampler, CTMSampler
 from plugins.solvers import EulerSolver, HeunSolver
@@ -94,7 +94,7 @@ def test_trajectory_alignment_tool_quick(tmp_path):
 
 
 def test_plot_coefficients_tool(tmp_path, gaussian_table):
-    from core.coefficients import store
+    from core.diffusion.coefficients import store
     store.write(tmp_path / "c.h5", gaussian_table, grid="log", n_samples=4096,
                 teacher_fingerprint="fp", settings={})
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_coefficients.py"),

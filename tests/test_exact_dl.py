@@ -15,10 +15,10 @@ from torch.func import grad, jvp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from bench_coefficients import MLPDenoiser  # noqa: E402  (the network-like teacher)
 from conftest import QUICK_CONFIG, T_MAX, T_MIN, exact_single_gaussian, single_gaussian
-from core.coefficients import estimate
-from core.coefficients.estimate import N_FD, STATS, collect, finalize
-from core.errors import UserError
-from core.schedules import log_grid
+from core.diffusion.coefficients import estimate
+from core.diffusion.coefficients.estimate import N_FD, STATS, collect, finalize
+from core.base.errors import UserError
+from core.diffusion.schedules import log_grid
 from plugins.teachers.gmm import GMMTeacher
 
 

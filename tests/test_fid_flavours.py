@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from core import metrics as M
-from core.config import Section
-from core.datasets import Dataset
-from core.errors import UserError
+from plugins.metrics import fid as M
+from core.host.config import Section
+from core.data.datasets import Dataset
+from core.base.errors import UserError
 
 CTX = types.SimpleNamespace(device="cpu", progress=False)
 
@@ -308,12 +308,12 @@ def _tiny_feature_net(path: Path) -> Path:
 
 
 def stages_log_line(K, values: dict) -> str:
-    """How core/stages.py's evaluate logs every entry of sample_quality's result."""
+    """How core/pipeline/stages.py's evaluate logs every entry of sample_quality's result."""
     return f"evaluate: {K}-step " + "  ".join(f"{n} {x:.4g}" for n, x in values.items())
 
 
 def test_info_blocks_present_and_strict_json(tmp_path, fake):
-    from core.quality import compute_metrics
+    from core.evaluation.quality import compute_metrics
 
     fid_f, kid_f = factories()
     net = _tiny_feature_net(tmp_path / "net.pt")
@@ -349,8 +349,8 @@ def test_info_blocks_present_and_strict_json(tmp_path, fake):
 
 
 def test_sample_quality_info_for_metrics_json_not_for_distills_csv(tmp_path, monkeypatch):
-    import core.sampling
-    from core.quality import sample_quality
+    import core.export.sampling
+    from core.evaluation.quality import sample_quality
 
     fid_f, _ = factories()
     net = _tiny_feature_net(tmp_path / "net.pt")
@@ -359,7 +359,7 @@ def test_sample_quality_info_for_metrics_json_not_for_distills_csv(tmp_path, mon
 
     def draw(jumper, meta, sampler, ts, num, batch, seed, device, progress=False):
         return images(num, seed=100 + len(ts)).numpy(), None
-    monkeypatch.setattr(core.sampling, "draw", draw)
+    monkeypatch.setattr(core.export.sampling, "draw", draw)
     sampler = types.SimpleNamespace(timesteps=lambda K, *a: list(range(K)))
     meta = {"t_min": 0.002, "t_max": 80.0, "rho": 7.0}
     args = (None, meta, sampler, [1, 2], 20, 10, 0, "cpu", [metric], ref, tmp_path / "cache")

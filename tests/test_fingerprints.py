@@ -1,11 +1,11 @@
-"""Which config keys enter a fingerprint is declared with the key (`Key.result`, core.config),
+"""Which config keys enter a fingerprint is declared with the key (`Key.result`, core.host.config),
 and the fingerprints of existing configs are what they were before that declaration existed:
 an existing run's checkpoints still resume, its coefficient store is still reused.
 
 tests/fixtures/fingerprints.json holds the fingerprints of the example configs (each also with
 the overrides in `OVERRIDES`) as the code before `Key.result` computed them (commit facc7b5:
-core.distill.fingerprint; the teacher's fingerprint and the store's settings were written
-inline in core/teacher_training.py and core/stages.py, evaluated here as they were written),
+core.train.distill.fingerprint; the teacher's fingerprint and the store's settings were written
+inline in core/train/teacher.py and core/pipeline/stages.py, evaluated here as they were written),
 with "teacher-fp" / "data-fp" as the teacher's and the data's content fingerprints. Configs
 added since (fashion_mnist_study_long, recipe_smoke, paper/cifar10_ctm_gan) are pinned as the
 code computed them when they were added."""
@@ -17,11 +17,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from core import config as C
-from core.distill import fingerprint as distill_fingerprint
-from core.stages import coefficient_settings
-from core.teacher_training import fingerprint as teacher_fingerprint
-from core.training import config_digest
+from core.host import config as C
+from core.train.distill import fingerprint as distill_fingerprint
+from core.pipeline.stages import coefficient_settings
+from core.train.teacher import fingerprint as teacher_fingerprint
+from core.train.loop import config_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = json.loads((ROOT / "tests" / "fixtures" / "fingerprints.json").read_text())
@@ -68,8 +68,8 @@ def _fields(cls):
 
 def test_a_key_enters_the_training_fingerprints_if_and_only_if_it_changes_a_result(tmp_path):
     # cosine: every schedule key bears on the weights, and so does iterations (the lr of each
-    # iteration depends on it: core.training.with_lr_schedule)
-    # a GAN on: its keys bear on the weights only then (core.gan.fingerprint_keys)
+    # iteration depends on it: core.train.loop.with_lr_schedule)
+    # a GAN on: its keys bear on the weights only then (core.train.gan.fingerprint_keys)
     raw = {"teacher": {"kind": "gmm"}, "distill": {"lr_schedule": "cosine", "gan_weight": 0.5},
            "teacher_train": {"lr_schedule": "cosine"}}
     cfg = C.parse_config(raw, tmp_path / "config.toml")

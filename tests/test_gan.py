@@ -1,4 +1,4 @@
-"""CTM's GAN term (core/gan.py, plugins/discriminators): the hinge losses and DiffAugment
+"""CTM's GAN term (core/train/gan.py, plugins/discriminators): the hinge losses and DiffAugment
 against their definitions, a run that logs the discriminator, exact resume after kill -9 and
 2 processes = 1 process with the GAN on, and bad input as one error line."""
 
@@ -76,7 +76,7 @@ def _one_error(r, text: str, out: Path | None = None):
 # -- the losses and the augmentations ---------------------------------------------------------
 
 def test_hinge_losses_are_their_definitions():
-    from core.gan import hinge_discriminator, hinge_generator
+    from core.train.gan import hinge_discriminator, hinge_generator
     real, fake = torch.randn(6, 5), torch.randn(6, 5)
     want = sum(max(0.0, 1 - float(v)) for v in real.flatten()) / real.numel() + \
         sum(max(0.0, 1 + float(v)) for v in fake.flatten()) / fake.numel()
@@ -389,9 +389,9 @@ def test_adaptive_gan_and_dsm_weights_are_the_definition_on_both_chunk_paths(tmp
     """With DSM and the GAN term both "adaptive", each w = ||dL_main/dW|| / (||dL_i/dW|| +
     1e-8) on the student's last weight matrix W, and the gradient of L_main + sum w_i L_i:
     the same from the one-pass path and from micro-batches."""
-    from core.config import load_config
-    from core.distill import Distiller, last_layer
-    from core.stages import Run
+    from core.host.config import load_config
+    from core.train.distill import Distiller, last_layer
+    from core.pipeline.stages import Run
     (tmp_path / "c.toml").write_text(CONFIG.replace('out_dir = "out"',
                                                     f'out_dir = "{tmp_path / "out"}"').replace(
         "[discriminator]", 'dsm_weight = "adaptive"\n[discriminator]'))

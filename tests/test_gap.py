@@ -10,8 +10,8 @@ import torch
 
 from conftest import QUICK_CONFIG, T_MAX, T_MIN, single_gaussian, table_for
 from core import gap
-from core.edm import edm_scalings
-from core.schedules import rho_grid
+from core.diffusion.edm import edm_scalings
+from core.diffusion.schedules import rho_grid
 
 GMM = ('kind = "gmm"\nweights = [0.3, 0.7]\nmeans = [[-2.0, 0.0], [1.0, 1.0]]\n'
        'stds = [1.0, 0.5]')
@@ -143,7 +143,7 @@ class _BadG(torch.nn.Module):
 def test_g_zero_or_not_finite_on_a_pair_is_one_error_line(value, shown, monkeypatch,
                                                           write_config, run_main, tmp_path,
                                                           old_gap):
-    from core import plugins
+    from core.host import plugins
 
     monkeypatch.setitem(plugins.registry()["precond"], "bad_g", plugins.Plugin(
         "precond", "bad_g", lambda o, c: _BadG(value), "test"))
@@ -152,7 +152,7 @@ def test_g_zero_or_not_finite_on_a_pair_is_one_error_line(value, shown, monkeypa
 
 
 def test_teacher_returning_nan_is_one_error_line(write_config, run_main, tmp_path, old_gap):
-    from core.jumper import script
+    from core.export.jumper import script
 
     class NaNTeacher(torch.nn.Module):
         def forward(self, x, t):

@@ -65,7 +65,7 @@ def test_fig3_tool_draws_a_metric_per_step_count(tmp_path):
         rows += [f"{i},0.1,{base / (1 + i / 100):.3f},{base / (2 + i / 100):.3f},0.5"
                  for i in (0, 100, 200)]
         (d / "metrics.csv").write_text("\n".join(rows) + "\n")
-    from core.compare import read_curves
+    from core.pipeline.compare import read_curves
     curves = read_curves(tmp_path / "ctm" / "metrics.csv")
     assert set(curves) == {"fid_featnet-abc", "traj_err"}
     assert curves["fid_featnet-abc"][2] == ([0, 100, 200], [15.0, 10.0, 7.5])
@@ -84,13 +84,13 @@ def test_fig3_tool_draws_a_metric_per_step_count(tmp_path):
 def test_a_stage_data_file_of_images_is_scaled_like_the_data_section(tmp_path):
     import numpy as np
 
-    from core.data import DataSource
+    from core.data.source import DataSource
     x = np.zeros((4, 1, 3, 3), np.uint8)
     x[:, :, 1, 1] = 255
     np.save(tmp_path / "ref.npy", x)
     src = DataSource.from_file(tmp_path / "ref.npy", (1, 3, 3))
     assert src.x.dtype.is_floating_point and float(src.x.min()) == -1.0
     assert float(src.x.max()) == 1.0
-    from core.errors import UserError
+    from core.base.errors import UserError
     with pytest.raises(UserError, match="teacher expects"):
         DataSource.from_file(tmp_path / "ref.npy", (3, 3, 3))

@@ -131,9 +131,9 @@ def test_metrics_are_named_for_their_feature_net_never_plain_fid(image_run):
 
 
 def test_ctm_sample_matches_the_python_sampler_for_the_conditional_unet(image_run):
-    from core.config import for_precond, load_config
-    from core.sampling import draw
-    from core.stages import Run, load_exported
+    from core.host.config import for_precond, load_config
+    from core.export.sampling import draw
+    from core.pipeline.stages import Run, load_exported
 
     d, cfg = image_run
     base = load_config(cfg)
@@ -148,10 +148,10 @@ def test_ctm_sample_matches_the_python_sampler_for_the_conditional_unet(image_ru
 
 
 def test_unet_student_equals_its_teacher_at_initialisation(image_run):
-    from core.config import for_precond, load_config
-    from core.jumper import Jumper, TeacherAsNetwork
-    from core.stages import Run
-    from core.students import build_student
+    from core.host.config import for_precond, load_config
+    from core.export.jumper import Jumper, TeacherAsNetwork
+    from core.pipeline.stages import Run
+    from core.train.students import build_student
 
     d, cfg = image_run
     base = load_config(cfg)

@@ -1,9 +1,9 @@
-"""Whole-file digests of exported jumpers (core/integrity.py) and the meta.json rules shared by
+"""Whole-file digests of exported jumpers (core/base/integrity.py) and the meta.json rules shared by
 the Python loader and ctm_sample.
 
 * A TorchScript jumper is sealed by ``extra/archive_sha256``, the digest of every other record:
   a flipped bit or an edit anywhere in its code, ``data.pkl``, tensors or ``meta.json`` is
-  refused before TorchScript reads it, by ``core.jumper.load`` and by ``ctm_sample``.
+  refused before TorchScript reads it, by ``core.export.jumper.load`` and by ``ctm_sample``.
 * A ``.pt2`` package is checked against its sidecar ``<name>.pt2.sha256`` (the compiled-package
   cases are in tests/test_aoti.py, which compiles once per session).
 * ``tests/fixtures/meta_cases.json``: one table of meta.json edits with the expected verdict,
@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from core.aoti import load_aoti  # noqa: E402
-from core.errors import UserError  # noqa: E402
-from core.integrity import (ARCHIVE_DIGEST_FILE, archive_digest, check_sidecar,  # noqa: E402
+from core.export.aoti import load_aoti  # noqa: E402
+from core.base.errors import UserError  # noqa: E402
+from core.base.integrity import (ARCHIVE_DIGEST_FILE, archive_digest, check_sidecar,  # noqa: E402
                             seal_archive, sidecar_path, write_sidecar)
-from core.jumper import Jumper, export, load, payload_digest, script  # noqa: E402
+from core.export.jumper import Jumper, export, load, payload_digest, script  # noqa: E402
 from plugins.preconditionings import CTMPrecond  # noqa: E402
 from test_cpp_sampler import SIGMA_DATA, MLPNet, meta_for, run  # noqa: E402
 
@@ -156,7 +156,7 @@ def test_bit_flip_in_any_record_is_refused(exported, tmp_path):
     # a constant of the module (sigma_data = 0.5, a pickled float in data.pkl) -> 0.75
     ("data.pkl", lambda b: b.replace(struct.pack(">d", 0.5), struct.pack(">d", 0.75), 1)),
     # the TorchScript code of the jumper: one call (a product becomes a quotient)
-    ("code/__torch__/core/jumper.py", lambda b: b.replace(b"torch.mul(", b"torch.div(", 1)),
+    ("code/__torch__/core/export/jumper.py", lambda b: b.replace(b"torch.mul(", b"torch.div(", 1)),
     # meta.json: the time range the sampler uses
     ("extra/meta.json", lambda b: b.replace(b'"t_max": 80.0', b'"t_max": 40.0', 1)),
 ])

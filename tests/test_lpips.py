@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core.errors import UserError
+from core.base.errors import UserError
 from plugins.losses import LPIPS
 
 

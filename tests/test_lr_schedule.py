@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from core.training import LRSchedule, with_lr_schedule
+from core.train.loop import LRSchedule, with_lr_schedule
 
 
 def test_constant_with_warmup_is_the_old_linear_warmup():

@@ -1,4 +1,4 @@
-"""FID / KID through clean-fid (core/metrics.py, plugins/metrics.py) and the offline feature net
+"""FID / KID through clean-fid (plugins/metrics/fid.py, plugins/metrics/__init__.py) and the offline feature net
 (tools/train_feature_net.py). No Inception weights exist here: a tiny random TorchScript
 feature net stands in, and a fake InceptionV3W-shaped file checks the Inception wiring."""
 
@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from core import metrics as M
-from core.config import Section
-from core.datasets import Dataset
-from core.errors import UserError
+from plugins.metrics import fid as M
+from core.host.config import Section
+from core.data.datasets import Dataset
+from core.base.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DISP = "ignore:.*disp.*:DeprecationWarning"    # clean-fid's sqrtm(disp=False) on SciPy >= 1.16
@@ -83,7 +83,7 @@ def dataset(x: Tensor, tag: str = "ref") -> Dataset:
 
 
 def png_quantise(x: Tensor) -> np.ndarray:
-    """What a PNG writer does, written independently of core.metrics.to_uint8."""
+    """What a PNG writer does, written independently of plugins.metrics.fid.to_uint8."""
     a = x.numpy().astype(np.float32)
     return np.clip(np.round((a + 1) * 127.5), 0, 255).astype(np.uint8)
 
@@ -246,7 +246,7 @@ CTX = types.SimpleNamespace(device="cpu", progress=False)
 
 
 def test_feature_net_metrics_are_never_called_fid(tmp_path):
-    from core import plugins
+    from core.host import plugins
 
     file = write_tiny_net(tmp_path / "n.pt")
     table = plugins.registry()["metric"]
@@ -294,16 +294,16 @@ def test_save_grid_pixel_size(tmp_path):
 # -- tools/train_feature_net.py ----------------------------------------------------------------
 
 def test_train_feature_net_writes_a_loadable_file(tmp_path, monkeypatch, capsys):
-    import core.datasets
+    import core.data.datasets
 
     monkeypatch.syspath_prepend(str(ROOT / "tools"))
     tool = importlib.import_module("train_feature_net")
-    if not hasattr(core.datasets, "load"):       # until the dataset loaders exist
+    if not hasattr(core.data.datasets, "load"):       # until the dataset loaders exist
         def load(section, ctx):
             z = np.load(section.path("path"))
             x = torch.from_numpy(z["x"]).float()[:, None] / 127.5 - 1
             return Dataset(x, torch.from_numpy(z["y"]).long(), "fallback")
-        monkeypatch.setattr(core.datasets, "load", load, raising=False)
+        monkeypatch.setattr(core.data.datasets, "load", load, raising=False)
 
     g = np.random.default_rng(0)
     y = np.arange(120) % 2

@@ -1,4 +1,4 @@
-"""plugins/edm/openai_unet.py against the openai/consistency_models fixture (random weights,
+"""plugins/openai/unet.py against the openai/consistency_models fixture (random weights,
 reference outputs from the original code; see tests/fixtures/README.md)."""
 
 import json
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.func import jvp, vmap
 
-from core.errors import UserError
-from plugins.edm.openai_unet import (DEFAULTS, OpenAIDenoiser, build_openai_unet,
+from core.base.errors import UserError
+from plugins.openai.unet import (DEFAULTS, OpenAIDenoiser, build_openai_unet,
                                      check_openai_state_dict, load_openai_state_dict,
                                      load_openai_teacher)
 from conftest import FIXTURES  # tests/fixtures/ (see its README)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import UserError
+from core.base.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_a_user_named_path_outside_out_dir_is_allowed(cfg, run_main, tmp_path):
 def test_root_is_refused_as_out_dir(cfg, run_main):
     """Through --dry-run and the check itself only: should the check ever regress, a real run
     into / would write there and sweep it."""
-    from core.ownership import check_out_dir
+    from core.pipeline.ownership import check_out_dir
     with pytest.raises(UserError, match="refusing the root folder"):
         check_out_dir(Path("/"), [])
     assert "root folder" in refused(run_main, cfg, "--dry-run", "--set", 'run.out_dir="/"')
@@ -189,7 +189,7 @@ def _dead_pid() -> int:
 
 
 def test_temporaries_carry_the_writers_run_id(tmp_path):
-    from core.io import atomic_path, run_id
+    from core.base.io import atomic_path, run_id
     with atomic_path(tmp_path / "a.pt") as tmp:
         tmp.write_bytes(b"x")
         assert tmp.name.startswith(f".a.pt.ctmkit-{run_id()}-") and tmp.name.endswith(".tmp")
@@ -197,7 +197,7 @@ def test_temporaries_carry_the_writers_run_id(tmp_path):
 
 
 def test_the_sweep_removes_only_dead_runs_temporaries_in_folders_ctmkit_writes(tmp_path):
-    from core.io import _start_time, remove_stale_temporaries
+    from core.base.io import _start_time, remove_stale_temporaries
     out, shared = tmp_path / "out", tmp_path / "shared"
     for d in (out / "notes", out / "other-run", out / "checkpoints", shared):
         d.mkdir(parents=True)
@@ -240,7 +240,7 @@ def test_a_run_sweeps_its_out_dir_but_not_a_users_sub_folder(cfg, run_main, tmp_
 # --- 5. locks --------------------------------------------------------------------------------
 
 def test_deleting_the_lock_file_admits_no_second_run(tmp_path):
-    from core.lock import RunLock
+    from core.pipeline.lock import RunLock
     lock = RunLock(tmp_path).acquire()
     try:
         (tmp_path / ".lock").unlink()
@@ -252,7 +252,7 @@ def test_deleting_the_lock_file_admits_no_second_run(tmp_path):
 
 
 def test_a_run_below_a_locked_out_dir_is_refused(cfg, run_main, tmp_path):
-    from core.lock import RunLock
+    from core.pipeline.lock import RunLock
     lock = RunLock(tmp_path / "out").acquire()
     try:
         err = refused(run_main, cfg, "--set", 'run.out_dir="out/ctm"')
@@ -265,7 +265,7 @@ def test_a_run_below_a_locked_out_dir_is_refused(cfg, run_main, tmp_path):
 
 def test_a_comparison_is_refused_while_a_run_holds_one_of_its_label_folders(cfg, run_main,
                                                                              tmp_path):
-    from core.lock import RunLock
+    from core.pipeline.lock import RunLock
     text = cfg.read_text().replace('[precond]\nname = "ctm"\n', "").replace(
         'stages = ["export"]', 'stages = ["export"]\npreconds = [{name = "ctm"}, '
                               '{name = "cm"}]')
@@ -319,7 +319,7 @@ def _wait_for(pred, seconds: float) -> bool:
 
 @pytest.mark.parametrize("when", ["started", pytest.param("training", marks=pytest.mark.slow)])
 def test_sigterm_is_one_line_exit_143_lock_released_no_temporaries(when, tmp_path):
-    from core.lock import RunLock
+    from core.pipeline.lock import RunLock
     (tmp_path / "c.toml").write_text(textwrap.dedent(SLOW_TEACHER))
     p = subprocess.Popen([sys.executable, "-m", "core.run", "c.toml", "--no-progress"],
                          cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,

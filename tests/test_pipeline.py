@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import QUICK_CONFIG
-from core.jumper import load as load_jumper
+from core.export.jumper import load as load_jumper
 
 
 def test_quick_pipeline_runs_all_stages_and_reuses_coefficients(write_config, run_main, tmp_path):
@@ -44,7 +44,7 @@ def test_quick_pipeline_runs_all_stages_and_reuses_coefficients(write_config, ru
 
 
 def test_torchscript_teacher_gives_the_same_coefficients_as_gmm(write_config, run_main, tmp_path):
-    from core.jumper import script
+    from core.export.jumper import script
     from plugins.teachers.gmm import GMMTeacher
 
     teacher = GMMTeacher([0.3, 0.7], [[-2.0, 0.0], [1.0, 1.0]], [1.0, 0.5])
@@ -61,7 +61,7 @@ def test_torchscript_teacher_gives_the_same_coefficients_as_gmm(write_config, ru
         'grid = "log"', 'grid = "log"\ndata = "x0.npy"')
     rc, _, err = run_main(write_config(ts_cfg, "ts.toml"), "--stages", "coefficients,export,sample")
     assert rc == 0, err
-    from core.coefficients import store
+    from core.diffusion.coefficients import store
     a, b = store.load(tmp_path / "out/coefficients.h5"), store.load(tmp_path / "out_ts/coefficients.h5")
     # different x0 draws (data file vs exact sampling): agree within Monte-Carlo error
     assert np.abs(a.l - b.l).max() < 0.05 and np.abs(a.s - b.s).max() < 0.15
@@ -198,7 +198,7 @@ def test_cli_in_a_subprocess_has_no_traceback(tmp_path):
 
 
 def test_export_also_writes_an_aoti_package(finished_run, run_main):
-    from core.aoti import load_aoti
+    from core.export.aoti import load_aoti
 
     cfg, o = finished_run
     cfg.write_text(cfg.read_text().replace('path = "jumper.pt"', 'path = "jumper.pt"\naoti = true'))

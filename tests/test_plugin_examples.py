@@ -34,7 +34,7 @@ DISTRIBUTIONS = {
     "fourierdisc": ("discriminator", "fourier", "ctmkit-fourierdisc"),
 }
 #: what a plugin author may import from ctmkit (the guide's promise)
-PUBLIC = {"core.api", "core.hookspecs", "core.errors"}
+PUBLIC = {"core.api", "core.host.hookspecs", "core.base.errors"}
 
 GMM = '[teacher]\nkind = "gmm"\nweights = [0.3, 0.7]\nmeans = [[-2.0, 0.0], [1.0, 1.0]]\nstds = [1.0, 0.5]\n'
 DISTILL = """

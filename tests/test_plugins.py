@@ -60,7 +60,7 @@ def test_name_clash_names_both_sources(tmp_path):
         (EXAMPLE / "pyproject.toml").read_text().replace("ctmkit-powerlaw", "ctmkit-clash")
         .replace("powerlaw = \"ctmkit_powerlaw\"", "clash = \"ctmkit_clash\""))
     (src / "ctmkit_clash" / "__init__.py").write_text(
-        "from core.hookspecs import hookimpl\n"
+        "from core.host.hookspecs import hookimpl\n"
         "@hookimpl\ndef ctmkit_preconditionings():\n    return {'ctm': lambda o, c: None}\n")
     site = tmp_path / "site"
     _install(src, site)
@@ -85,17 +85,17 @@ def _distribution(tmp_path: Path, name: str, module_text: str) -> Path:
 
 
 @pytest.mark.parametrize("name, module_text, stages, msg", [
-    ("ctmkit-typo", "from core.hookspecs import hookimpl\n@hookimpl\n"
+    ("ctmkit-typo", "from core.host.hookspecs import hookimpl\n@hookimpl\n"
      "def ctmkit_preconditioning():\n    return {}\n", None, "ctmkit_preconditioning"),
     ("ctmkit-broken", "import no_such_module_anywhere\n", None,
      "entry point 'ctmkit_broken' of ctmkit-broken 0.1.0 failed to import"),
-    ("ctmkit-raises", "from core.hookspecs import hookimpl\n@hookimpl\n"
+    ("ctmkit-raises", "from core.host.hookspecs import hookimpl\n@hookimpl\n"
      "def ctmkit_solvers():\n    raise RuntimeError('boom')\n", None,
      "ctmkit_solvers() raised RuntimeError: boom"),
-    ("ctmkit-factory", "from core.hookspecs import hookimpl\n@hookimpl\n"
+    ("ctmkit-factory", "from core.host.hookspecs import hookimpl\n@hookimpl\n"
      "def ctmkit_preconditionings():\n    def make(o, c):\n        raise KeyError('power')\n"
      "    return {'bad': make}\n", "export", "precond plugin 'bad' from ctmkit-factory 0.1.0"),
-    ("ctmkit-noscript", "import torch\nfrom core.hookspecs import hookimpl\n"
+    ("ctmkit-noscript", "import torch\nfrom core.host.hookspecs import hookimpl\n"
      "class P(torch.nn.Module):\n    name, variant, jumps_denoiser = 'noscript', '', True\n"
      "    def forward(self, t, s):\n        return {1: t}.get(1, s) ** [1, 2], s\n"
      "@hookimpl\ndef ctmkit_preconditionings():\n    return {'noscript': lambda o, c: P()}\n",

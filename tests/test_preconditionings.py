@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import T_MAX, T_MIN
-from core.coefficients.table import CoefficientTable
-from core.jumper import Jumper, TeacherAsNetwork, script
-from core.schedules import log_grid
+from core.diffusion.coefficients.table import CoefficientTable
+from core.export.jumper import Jumper, TeacherAsNetwork, script
+from core.diffusion.schedules import log_grid
 from plugins.preconditionings import AnalyticPrecond, BCMPrecond, CMPrecond, CTMPrecond
 from plugins.teachers.gmm import GMMTeacher
 
@@ -117,8 +117,8 @@ def test_range_check_can_be_turned_off_for_checked_grid_times(mixture_table):
     """check_range (core.api.Preconditioning): on by default (out-of-range and NaN times
     raise, eager and scripted); off, the lookup does no host read-back and gives the same
     coefficients for in-range times. The distill stage turns it off for its steps and back on
-    around evaluations (core.distill._range_checks)."""
-    from core.distill import _range_checks
+    around evaluations (core.train.distill._range_checks)."""
+    from core.train.distill import _range_checks
     p = AnalyticPrecond.from_table(mixture_table, "backward")
     t, s = times(50), times(50, seed=1)
     ref = p(t, s)

@@ -79,7 +79,7 @@ def test_teacher_initialised_jumper_reproduces_the_reference_denoiser(name, tmp_
     reference D of the original code, to 1e-5 relative."""
     rc, _, err = run_main(config(tmp_path, name))
     assert rc == 0, err
-    from core.jumper import load
+    from core.export.jumper import load
     jumper, meta = load(tmp_path / "out" / "jumper.pt")
     x, sigma, labels, D = reference(name)
     assert meta["shape"] == list(x.shape[1:])
@@ -95,10 +95,10 @@ def test_teacher_initialised_jumper_reproduces_the_reference_denoiser(name, tmp_
 
 @pytest.mark.parametrize("name", ["edm-ddpmpp-cond-aug", "vp-ddpmpp-uncond", "openai"])
 def test_student_equals_teacher_at_initialisation(name, tmp_path):
-    from core.config import load_config
-    from core.jumper import Jumper, TeacherAsNetwork
-    from core.stages import Run
-    from core.students import build_student
+    from core.host.config import load_config
+    from core.export.jumper import Jumper, TeacherAsNetwork
+    from core.pipeline.stages import Run
+    from core.train.students import build_student
     from plugins.preconditionings import CTMPrecond
 
     run = Run(load_config(config(tmp_path, name)), progress=False)
@@ -204,7 +204,7 @@ def test_bad_teacher_inputs_are_one_line(tmp_path, run_main):
     ("imagenet64", 40, 20, 60000, 2048, "edm", 160, 1024)])
 def test_paper_configs_hold_table_3(name, N, max_ode, iters, batch, grid, nt, ns):
     """examples/paper/*.toml parse and carry Table 3's and Appendix B's settings."""
-    from core.config import load_config
+    from core.host.config import load_config
     cfg = load_config(ROOT / "examples" / "paper" / f"{name}.toml",
                       overrides=['run.device="cpu"'])
     d, c = cfg.distill, cfg.coefficients
@@ -221,8 +221,8 @@ def test_paper_configs_hold_table_3(name, N, max_ode, iters, batch, grid, nt, ns
 def test_teacher_dtype_runs_the_teacher_in_bfloat16(tmp_path, run_main):
     """[teacher] dtype = "bfloat16": the float32 denoiser runs the network in bf16 (close to the
     reference, not equal), the export scripts, float64 requests stay float64."""
-    from core.config import load_config
-    from core.stages import Run
+    from core.host.config import load_config
+    from core.pipeline.stages import Run
     cfg = config(tmp_path, "edm-ddpmpp-cond-aug")
     cfg.write_text(cfg.read_text().replace('kind = "edm"', 'kind = "edm"\ndtype = "bfloat16"'))
     run = Run(load_config(cfg), progress=False)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import UserError
+from core.base.errors import UserError
 from small_configs import train_config as train_config_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_rerun_of_the_whole_pipeline_skips_every_stage_and_changes_nothing(train
 
 
 def test_saved_files_are_deterministic_bytes(tmp_path):
-    from core.io import save_torch
+    from core.base.io import save_torch
     obj = {"format": "x", "state_dict": {"w": torch.arange(6.0).reshape(2, 3)}}
     save_torch(tmp_path / "a.pt", obj)
     save_torch(tmp_path / "b.pt", obj)
@@ -113,7 +113,7 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_weights(tra
             kills += 1
         p.wait()
     cli(cfg, "--stages", "teacher,coefficients,distill", check=True)
-    from core.io import load_torch
+    from core.base.io import load_torch
     a = load_torch(tmp_path / "a" / "out" / "student.pt", "student file")
     b = load_torch(tmp_path / "b" / "out" / "student.pt", "student file")
     assert a["sha256"] == b["sha256"], f"after {kills} kills"
@@ -145,7 +145,7 @@ def test_a_second_run_into_the_same_out_dir_is_refused_naming_the_pid(train_conf
 
 
 def test_lock_is_released_and_stale_lock_files_are_taken_over(tmp_path):
-    from core.lock import RunLock
+    from core.pipeline.lock import RunLock
     (tmp_path / ".lock").write_text("999999\n")          # a dead process's file
     lock = RunLock(tmp_path).acquire()
     with pytest.raises(UserError, match=f"PID {os.getpid()}"):
@@ -168,7 +168,7 @@ def test_disk_full_is_one_line_and_leaves_no_temporaries(write_config, run_main,
     cfg = write_config()
     assert run_main(cfg)[0] == 0
     jumper = (tmp_path / "out" / "jumper.pt").read_bytes()
-    import core.io
+    import core.base.io
 
     real_open = open
 
@@ -179,7 +179,7 @@ def test_disk_full_is_one_line_and_leaves_no_temporaries(write_config, run_main,
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             fh.write = write
         return fh
-    monkeypatch.setattr(core.io, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(core.base.io, "open", full_disk_open, raising=False)
     rc, _, err = run_main(cfg, "--force", "--stages", "export")
     assert rc == 2 and "No space left on device" in err and err.count("\n") == 1, err
     assert (tmp_path / "out" / "jumper.pt").read_bytes() == jumper
@@ -305,14 +305,14 @@ def test_look_alike_files_are_one_line(train_config, tmp_path):
     cfg = train_config()
     cli(cfg, check=True)
     out = tmp_path / "out"
-    from core.io import save_torch
+    from core.base.io import save_torch
     # a student file with the right format and a valid checksum but no state_dict
     good = (out / "student.pt").read_bytes()
     save_torch(out / "student.pt", {"format": "ctmkit.student", "version": 1,
                                     "teacher_fingerprint": "x"})
     assert "lacks 'state_dict'" in one_error_line(cli(cfg, "--stages", "export", "--force"))
     # ... with weights of the wrong shapes
-    from core.io import load_torch
+    from core.base.io import load_torch
     st = load_torch(out.parent / "out" / "teacher.pt", "t")
     save_torch(out / "student.pt", {"format": "ctmkit.student", "version": 1,
                                     "teacher_fingerprint": "network:" + st["sha256"][:32],
@@ -340,7 +340,7 @@ def test_meta_json_shape_that_does_not_fit_the_network(write_config, run_main, t
                 meta["shape"] = [7]
                 data = json.dumps(meta).encode()
             dst.writestr(info, data)
-    from core.integrity import seal_archive     # a digest that matches the edited meta.json:
+    from core.base.integrity import seal_archive     # a digest that matches the edited meta.json:
     jumper.write_bytes(seal_archive(buf.getvalue()))   # the probe is under test, not the digest
     rc, _, err = run_main(write_config(), "--stages", "sample", "--force")
     assert rc == 2 and "does not fit the network" in err and err.count("\n") == 1, err

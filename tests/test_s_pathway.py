@@ -1,8 +1,8 @@
-"""One zero-initialised s pathway (core/s_pathway.py) serves the five built-in networks, with
+"""One zero-initialised s pathway (core/train/s_pathway.py) serves the five built-in networks, with
 the parameter names each always had: a student saved before it existed loads unchanged.
 
 tests/fixtures/old_students.pt was written by ``python tests/students_fixture.py
-tests/fixtures/old_students.pt`` at commit facc7b5 (before core/s_pathway.py): for a tiny
+tests/fixtures/old_students.pt`` at commit facc7b5 (before core/train/s_pathway.py): for a tiny
 student of each network, the digest of its freshly initialised state dict (seed 0), its state
 dict's names, its s pathway's tensors after a perturbation (so the pathway is not zero) and the
 output on fixed inputs."""

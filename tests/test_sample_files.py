@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core import sample_files as sf
-from core.errors import UserError
-from core.quality import paper_names
+from core.export import sample_files as sf
+from core.base.errors import UserError
+from core.evaluation.quality import paper_names
 
 #: values on both sides of each rounding edge; ADM: (x + 1) * 127.5, EDM: x * 127.5 + 128
 X = np.array([-1.3, -1.0, -0.999, 0.0, 0.01, 0.5, 1.0, 1.2], dtype=np.float32)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import QUICK_CONFIG, T_MAX, T_MIN
-from core.config import load_config, parse_config, tomllib
-from core.errors import UserError
+from core.host.config import load_config, parse_config, tomllib
+from core.base.errors import UserError
 
 SCHED2 = [80.0, 0.6, 0.002]
 SCHED3 = [80.0, 1.0, 0.05, 0.002]
@@ -63,8 +63,8 @@ def test_schedules_parse_against_diffusion_and_overrides(write_config):
 def test_reference_cache_is_keyed_by_the_times():
     """One cache shared by a rho-grid and an explicit 2-step evaluation gives each its own
     reference solution (the same numbers as with fresh caches)."""
-    from core.evaluate import trajectory_errors
-    from core.jumper import Jumper, TeacherAsNetwork
+    from core.evaluation.evaluate import trajectory_errors
+    from core.export.jumper import Jumper, TeacherAsNetwork
     from plugins.preconditionings import CTMPrecond
     from plugins.teachers.gmm import GMMTeacher
 
@@ -92,10 +92,11 @@ class _MeanX:
 @pytest.fixture
 def meanx_metric(monkeypatch):
     """The metric registered as a plugin; sample grids off (the 2-D samples are no images)."""
-    from core import images, plugins
+    from core.evaluation import images
+    from core.host import plugins
 
     monkeypatch.setattr(images, "save_grid", lambda *a, **k: None)
-    from core.hookspecs import hookimpl
+    from core.host.hookspecs import hookimpl
 
     plugin = types.SimpleNamespace(ctmkit_metrics=hookimpl(lambda: {"meanx": lambda o, c: _MeanX()}))
     plugins.manager().register(plugin, name="test:meanx")

@@ -13,8 +13,8 @@ import torch
 
 from conftest import QUICK_CONFIG, T_MAX, T_MIN, single_gaussian
 from core import search_schedule as ss
-from core.jumper import Jumper, TeacherAsNetwork
-from core.schedules import rho_grid
+from core.export.jumper import Jumper, TeacherAsNetwork
+from core.diffusion.schedules import rho_grid
 from plugins.teachers.gmm import GMMTeacher
 
 PRECOND = 'name = "analytic"\nvariant = "forward"'
@@ -141,7 +141,7 @@ def test_three_steps_coordinate_descent_never_raises_the_objective(mixture_objec
 
 
 def test_the_objective_is_the_evaluations_final_rmse():
-    from core.evaluate import trajectory_errors
+    from core.evaluation.evaluate import trajectory_errors
 
     teacher = _mixture()
     jumper = ctm_jumper(teacher)
@@ -260,8 +260,8 @@ class _FakeMetric:
 def test_metric_objective(monkeypatch, write_config, run_main, tmp_path):
     """objective = auto picks [evaluate] metrics' first; its value at the best schedule is the
     metric of the samples drawn there as the evaluate stage draws them."""
-    from core import plugins
-    from core.sampling import CTMSampler, draw
+    from core.host import plugins
+    from core.export.sampling import CTMSampler, draw
 
     monkeypatch.setitem(plugins.registry()["metric"], "fake", plugins.Plugin(
         "metric", "fake", lambda o, c: _FakeMetric(), "test"))
@@ -331,7 +331,7 @@ def test_bad_settings_are_one_error_line(setting, needles, write_config, run_mai
 
 
 def test_teacher_returning_nan_is_one_error_line(write_config, run_main, tmp_path, old_result):
-    from core.jumper import script
+    from core.export.jumper import script
 
     class NaNTeacher(torch.nn.Module):
         def forward(self, x, t):
@@ -355,7 +355,7 @@ def test_a_jumper_returning_nan_is_one_error_line(mixture_objective):
 @pytest.mark.parametrize("name", ["search_schedule.json", "search_schedule.png", "gap.json",
                                   "gap.png"])
 def test_a_configured_output_over_a_command_file_is_refused(name, write_config, run_main):
-    """core/ownership.py knows the files ctmkit gap / search-schedule write in out_dir."""
+    """core/pipeline/ownership.py knows the files ctmkit gap / search-schedule write in out_dir."""
     rc, _, err = run_main(write_config(CTM_FAST), "--dry-run", "--set",
                           f'export.path="{name}"')
     assert rc == 2 and err.count("\n") == 1 and "[export] path" in err and name in err, err

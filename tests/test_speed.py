@@ -29,8 +29,8 @@ def _gmm_teacher(dim=4, classes=0):
 
 
 def _ctx(teacher, buckets, labels=None, host=None, dtype=torch.float32, N=18, solver="heun"):
-    from core.distill import StepContext
-    from core.schedules import rho_grid
+    from core.train.distill import StepContext
+    from core.diffusion.schedules import rho_grid
     from plugins.solvers import EulerSolver, HeunSolver
     grid = torch.tensor(rho_grid(N, 0.002, 80.0, 7.0), dtype=torch.float64)
     s = HeunSolver() if solver == "heun" else EulerSolver()
@@ -89,7 +89,7 @@ def test_heun_positive_skips_only_the_check():
 
 
 def test_fused_ema_is_bitwise_the_per_tensor_lerp():
-    from core.training import EMA
+    from core.train.loop import EMA
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(7, 33), torch.nn.BatchNorm1d(33),
                               torch.nn.Linear(33, 3))
@@ -117,7 +117,7 @@ def test_adaptive_backward_equals_the_definition(scaled):
     ||d L_main / d last|| / ||d L_dsm / d last|| and the gradient of L_main + w L_dsm, as
     differentiating each loss with respect to the last weight does (with a loss network
     between F and L_main, as LPIPS is; with a scaler's common factor, which w ignores)."""
-    from core.distill import _adaptive_backward
+    from core.train.distill import _adaptive_backward
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.SiLU(), torch.nn.Linear(16, 5))
     head = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh())   # "the loss network"
@@ -151,7 +151,7 @@ def test_adaptive_backward_equals_the_definition(scaled):
 
 def test_ema_follows_a_new_source_module():
     """The EMA keeps its parameter lists between updates; a different source is picked up."""
-    from core.training import EMA
+    from core.train.loop import EMA
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     ema = EMA(a, 0.5)
     ema.update(a)
@@ -163,8 +163,8 @@ def test_ema_follows_a_new_source_module():
 def test_nan_check_needs_no_sync_and_names_the_first_bad_iteration(tmp_path):
     """check_finite only notes (on the device) which iteration first had a non-finite loss;
     verify (log rows, checkpoints, the end of the loop) raises the one-line error naming it."""
-    from core.errors import UserError
-    from core.training import TrainingLoop
+    from core.base.errors import UserError
+    from core.train.loop import TrainingLoop
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.Adam(net.parameters())
     loop = TrainingLoop("distill", ckdir=tmp_path / "ck", fingerprint="f",
@@ -185,7 +185,7 @@ def test_fused_optimizer_is_the_same_update(tmp_path):
     """fused_optimizer: Adam's fused kernel and RAdam's foreach one update as the default
     implementations do, to float rounding; the config's choice survives a resume from a
     checkpoint written without it."""
-    from core.training import TrainingLoop, make_optimizer, save_checkpoint
+    from core.train.loop import TrainingLoop, make_optimizer, save_checkpoint
     torch.manual_seed(0)
     for name in ("adam", "radam"):
         a, b = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
@@ -215,7 +215,7 @@ def test_fused_optimizer_is_the_same_update(tmp_path):
 
 
 def test_config_keys_default_off():
-    from core.config import parse_config
+    from core.host.config import parse_config
     cfg = parse_config({"teacher": {"kind": "gmm", "weights": [1.0], "means": [[0.0]],
                                     "stds": [1.0]}}, Path("x.toml"))
     d, c = cfg.distill, cfg.coefficients
@@ -307,8 +307,8 @@ def test_distill_compiled_matches_the_default(tmp_path):
 def test_channels_last_unet_step_matches(tmp_path):
     """channels_last on an image network: one StepContext solve and student pass agree with
     the contiguous ones to float rounding."""
-    from core.config import DiffusionCfg
-    from core.plugins import Context, create_network
+    from core.host.config import DiffusionCfg
+    from core.host.plugins import Context, create_network
     from plugins.networks import EDMDenoiser
     torch.manual_seed(0)
     net = create_network("unet", {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
@@ -344,8 +344,8 @@ def test_analytic_step_skips_the_range_check_and_evaluations_keep_it(write_confi
         seen.append((bool(inside_eval), self.check_range))
         return lookup(self, t)
     monkeypatch.setattr(AnalyticPrecond, "_lookup", spy)
-    import core.evaluate
-    traj = core.evaluate.trajectory_errors
+    import core.evaluation.evaluate
+    traj = core.evaluation.evaluate.trajectory_errors
 
     def traj_spy(*a, **k):
         inside_eval.append(1)
@@ -353,7 +353,7 @@ def test_analytic_step_skips_the_range_check_and_evaluations_keep_it(write_confi
             return traj(*a, **k)
         finally:
             inside_eval.pop()
-    monkeypatch.setattr(core.evaluate, "trajectory_errors", traj_spy)
+    monkeypatch.setattr(core.evaluation.evaluate, "trajectory_errors", traj_spy)
     cfg = write_config(QUICK_CONFIG.replace(
         '"coefficients", "export", "sample", "evaluate"', '"coefficients", "distill"') + """
 [network]

@@ -1,11 +1,13 @@
-"""A stage is declared once (core.stage_table): the ledger, the runner, the ownership checks,
+"""A stage is declared once (core.host.stage_table): the ledger, the runner, the ownership checks,
 [run] stages and the README's table all read that declaration."""
 
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from core import config, ledger, ownership, run, stage_table
+from core.host import config, stage_table
+from core.pipeline import ledger, ownership
+from core import run
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))

@@ -31,9 +31,9 @@ seed = 3
 
 
 def test_measure_gap_is_ctmkit_gaps(tmp_path):
-    from core.config import load_config
+    from core.host.config import load_config
     from core.gap import main as gap_main
-    from core.schedules import rho_grid
+    from core.diffusion.schedules import rho_grid
 
     cfg_path = tmp_path / "config.toml"
     cfg_path.write_text(CONFIG)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.func import jvp, vmap
 
-from core import plugins
-from core.config import Section
-from core.errors import UserError
-from core.students import _zero_last_linear
+from core.host import plugins
+from core.host.config import Section
+from core.base.errors import UserError
+from core.train.students import _zero_last_linear
 from plugins.unet import UNet
 
 TINY = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1)
@@ -86,7 +86,7 @@ def test_torchscript_round_trip(tmp_path):
 @pytest.mark.parametrize("kw", [dict(), dict(embedding="fourier", scale_shift=False,
                                              resample="avgpool", num_heads=2)])
 def test_jvp_float64_matches_finite_differences(kw):
-    """Two tangents (x and t together) through vmap(jvp), as core/coefficients/estimate.py does."""
+    """Two tangents (x and t together) through vmap(jvp), as core/diffusion/coefficients/estimate.py does."""
     torch.manual_seed(0)
     net = UNet((1, 14, 14), attn_resolutions=[14, 7], **TINY, **kw).double().eval()
     x, t = _inputs((1, 14, 14), B=2, dtype=torch.float64)
@@ -143,7 +143,7 @@ def test_class_labels_change_the_output():
 
 
 def test_residual_student_is_zero_after_zeroing_the_last_linear():
-    """core.students zeroes a residual network's last nn.Linear: for the unet that is the output
+    """core.train.students zeroes a residual network's last nn.Linear: for the unet that is the output
     conv (held by out.proj), so R_theta(x, t, s) = 0 at init."""
     torch.manual_seed(0)
     net = UNet((3, 32, 32), num_classes=2, student=True, **TINY)

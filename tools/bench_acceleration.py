@@ -308,7 +308,7 @@ def print_report(report, log=print) -> None:
 
 
 def plot(report, path) -> None:
-    from core.plots import _plt, _save
+    from core.evaluation.plots import _plt, _save
 
     plt = _plt()
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.8))

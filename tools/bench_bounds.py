@@ -1,4 +1,4 @@
-"""How long ctmkit takes to refuse hostile inputs that used to hang or recurse (core/bounds.py).
+"""How long ctmkit takes to refuse hostile inputs that used to hang or recurse (core/base/bounds.py).
 
 Each input is built in memory (or a temporary folder) and handed to the reader a run uses; the
 figure is the median wall time of --repeat refusals, in milliseconds, and the line it printed.
@@ -25,8 +25,8 @@ import _common  # noqa: F401  (puts the checkout on sys.path; tools/ is on it as
 
 def _cases(tmp: Path) -> dict:
     from check_reliability import _edm_state, _module_dag, _shared_lists, edm_snapshot_bytes
-    from core.bounds import load_json
-    from core.config import load_config
+    from core.base.bounds import load_json
+    from core.host.config import load_config
     from plugins.edm.unpickle import load_edm_snapshot
 
     def config(name: str, text: str):
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args(argv)
-    from core.errors import UserError
+    from core.base.errors import UserError
 
     print(f"# {_common.command_line()}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
 For a network teacher (an MLP denoiser, EDM-preconditioned) and the analytic GMM teacher, times
 the estimation of l_t and s_t (one forward and a two-tangent JVP per time step and sample,
-see core/coefficients/estimate.py) and divides by the time of one plain forward pass over the same
+see core/diffusion/coefficients/estimate.py) and divides by the time of one plain forward pass over the same
 samples, measured in the same run. Target: at most 6 forward-equivalents per (t x sample).
 
     python tools/bench_coefficients.py [--dim 64] [--width 512] [--samples 2048] [--times 8]
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.coefficients.estimate import collect
-from core.schedules import log_grid
+from core.diffusion.coefficients.estimate import collect
+from core.diffusion.schedules import log_grid
 from plugins.teachers.gmm import GMMTeacher
 
 
@@ -112,9 +112,9 @@ def bench_config(args) -> dict:
     n_t, n_s = coef.get("n_timesteps", 120), coef.get("n_samples", 4096)
     batch = args.coef_batch or coef.get("batch", 512)
     with tempfile.TemporaryDirectory() as tmp:
-        from core.io import load_torch
-        from core.plugins import Context, create_network
-        from core.config import DiffusionCfg
+        from core.base.io import load_torch
+        from core.host.plugins import Context, create_network
+        from core.host.config import DiffusionCfg
 
         f = Path(tmp) / "teacher.pt"
         write_random_teacher(f, raw.get("network", {}), (c, h, w), classes)

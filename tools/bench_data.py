@@ -156,8 +156,8 @@ def gather_rate(data: Path, batch: int, repeats: int) -> tuple[float, float]:
 
     import torch
 
-    from core.config import Section
-    from core.datasets import load
+    from core.host.config import Section
+    from core.data.datasets import load
 
     torch.set_num_threads(1)
     ds = load(Section("data", {"format": "array", "path": str(data), "range": "byte",
@@ -182,8 +182,8 @@ def build_rate(zip_path: Path, work: Path, workers: int) -> float:
     """Images per second of building the zip's store with `workers` processes (cold store)."""
     import types
 
-    from core.config import Section
-    from core.datasets import load
+    from core.host.config import Section
+    from core.data.datasets import load
 
     cache = work / f"cache-{workers}"
     shutil.rmtree(cache, ignore_errors=True)

@@ -1,8 +1,8 @@
-"""Cost of the whole-file digests of exported jumpers (core/integrity.py), against the load.
+"""Cost of the whole-file digests of exported jumpers (core/base/integrity.py), against the load.
 
 Exports a TorchScript jumper of an MLP network of about --mb MiB of weights, then times, best
 of --repeats: ``check_archive`` (the whole-archive digest, what a load adds), the whole
-``core.jumper.load`` (read, digest, TorchScript load, payload digest, probe), and ``sha256`` of
+``core.export.jumper.load`` (read, digest, TorchScript load, payload digest, probe), and ``sha256`` of
 the file's bytes (the floor of any whole-file digest, and the cost of a ``.pt2`` sidecar check).
 With the binary (build/ctm_sample), also ctm_sample's own ``--timing`` load figure.
 
@@ -24,8 +24,8 @@ import _common
 import torch
 from torch import Tensor, nn
 
-from core.integrity import check_archive
-from core.jumper import Jumper, export, load, make_meta
+from core.base.integrity import check_archive
+from core.export.jumper import Jumper, export, load, make_meta
 from plugins.preconditionings import CTMPrecond
 
 ROOT = Path(_common.__file__).resolve().parent.parent
@@ -79,7 +79,7 @@ def main() -> None:
         print(f"whole-archive digest (check_archive): {t_digest * 1e3:.1f} ms "
               f"({size / t_digest:.0f} MiB/s)")
         print(f"sha256 of the file's bytes (.pt2 sidecar check): {t_sha * 1e3:.1f} ms")
-        print(f"core.jumper.load in all: {t_load * 1e3:.1f} ms "
+        print(f"core.export.jumper.load in all: {t_load * 1e3:.1f} ms "
               f"(the digest is {100 * t_digest / t_load:.0f}% of it)")
         binary = ROOT / "build" / "ctm_sample"
         if binary.is_file():

@@ -8,10 +8,10 @@ default) with CTM's preconditioning. Each sampler draws --num samples in batches
 with --steps jumps (NFE = steps per sample):
 
 * floor:               the network alone, one forward of a batch, times NFE (eager, no grad);
-* python eager:        core.sampling.draw with the nn.Module jumper;
-* python torchscript:  core.sampling.draw with the exported .pt loaded by core.jumper.load;
-* python aoti:         core.sampling.draw with the .pt2 (core.aoti.export_aoti) loaded by
-                       core.aoti.load_aoti;
+* python eager:        core.export.sampling.draw with the nn.Module jumper;
+* python torchscript:  core.export.sampling.draw with the exported .pt loaded by core.export.jumper.load;
+* python aoti:         core.export.sampling.draw with the .pt2 (core.export.aoti.export_aoti) loaded by
+                       core.export.aoti.load_aoti;
 * ctm_sample .pt/.pt2: the C++ binary on the same files; its own --timing figures: the sampling
                        loop (no process start, model load, warm-up or file writing), the same
                        without the first batch, and, for reference, the whole process wall time.
@@ -46,9 +46,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from core.aoti import export_aoti, load_aoti  # noqa: E402
-from core.jumper import Jumper, export, load, make_meta  # noqa: E402
-from core.sampling import draw  # noqa: E402
+from core.export.aoti import export_aoti, load_aoti  # noqa: E402
+from core.export.jumper import Jumper, export, load, make_meta  # noqa: E402
+from core.export.sampling import draw  # noqa: E402
 from plugins.preconditionings import CTMPrecond  # noqa: E402
 from plugins.samplers import CTMSampler  # noqa: E402
 

@@ -144,9 +144,9 @@ def run_config(cfg: Path) -> None:
 def write_random_teacher(path: Path, network: dict, shape, num_classes: int,
                          sigma_data: float = 0.5, seed: int = 0) -> None:
     """A `network` teacher file with the [network] table's architecture and random weights."""
-    from core.config import DiffusionCfg
-    from core.io import save_torch
-    from core.plugins import Context, create_network
+    from core.host.config import DiffusionCfg
+    from core.base.io import save_torch
+    from core.host.plugins import Context, create_network
     from plugins.teachers.network import FORMAT
 
     name = network.get("name", "mlp")
@@ -266,9 +266,9 @@ def measure(config: str | None = None, device: str = "cpu", iters: int = 60, bat
     metrics.csv logs over its last `iters` (which leaves out evaluations, checkpoints and the
     first iterations' warm-up: imports, torch.compile, the caching allocator). With
     `count_reads`, also the host read-backs per step (`host_reads_per_step`)."""
-    from core.config import parse_config
-    from core.stages import Run
-    from core.students import build_student
+    from core.host.config import parse_config
+    from core.pipeline.stages import Run
+    from core.train.students import build_student
     from plugins.losses import CMLoss, CTMLoss, DSMLoss, make_distance
 
     sets = dict(sets or {})
@@ -376,7 +376,7 @@ def measure(config: str | None = None, device: str = "cpu", iters: int = 60, bat
 
 
 def run_loss(run):
-    from core import plugins
+    from core.host import plugins
     return plugins.create("loss", run.cfg.sections["distill"], run.ctx, "loss",
                           run.cfg.distill.loss)
 

@@ -854,7 +854,7 @@ def files_cases(T: Templates) -> list[Case]:
         return o / "student.pt"
 
     def look_alike_student(o: Path, state_dict=None) -> None:
-        from core.io import load_torch, save_torch
+        from core.base.io import load_torch, save_torch
         import torch
         teacher = load_torch(tp(o), "teacher file")
         body = {"format": "ctmkit.student", "version": 1,
@@ -1173,7 +1173,7 @@ def wait_and_kill(p: subprocess.Popen, mode: str, rng: random.Random, out: Path,
 
 
 def student_digest(out: Path) -> str:
-    from core.io import load_torch
+    from core.base.io import load_torch
     return load_torch(out / "student.pt", "student file")["sha256"]
 
 
@@ -1335,7 +1335,7 @@ HELD_LOCKS: list = []
 
 def _hold_lock(folder: Path) -> None:
     """Hold `folder` locked as a running ctmkit run would (in this process)."""
-    from core.lock import RunLock
+    from core.pipeline.lock import RunLock
     HELD_LOCKS.append(RunLock(folder).acquire())
 
 
@@ -1477,7 +1477,7 @@ def flip_bit_in_record(path: Path, suffix: str, where: float = 0.5) -> None:
 def reseal_with_meta(path: Path, edit: Callable[[str], str]) -> None:
     """Rewrite the jumper's meta.json text with `edit` and seal the archive again (a digest
     that matches: what a buggy or hostile exporter would write); the meta rules must refuse."""
-    from core.integrity import seal_archive
+    from core.base.integrity import seal_archive
     edit_zip_member(path, "extra/meta.json", lambda b: edit(b.decode()).encode())
     path.write_bytes(seal_archive(path.read_bytes()))
 
@@ -1510,7 +1510,7 @@ def aoti_template(T: Templates) -> Path:
 
 def live_run_id() -> str:
     """``ctmkit-<pid>-<start>`` of this (live) process, as its temporaries carry it."""
-    from core.io import run_id
+    from core.base.io import run_id
     return f"ctmkit-{run_id()}"
 
 
@@ -1574,7 +1574,7 @@ def integrity_cases(T: Templates) -> list[Case]:
 
     pkl_constant = ("data.pkl", lambda b: b.replace(struct.pack(">d", 0.5),
                                                     struct.pack(">d", 0.75), 1))
-    code_edit = ("code/__torch__/core/jumper.py", lambda b: b.replace(b"expand", b"expanD", 1))
+    code_edit = ("code/__torch__/core/export/jumper.py", lambda b: b.replace(b"expand", b"expanD", 1))
     meta_edit = ("extra/meta.json", lambda b: b.replace(b'"t_max": 80.0', b'"t_max": 40.0', 1))
     bad_metas = {
         "t_min-a-string": ("t_min", '"0.002"'), "t_min-true": ("t_min", "true"),
@@ -1589,13 +1589,13 @@ def integrity_cases(T: Templates) -> list[Case]:
     }
 
     # --- core.run: the jumper read by 'sample' / 'evaluate' ---
-    for what, suffix in (("code", "code/__torch__/core/jumper.py"), ("data.pkl", "data.pkl"),
+    for what, suffix in (("code", "code/__torch__/core/export/jumper.py"), ("data.pkl", "data.pkl"),
                          ("constants.pkl", "constants.pkl"), ("meta.json", "extra/meta.json"),
                          ("version-record", "archive/version"),
                          ("digest-record", "extra/archive_sha256")):
         run_case_(f"jumper-bit-flip-in-{what}", lambda p, s=suffix: flip_bit_in_record(p, s))
     run_case_("jumper-bit-flip-in-code-evaluate",
-              lambda p: flip_bit_in_record(p, "core/edm.py"), *evaluate)
+              lambda p: flip_bit_in_record(p, "core/diffusion/edm.py"), *evaluate)
     run_case_("jumper-data.pkl-constant-edited", lambda p: edit_zip_member(p, *pkl_constant))
     run_case_("jumper-code-edited", lambda p: edit_zip_member(p, *code_edit))
     run_case_("jumper-meta.json-t_max-edited", lambda p: edit_zip_member(p, *meta_edit))
@@ -1616,7 +1616,7 @@ def integrity_cases(T: Templates) -> list[Case]:
                   reseal_with_meta(p, meta_value(k, t)))
 
     # --- ctm_sample on the same damage ---
-    binary_case("model-bit-flip-in-code", lambda p: flip_bit_in_record(p, "core/jumper.py"))
+    binary_case("model-bit-flip-in-code", lambda p: flip_bit_in_record(p, "core/export/jumper.py"))
     binary_case("model-bit-flip-in-data.pkl", lambda p: flip_bit_in_record(p, "data.pkl"))
     binary_case("model-bit-flip-in-meta.json", lambda p: flip_bit_in_record(p, "meta.json"))
     binary_case("model-data.pkl-constant-edited", lambda p: edit_zip_member(p, *pkl_constant))
@@ -1726,7 +1726,7 @@ def _module_dag(levels: int = 40):
 def _retyped_state_dict(path: Path, what: str, convert: Callable) -> None:
     """Rewrite a ctmkit .pt file (digest recomputed: a file that passes its checksum) with the
     first floating tensor of its state dict(s) converted by `convert`."""
-    from core.io import DIGEST_KEY, load_torch, save_torch
+    from core.base.io import DIGEST_KEY, load_torch, save_torch
     obj = load_torch(path, what)
     obj.pop(DIGEST_KEY)
     sds = [obj["state_dict"]] if "state_dict" in obj else list(obj["modules"].values())

@@ -1,5 +1,5 @@
 """The config reference in docs/configuration.md, generated from the key declarations in
-`core.config` (the renderer: core/config_reference.py; ``ctmkit config`` prints it too).
+`core.host.config` (the renderer: core/config_reference.py; ``ctmkit config`` prints it too).
 
     python tools/config_reference.py            # print it (markdown)
     python tools/config_reference.py --check    # exit 1 if docs/configuration.md's copy differs

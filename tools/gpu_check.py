@@ -250,7 +250,7 @@ def main():
     kw = dict(out=out / "cpu", device="cpu", teacher=d / "teacher.pt", coef=out / "cpu" / "c.h5",
               precision="fp32", stages='["coefficients"]')
     results["cpu_coefficients"] = run(CONFIG.format(**kw), out / "cpu.toml")
-    from core.coefficients import store
+    from core.diffusion.coefficients import store
     try:
         a, b = store.load(d / "coefficients.h5"), store.load(out / "cpu" / "c.h5")
         results["coef_max_abs_diff_l"] = float(np.abs(a.l - b.l).max())

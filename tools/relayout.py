@@ -56,7 +56,8 @@ core/ (the host; plugin authors import only ``core.api``)
 * ``core/train/`` — training: ``loop`` (the training loop, EMA, lr schedules, checkpoints,
   fingerprints), ``distill`` (distillation), ``teacher`` (the teacher stage's DSM training),
   ``students`` (a student from a teacher), ``s_pathway`` (the zero-initialised s pathway of
-  every student network), ``warm_start``, ``distances`` (l2, l1, pseudo-Huber, LPIPS).
+  every student network), ``warm_start``, ``distances`` (l2, l1, pseudo-Huber, LPIPS),
+  ``gan`` (the GAN term: hinge losses, turns, the discriminator's checks).
 * ``core/evaluation/`` — what a run measures and shows: ``evaluate`` (trajectory errors,
   distribution distances), ``quality`` (sample quality through the metric plugins), ``plots``
   (figures), ``images`` (PNG grids, uint8 quantisation).
@@ -133,7 +134,7 @@ MOVES = {
     "core.warm_start": "core.train.warm_start",
     "core.distances": "core.train.distances",
     "core.s_pathway": "core.train.s_pathway",
-    "core.discriminator": "core.train.discriminator",            # branch 'gan', if merged
+    "core.gan": "core.train.gan",                                  # the GAN term
     # pipeline
     "core.stages": "core.pipeline.stages",
     "core.ledger": "core.pipeline.ledger",

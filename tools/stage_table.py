@@ -1,4 +1,4 @@
-"""The README's stage table, generated from the stage declarations in `core.stage_table`.
+"""The README's stage table, generated from the stage declarations in `core.host.stage_table`.
 
     python tools/stage_table.py            # print it (markdown)
     python tools/stage_table.py --check    # exit 1 if a copy differs
@@ -15,7 +15,7 @@ import argparse
 import sys
 
 import _common
-from core.stage_table import table
+from core.host.stage_table import table
 
 HEADER = "| stage | reads | writes |"
 

@@ -56,9 +56,10 @@ def measure_gap(cfgs: dict, schedules: dict, num: int, seed: int, progress: bool
     ODE solve from `num` noises of `seed` for all of them (as `ctmkit gap` does per call)."""
     import torch
 
-    from core import gap, plugins
-    from core.schedules import rho_grid
-    from core.stages import Run
+    from core import gap
+    from core.host import plugins
+    from core.diffusion.schedules import rho_grid
+    from core.pipeline.stages import Run
 
     first = next(iter(cfgs.values()))
     d = first.diffusion
@@ -107,8 +108,8 @@ RING_SCHEDULES = {"2-step rho-grid": "2", "2-step mid 0.6": "2@0.6", "3-step rho
 def ring(args) -> dict:
     import bench_acceleration as ba
 
-    from core.config import load_config
-    from core.schedules import rho_grid
+    from core.host.config import load_config
+    from core.diffusion.schedules import rho_grid
 
     s = dict(ba.QUICK if args.quick else ba.FULL)
     s.pop("seeds")
@@ -225,10 +226,10 @@ def ring_order_keys(n_jumps: int) -> list:
 # --- an image teacher ---------------------------------------------------------------------------
 
 def image(args) -> dict:
-    from core.coefficients import store  # noqa: F401  (the store must be there: see below)
-    from core.config import for_precond, load_config
-    from core.errors import UserError
-    from core.schedules import rho_grid
+    from core.diffusion.coefficients import store  # noqa: F401  (the store must be there: see below)
+    from core.host.config import for_precond, load_config
+    from core.base.errors import UserError
+    from core.diffusion.schedules import rho_grid
 
     cfg = load_config(args.config)
     entries = {(e.get("label") or e["name"] + (f"-{e['variant']}" if e.get("variant") else "")): e
@@ -321,7 +322,7 @@ def image_markdown(r: dict) -> str:
 def plot(r: dict, path) -> None:
     """Per schedule: each quantity of each preconditioning divided by ctm's (1 = ctm), so the
     orderings read off one axis; error bars: std over seeds (ring)."""
-    from core.plots import _plt, _save
+    from core.evaluation.plots import _plt, _save
 
     plt = _plt()
     if r["mode"] == "ring":
@@ -393,7 +394,7 @@ def main(argv=None) -> int:
     pn.add_argument("--fid", help="image mode: (re)attach this study.json's FIDs")
     args = p.parse_args(argv)
 
-    from core.io import save_json, write_bytes
+    from core.base.io import save_json, write_bytes
 
     if args.mode == "render":
         stem = _common.Path(args.json).resolve().with_suffix("")
@@ -417,7 +418,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from core.errors import UserError
+    from core.base.errors import UserError
     try:
         sys.exit(main())
     except UserError as e:             # bad input: one line, exit status 2, as core.run

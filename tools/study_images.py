@@ -91,14 +91,14 @@ def main(argv=None) -> int:
             return rc
     t_train = time.perf_counter() - t_start
 
-    from core.coefficients import store
-    from core.coefficients.numerics import smooth_coefficients
-    from core.coefficients.table import CoefficientTable
-    from core.config import for_precond, load_config
-    from core.jumper import Jumper, TeacherAsNetwork
-    from core.quality import metric_objects, sample_quality
-    from core.schedules import rho_grid
-    from core.stages import Run
+    from core.diffusion.coefficients import store
+    from core.diffusion.coefficients.numerics import smooth_coefficients
+    from core.diffusion.coefficients.table import CoefficientTable
+    from core.host.config import for_precond, load_config
+    from core.export.jumper import Jumper, TeacherAsNetwork
+    from core.evaluation.quality import metric_objects, sample_quality
+    from core.diffusion.schedules import rho_grid
+    from core.pipeline.stages import Run
     from plugins.preconditionings import AnalyticPrecond
     from plugins.samplers import CTMSampler
 
@@ -331,7 +331,7 @@ def plot(r: dict, ts, table, sm_table, path: Path, coef_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    from core.errors import UserError
+    from core.base.errors import UserError
     try:
         sys.exit(main())
     except UserError as e:             # bad input: one line, exit status 2, as core.run

@@ -4,7 +4,7 @@
         --format idx --test-data /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz \\
         --out featnet-fmnist.pt [--epochs 2] [--batch 128] [--limit N] [--seed 0]
 
-The same as ``ctmkit feature-net`` (core/commands.py, which says what the file holds).
+The same as ``ctmkit feature-net`` (plugins/metrics/command.py, which says what the file holds).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 import _common
-from core.commands import feature_net_main
+from plugins.metrics.command import feature_net_main
 
 
 def main(argv=None) -> int:

@@ -17,11 +17,11 @@ import _common  # noqa: F401  (puts the repo on sys.path)
 import numpy as np
 import torch
 
-from core.coefficients.estimate import estimate_table
-from core.evaluate import distribution_distance, trajectory_errors
-from core.io import save_json
-from core.jumper import Jumper, TeacherAsNetwork
-from core.schedules import log_grid, rho_grid
+from core.diffusion.coefficients.estimate import estimate_table
+from core.evaluation.evaluate import distribution_distance, trajectory_errors
+from core.base.io import save_json
+from core.export.jumper import Jumper, TeacherAsNetwork
+from core.diffusion.schedules import log_grid, rho_grid
 from plugins.samplers import CTMSampler
 from plugins.teachers.gmm import GMMTeacher
 
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
 
 
 def plot(teacher, jumpers, results, steps, path, seed):
-    from core.plots import _plt, _save
+    from core.evaluation.plots import _plt, _save
 
     plt = _plt()
     show = ["ctm", "analytic-forward", "analytic-backward"]

@@ -207,7 +207,7 @@ void test_options() {
 }
 
 void test_grid_and_meta_checks() {
-    // Values from core/schedules.py: rho_grid (Python floats, repr).
+    // Values from core/diffusion/schedules.py: rho_grid (Python floats, repr).
     auto g = ctm::rho_grid(4, 0.002, 80.0, 7.0);
     CHECK((g == std::vector<double>{80.0, 17.52783196464411, 2.515218976147159,
                                     0.16975275626876413, 0.002}));
@@ -327,7 +327,7 @@ void test_output() {
     fs::remove_all(dir);
 }
 
-void test_sidecar() {   // core/integrity.py: write_sidecar / check_sidecar
+void test_sidecar() {   // core/base/integrity.py: write_sidecar / check_sidecar
     namespace fs = std::filesystem;
     fs::path dir = fs::temp_directory_path() / ("ctm_sidecar_" + std::to_string(::getpid()));
     fs::create_directories(dir);
@@ -367,7 +367,7 @@ void test_sha256() {   // FIPS 180-4 examples, and a message longer than one blo
 }  // namespace
 
 void test_sample_files() {
-    // core/sample_files.py's conversions, in float32, truncating
+    // core/export/sample_files.py's conversions, in float32, truncating
     CHECK(ctm::adm_uint8(-1.0f) == 0 && ctm::adm_uint8(1.0f) == 255 && ctm::adm_uint8(0.0f) == 127);
     CHECK(ctm::adm_uint8(-7.0f) == 0 && ctm::adm_uint8(3.0f) == 255);
     CHECK(ctm::edm_uint8(0.0f) == 128 && ctm::edm_uint8(1.0f) == 255 && ctm::edm_uint8(-1.0f) == 0);

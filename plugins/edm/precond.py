@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.bounds import check_network_kwargs, check_state_dict
-from core.errors import UserError
+from core.base.bounds import check_network_kwargs, check_state_dict
+from core.base.errors import UserError
 from plugins.edm.dhariwal import DhariwalUNet
 from plugins.edm.songunet import SongUNet
 from plugins.edm.unpickle import EDMNetworkSpec, edm_network_spec, load_edm_snapshot

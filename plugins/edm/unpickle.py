@@ -35,8 +35,8 @@ from typing import Any, Dict, Union
 import numpy as np
 import torch
 
-from core.bounds import check_graph
-from core.errors import UserError, first_line
+from core.base.bounds import check_graph
+from core.base.errors import UserError, first_line
 
 #: precond classes ctmkit re-implements (plugins.edm.precond)
 KNOWN_PRECONDS = ("EDMPrecond", "VPPrecond", "VEPrecond")

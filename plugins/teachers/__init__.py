@@ -2,7 +2,7 @@
 ``network`` (trained by the ``teacher`` stage), ``edm`` (an NVlabs EDM snapshot pickle) and
 ``openai`` (an openai/consistency_models teacher state dict)."""
 
-from core.hookspecs import hookimpl
+from core.host.hookspecs import hookimpl
 from plugins.teachers.gmm import GMMTeacher
 from plugins.teachers.network import NetworkTeacher
 from plugins.teachers.pretrained import EDMTeacher, OpenAITeacher

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from plugins.teachers.base import Teacher
+from core.api import Teacher
 
 
 class GMMDenoiser(nn.Module):

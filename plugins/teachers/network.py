@@ -8,17 +8,17 @@ from pathlib import Path
 import torch
 
 from core.api import Teacher
-from core.edm import EDMDenoiser
-from core.bounds import check_state_dict
-from core.errors import UserError, first_line
-from core.plugins import create_network
-from core.teacher_training import FORMAT
+from core.diffusion.edm import EDMDenoiser
+from core.base.bounds import check_state_dict
+from core.base.errors import UserError, first_line
+from core.host.plugins import create_network
+from core.train.teacher import FORMAT
 
 
 def read_teacher_file(path: Path) -> dict:
     if not path.exists():
         raise UserError(f"{path}: teacher network file not found (run the 'teacher' stage)")
-    from core.io import load_torch
+    from core.base.io import load_torch
 
     return load_torch(path, "teacher network file", FORMAT,
                       keys={"network": str, "options": dict, "shape": list, "num_classes": int,
@@ -57,8 +57,8 @@ class NetworkTeacher(Teacher):
 
     def student_network(self):
         """The student: same architecture plus the zero-initialised s pathway, teacher weights
-        (wrapped as core.students.StudentNetwork, F_theta(x, t, s, class_labels))."""
-        from core.students import StudentNetwork
+        (wrapped as core.train.students.StudentNetwork, F_theta(x, t, s, class_labels))."""
+        from core.train.students import StudentNetwork
         net = create_network(self.file["network"], self.file["options"], self.ctx, self.shape,
                             self.num_classes, True, str(self.path))
         missing, unexpected = net.load_state_dict(self.file["state_dict"], strict=False)

@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from core.api import Teacher
-from core.dtypes import DTYPES
-from core.edm import output_from_denoiser
-from core.errors import UserError
-from core.io import file_digest, regular_file
+from core.base.dtypes import DTYPES
+from core.diffusion.edm import output_from_denoiser
+from core.base.errors import UserError
+from core.base.io import file_digest, regular_file
 
 
 class _TeacherDenoiser(nn.Module):
@@ -125,7 +125,7 @@ class OpenAITeacher(PretrainedTeacher):
 
     def __init__(self, path: Path, ctx, settings: dict, dtype: str = "float32"):
         super().__init__(path, ctx, dtype)
-        from plugins.edm.openai_unet import load_openai_teacher
+        from plugins.openai.unet import load_openai_teacher
 
         self.settings = dict(settings)
         net = load_openai_teacher(self.path, self.settings)
@@ -141,5 +141,5 @@ class OpenAITeacher(PretrainedTeacher):
         return cls(path, ctx, settings, dtype)
 
     def _student_net(self) -> nn.Module:
-        from plugins.edm.openai_unet import load_openai_teacher
+        from plugins.openai.unet import load_openai_teacher
         return load_openai_teacher(self.path, self.settings, student=True)

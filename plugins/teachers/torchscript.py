@@ -9,8 +9,8 @@ from torch import Tensor
 from typing import Optional
 
 from core.api import Teacher
-from core.errors import UserError, first_line
-from core.io import jit_load  # noqa: F401  (re-exported)
+from core.base.errors import UserError, first_line
+from core.base.io import jit_load  # noqa: F401  (re-exported)
 
 
 class TorchScriptTeacher(Teacher):

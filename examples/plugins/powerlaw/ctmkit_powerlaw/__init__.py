@@ -8,7 +8,7 @@ from typing import Tuple
 
 from torch import Tensor
 
-from core.hookspecs import hookimpl
+from core.host.hookspecs import hookimpl
 from core.api import Preconditioning
 
 

@@ -1,0 +1,1 @@
+"""The deployable jumper: TorchScript and AOTInductor export and load, K-step sampling, sample files."""

@@ -45,6 +45,27 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def exit_status(work, *args) -> int:
+    """Run a command's `work(*args)` under ctmkit's bad-input contract: 0, or one ``error:``
+    line on stderr and exit status 2 (130 when interrupted)."""
+    try:
+        work(*args)
+        return 0
+    except SystemExit as e:                 # a stage it ran failed (its line printed)
+        return int(e.code or 2)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                    # out_dir unwritable, disk full, ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {one_line(where + (e.strerror or e.__class__.__name__))} (nothing was "
+              f"left half-written)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
 def _function(target: str):
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)

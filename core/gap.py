@@ -295,22 +295,8 @@ def run_gap(args) -> None:
 def main(argv=None) -> int:
     """``ctmkit gap``: 0, or 2 with one ``error:`` line on stderr for bad input."""
     args = _parse(list(sys.argv[1:] if argv is None else argv))
-    try:
-        run_gap(args)
-        return 0
-    except SystemExit as e:                 # the coefficients stage failed (its line printed)
-        return int(e.code or 2)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:                    # out_dir unwritable, disk full, ...
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {one_line(where + (e.strerror or e.__class__.__name__))} (nothing was "
-              f"left half-written)", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    from core.cli import exit_status
+    return exit_status(run_gap, args)
 
 
 if __name__ == "__main__":
